@@ -1,0 +1,50 @@
+"""Paged KV cache: one page pool per layer stack, a page table per sequence."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from jaxllm.config import ModelConfig
+
+SCRATCH_PAGE = 0  # page 0 absorbs writes of padding tokens and is never handed out
+
+
+class KVCache(NamedTuple):
+    k: Float[Array, "L P S Hkv D"]
+    v: Float[Array, "L P S Hkv D"]
+
+
+class AttentionMeta(NamedTuple):
+    """Where each token of a batch sits in its sequence and in the page pool."""
+
+    positions: Int[Array, "B T"]  # token position in its sequence, -1 for padding
+    page_table: Int[Array, "B Pmax"]  # page ids of each sequence, in order
+    kv_lens: Int[Array, "B"]  # tokens cached per sequence once this batch is written
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return math.ceil(num_tokens / page_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape: tuple[int, ...], dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+def init_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KVCache:
+    """An all-zero cache of `num_pages` pages (page 0 is scratch), made on the devices."""
+    shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+    make = _zeros_fn(shape, jnp.dtype(dtype), sharding)
+    return KVCache(make(), make())
+
+
+def contiguous_page_table(batch: int, pages_per_seq: int) -> np.ndarray:
+    """Sequence b owns pages 1 + b*pages_per_seq ... : the simple layout of one batched call."""
+    return (1 + np.arange(batch * pages_per_seq, dtype=np.int32)).reshape(batch, pages_per_seq)

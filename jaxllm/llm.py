@@ -1,0 +1,254 @@
+"""`LLM`: the offline generation API (the same shape as vLLM's)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxllm import runner
+from jaxllm.checkpoint import load_config, load_params
+from jaxllm.detokenize import decode, find_stop_string
+from jaxllm.kv_cache import contiguous_page_table, init_cache, pages_for
+from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.requests import Request, make_requests
+from jaxllm.sampling import make_sampling_tensors
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.sharding import ParallelConfig, cache_sharding, check_divisible, make_mesh
+
+STOP_STRING_CHECK_STEPS = 16  # decode steps between host checks, only when stop strings are set
+_FINISH = {runner.FINISHED_LENGTH: "length", runner.FINISHED_STOP: "stop"}
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    """Next power of two >= n: the shapes jitted functions compile for."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+class LLM:
+    """Loads a Hugging Face checkpoint once and generates from it.
+
+    Args:
+        model: a local HF directory; None uses the bundled default model.
+        dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+        max_model_len: longest prompt + output; default the model's max_position_embeddings.
+        tensor_parallel_size: devices to split each layer over.
+        seed: seeds requests whose SamplingParams have no seed.
+        skip_tokenizer_init: take token ids only (no tokenizer files needed).
+        allow_pickle: load pickle `.bin` checkpoints (they can run code: only for trusted files).
+        page_size: tokens per KV-cache page.
+        max_num_seqs: most sequences decoded together.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        tokenizer: str | Path | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+        skip_tokenizer_init: bool = False,
+        allow_pickle: bool = False,
+        page_size: int = 16,
+        max_num_seqs: int = 64,
+        progress: bool = True,
+    ):
+        if model is None:
+            from jaxllm.default_model import default_model_dir
+
+            model = default_model_dir()
+        self.model_dir = Path(model)
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(f"model directory {str(model)!r} does not exist")
+        for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.config = load_config(self.model_dir, dtype)
+        limit = self.config.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = limit
+        if not isinstance(max_model_len, int) or not 2 <= max_model_len <= limit:
+            raise ValueError(f"max_model_len must be an integer in [2, {limit}] (max_position_embeddings), "
+                             f"got {max_model_len!r}")
+        self.max_model_len = max_model_len
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        parallel = ParallelConfig(tensor_parallel_size)
+        check_divisible(self.config, parallel)
+        self.mesh = make_mesh(parallel)
+        self.params = load_params(self.model_dir, self.config, self.mesh, allow_pickle=allow_pickle,
+                                  progress=progress)
+        self.tokenizer = None
+        if not skip_tokenizer_init:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.model_dir)
+        self._rng = np.random.default_rng(seed)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates for each prompt (text, or {"prompt_token_ids": [...]}); outputs in prompt order."""
+        requests = make_requests(
+            prompts, sampling_params, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
+            max_model_len=self.max_model_len, next_seed=lambda: int(self._rng.integers(2**31)),
+        )
+        done: dict[tuple[str, int], tuple[CompletionOutput, Any]] = {}
+        with tqdm(total=len(requests), desc="generating", disable=not use_tqdm, leave=False) as bar:
+            for start in range(0, len(requests), self.max_num_seqs):
+                batch = requests[start:start + self.max_num_seqs]
+                for req, result in zip(batch, self._run_batch(batch)):
+                    done[req.request_id, req.sample_index] = result
+                bar.update(len(batch))
+        outputs = []
+        for req in requests:
+            if req.sample_index:
+                continue
+            samples = [done[req.request_id, j] for j in range(req.params.n)]
+            outputs.append(RequestOutput(
+                request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids),
+                prompt_logprobs=samples[0][1], outputs=[c for c, _ in samples],
+            ))
+        return outputs
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template to one conversation or a list of them, then generates."""
+        if self.tokenizer is None:
+            raise ValueError("chat() needs a tokenizer, but the LLM was made with skip_tokenizer_init=True")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            ids = self.tokenizer.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    # -- one batch on the device ------------------------------------------------------------
+
+    def _run_batch(self, batch: list[Request]) -> list[tuple[CompletionOutput, Any]]:
+        cfg = self.config
+        rows = _bucket(len(batch))
+        prompt_len = _bucket(max(len(r.prompt_token_ids) for r in batch), 16)
+        max_tokens = [min(r.params.max_tokens, self.max_model_len - len(r.prompt_token_ids)) for r in batch]
+        max_new = _bucket(max(max_tokens), 16)
+        pages_per_seq = pages_for(prompt_len + max_new, self.page_size)
+
+        tokens = np.zeros((rows, prompt_len), np.int32)
+        prompt_lens = np.zeros(rows, np.int32)
+        for i, r in enumerate(batch):
+            tokens[i, :len(r.prompt_token_ids)] = r.prompt_token_ids
+            prompt_lens[i] = len(r.prompt_token_ids)
+        stops = [self._stop_ids(r.params) for r in batch]
+        stop_ids = np.full((rows, _bucket(max(map(len, stops)))), -1, np.int32)
+        for i, s in enumerate(stops):
+            stop_ids[i, :len(s)] = s
+        limits = runner.Limits(stop_ids, np.array(max_tokens + [1] * (rows - len(batch)), np.int32),
+                               np.int32(self.max_model_len))
+        st = make_sampling_tensors([r.params for r in batch], [r.seed for r in batch], rows, cfg.vocab_size)
+        logprobs_k = max((r.params.logprobs for r in batch if r.params.logprobs is not None), default=None)
+        prompt_k = max((r.params.prompt_logprobs for r in batch if r.params.prompt_logprobs is not None),
+                       default=None)
+
+        cache = init_cache(cfg, rows * pages_per_seq + 1, self.page_size, cfg.dtype, cache_sharding(self.mesh))
+        page_table = contiguous_page_table(rows, pages_per_seq)
+        state, prompt_lp = runner.prefill(
+            self.params, cache, tokens, prompt_lens, page_table, st, limits,
+            config=cfg, max_new=max_new, logprobs_k=logprobs_k, prompt_logprobs_k=prompt_k,
+        )
+        state = self._decode(state, st, limits, batch, max(max_tokens) - 1, logprobs_k)
+        host = jax.device_get(state._replace(cache=None, prompt_mask=None, output_counts=None))
+        prompt_lp = jax.device_get(prompt_lp)
+        return [self._completion(i, r, host, prompt_lp) for i, r in enumerate(batch)]
+
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        eos = [] if params.ignore_eos else list(self.config.eos_token_ids)
+        return sorted(set(eos) | set(params.stop_token_ids or ()))
+
+    def _decode(self, state, st, limits, batch: list[Request], steps: int, logprobs_k):
+        """Runs the device loop; with stop strings, in slices with a host check between them."""
+        with_stops = [i for i, r in enumerate(batch) if r.params.stop]
+        interval = STOP_STRING_CHECK_STEPS if with_stops else max(steps, 1)
+        while steps > 0:
+            state = runner.decode(self.params, state, st, limits, np.int32(min(interval, steps)),
+                                  config=self.config, logprobs_k=logprobs_k)
+            steps -= interval
+            done, n, tokens = jax.device_get((state.done, state.num_generated, state.tokens))
+            for i in with_stops:
+                p = batch[i].params
+                if not done[i] and find_stop_string(self.tokenizer, tokens[i, :n[i]], p.stop,
+                                                    p.skip_special_tokens):
+                    done[i] = True
+            if done.all():
+                break
+            state = state._replace(done=jax.numpy.asarray(done))
+        return state
+
+    def _logprob_dict(self, ids, lps, ranks, token, token_lp, token_rank) -> dict[int, Logprob]:
+        tok = self.tokenizer
+        text = lambda t: decode(tok, [t], False) if tok is not None else None
+        out = {int(t): Logprob(float(lp), int(r), text(int(t))) for t, lp, r in zip(ids, lps, ranks)}
+        out[int(token)] = Logprob(float(token_lp), int(token_rank), text(int(token)))
+        return out
+
+    def _completion(self, i: int, req: Request, host, prompt_lp) -> tuple[CompletionOutput, Any]:
+        p = req.params
+        n = int(host.num_generated[i])
+        ids = [int(t) for t in host.tokens[i, :n]]
+        finish, stop_reason = _FINISH.get(int(host.finish[i])), None
+        if finish == "stop" and ids[-1] in (p.stop_token_ids or ()):
+            stop_reason = ids[-1]
+        text = None
+        hit = find_stop_string(self.tokenizer, ids, p.stop or (), p.skip_special_tokens)
+        if hit is not None:
+            kept, offset, stop = hit
+            ids = ids[:kept]
+            full = decode(self.tokenizer, ids, p.skip_special_tokens)
+            text = full[:offset + (len(stop) if p.include_stop_str_in_output else 0)]
+            finish, stop_reason = "stop", stop
+        if text is None:
+            text = decode(self.tokenizer, ids, p.skip_special_tokens)
+
+        logprobs = cumulative = None
+        if p.logprobs is not None:
+            k = p.logprobs
+            logprobs = [
+                self._logprob_dict(host.top_ids[i, j, :k], host.top_lps[i, j, :k], range(1, k + 1),
+                                   ids[j], host.logprob[i, j], host.rank[i, j])
+                for j in range(len(ids))
+            ]
+            cumulative = float(np.sum(host.logprob[i, :len(ids)], dtype=np.float64))
+        completion = CompletionOutput(req.sample_index, text, ids, cumulative, logprobs, finish, stop_reason)
+
+        prompt_logprobs = None
+        if p.prompt_logprobs is not None:
+            k, prompt = p.prompt_logprobs, req.prompt_token_ids
+            prompt_logprobs = [None] + [
+                self._logprob_dict(prompt_lp.top_ids[i, t - 1, :k], prompt_lp.top_lps[i, t - 1, :k],
+                                   range(1, k + 1), prompt[t], prompt_lp.logprob[i, t - 1],
+                                   prompt_lp.rank[i, t - 1])
+                for t in range(1, len(prompt))
+            ]
+        return completion, prompt_logprobs

@@ -1,0 +1,187 @@
+"""Jitted device steps: prefill of a padded batch, and the on-device decode loop.
+
+The host calls `prefill` once per batch and `decode` one or more times; between calls nothing
+per token crosses to the host. Shapes are bucketed by the caller so that these compile once per
+(batch, prompt, output) bucket.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxllm import sampling
+from jaxllm.config import ModelConfig
+from jaxllm.kv_cache import AttentionMeta, KVCache
+from models import get_model_spec
+
+RUNNING, FINISHED_LENGTH, FINISHED_STOP = 0, 1, 2
+
+
+class Limits(NamedTuple):
+    """Per-request stop conditions."""
+
+    stop_ids: Int[Array, "B S"]  # token ids that end the request, -1 padding
+    max_tokens: Int[Array, "B"]
+    max_model_len: Int[Array, ""]
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries; row b is one request."""
+
+    cache: KVCache
+    page_table: Int[Array, "B Pmax"]
+    prompt_lens: Int[Array, "B"]
+    num_generated: Int[Array, "B"]
+    done: Bool[Array, "B"]
+    finish: Int[Array, "B"]
+    tokens: Int[Array, "B N"]
+    logprob: Float[Array, "B N"]
+    rank: Int[Array, "B N"]
+    top_ids: Int[Array, "B N K"]
+    top_lps: Float[Array, "B N K"]
+    prompt_mask: Bool[Array, "B V"]
+    output_counts: Int[Array, "B V"]
+
+
+class PromptLogprobs(NamedTuple):
+    """Row b, index t: logprob of prompt token t+1 given tokens <= t, its rank, and the top k."""
+
+    logprob: Float[Array, "B T"]
+    rank: Int[Array, "B T"]
+    top_ids: Int[Array, "B T K"]
+    top_lps: Float[Array, "B T K"]
+
+
+def _finish_reason(token, num_generated, prompt_lens, limits: Limits):
+    hit_stop = jnp.any(token[:, None] == limits.stop_ids, axis=1)
+    too_long = (num_generated >= limits.max_tokens) | (prompt_lens + num_generated >= limits.max_model_len)
+    return jnp.where(hit_stop, FINISHED_STOP, jnp.where(too_long, FINISHED_LENGTH, RUNNING))
+
+
+def _record(state: DecodeState, logits, token, st, limits: Limits, logprobs_k: int | None) -> DecodeState:
+    """Appends `token` to every running row and updates its stop state."""
+    rows = jnp.arange(token.shape[0])
+    live = ~state.done
+    n = state.num_generated
+    if logprobs_k is not None:
+        lp, rank, top_ids, top_lps = sampling.token_logprobs(logits, token, logprobs_k)
+        # Rows already done write past their output; the host never reads there.
+        state = state._replace(
+            logprob=state.logprob.at[rows, n].set(lp, mode="drop"),
+            rank=state.rank.at[rows, n].set(rank, mode="drop"),
+            top_ids=state.top_ids.at[rows, n].set(top_ids, mode="drop"),
+            top_lps=state.top_lps.at[rows, n].set(top_lps, mode="drop"),
+        )
+    token = jnp.where(live, token, state.tokens[rows, n - 1])
+    num_generated = n + live.astype(n.dtype)
+    reason = _finish_reason(token, num_generated, state.prompt_lens, limits)
+    return state._replace(
+        tokens=state.tokens.at[rows, n].set(token, mode="drop"),
+        num_generated=num_generated,
+        output_counts=state.output_counts.at[rows, token].add(live.astype(jnp.int32)),
+        finish=jnp.where(live, reason, state.finish),
+        done=state.done | (live & (reason != RUNNING)),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "max_new", "logprobs_k", "prompt_logprobs_k"),
+    donate_argnames=("cache",),
+)
+def prefill(
+    params: dict,
+    cache: KVCache,
+    tokens: Int[Array, "B T"],
+    prompt_lens: Int[Array, "B"],
+    page_table: Int[Array, "B Pmax"],
+    st: sampling.SamplingTensors,
+    limits: Limits,
+    *,
+    config: ModelConfig,
+    max_new: int,
+    logprobs_k: int | None,
+    prompt_logprobs_k: int | None,
+) -> tuple[DecodeState, PromptLogprobs | None]:
+    """Caches every prompt's K/V and samples each request's first token."""
+    model = get_model_spec(config.architecture).model
+    batch, length = tokens.shape
+    t = jnp.arange(length)[None, :]
+    positions = jnp.where(t < prompt_lens[:, None], t, -1)
+    meta = AttentionMeta(positions, page_table, prompt_lens)
+    hidden, cache = model.forward_hidden(params, tokens, meta, cache, config)
+    rows = jnp.arange(batch)
+    last = jnp.maximum(prompt_lens - 1, 0)
+    logits = model.logits(params, hidden[rows, last])
+
+    prompt_lp = None
+    if prompt_logprobs_k is not None:
+        all_logits = model.logits(params, hidden[:, :-1]).reshape(batch * (length - 1), -1)
+        lp, rank, top_ids, top_lps = sampling.token_logprobs(
+            all_logits, tokens[:, 1:].reshape(-1), prompt_logprobs_k)
+        shape = (batch, length - 1)
+        prompt_lp = PromptLogprobs(lp.reshape(shape), rank.reshape(shape),
+                                   top_ids.reshape(*shape, -1), top_lps.reshape(*shape, -1))
+
+    vocab = config.vocab_size
+    valid = positions >= 0
+    prompt_mask = jnp.zeros((batch, vocab), bool).at[rows[:, None], tokens].max(valid)
+    k = logprobs_k or 0
+    state = DecodeState(
+        cache=cache,
+        page_table=page_table,
+        prompt_lens=prompt_lens,
+        num_generated=jnp.zeros(batch, jnp.int32),
+        done=prompt_lens <= 0,  # padding rows of the batch bucket
+        finish=jnp.zeros(batch, jnp.int32),
+        tokens=jnp.zeros((batch, max_new), jnp.int32),
+        logprob=jnp.zeros((batch, max_new), jnp.float32),
+        rank=jnp.zeros((batch, max_new), jnp.int32),
+        top_ids=jnp.zeros((batch, max_new, k), jnp.int32),
+        top_lps=jnp.zeros((batch, max_new, k), jnp.float32),
+        prompt_mask=prompt_mask,
+        output_counts=jnp.zeros((batch, vocab), jnp.int32),
+    )
+    token = sampling.sample(logits, st, state.num_generated, prompt_mask, state.output_counts)
+    return _record(state, logits, token, st, limits, logprobs_k), prompt_lp
+
+
+@functools.partial(jax.jit, static_argnames=("config", "logprobs_k"), donate_argnames=("state",))
+def decode(
+    params: dict,
+    state: DecodeState,
+    st: sampling.SamplingTensors,
+    limits: Limits,
+    num_steps: Int[Array, ""],
+    *,
+    config: ModelConfig,
+    logprobs_k: int | None,
+) -> DecodeState:
+    """Up to `num_steps` decode steps in one `lax.while_loop`, stopping early once all rows are done."""
+    model = get_model_spec(config.architecture).model
+    rows = jnp.arange(state.tokens.shape[0])
+    capacity = state.tokens.shape[1]
+
+    def cond(carry):
+        i, s = carry
+        return (i < num_steps) & ~jnp.all(s.done) & (i < capacity)
+
+    def body(carry):
+        i, s = carry
+        last = s.tokens[rows, jnp.maximum(s.num_generated - 1, 0)]
+        position = s.prompt_lens + s.num_generated - 1
+        position = jnp.where(s.done, -1, position)
+        meta = AttentionMeta(position[:, None], s.page_table, position + 1)
+        hidden, cache = model.forward_hidden(params, last[:, None], meta, s.cache, config)
+        s = s._replace(cache=cache)
+        logits = model.logits(params, hidden[:, 0])
+        token = sampling.sample(logits, st, s.num_generated, s.prompt_mask, s.output_counts)
+        return i + 1, _record(s, logits, token, st, limits, logprobs_k)
+
+    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    return state

@@ -1,0 +1,157 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) as pure functions over a param pytree.
+
+Parameters (L layers stacked on the leading axis, G = query heads per KV head):
+    embed [V, D]; final_norm [D]; lm_head [D, V] (absent when tied to embed)
+    layers/attn_norm [L, D]; layers/wqkv [L, D, Hkv, G+2, hd] (G query heads, then k, then v);
+    layers/bqkv [L, Hkv, G+2, hd] (qkv bias); layers/q_norm, k_norm [L, hd] (Qwen3);
+    layers/wo [L, Hkv, G, hd, D]; layers/bo [L, D]; layers/mlp_norm [L, D];
+    layers/w_gate_up [L, D, 2, F]; layers/w_down [L, F, D]
+Grouping q with its KV head keeps one KV head's whole attention on one tensor-parallel shard.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from jaxllm import ops
+from jaxllm.config import ModelConfig, rope_inv_freq
+from jaxllm.kv_cache import AttentionMeta, KVCache
+
+Params = dict
+
+
+def param_axes(config: ModelConfig) -> dict:
+    """Logical axis names of every parameter, mirroring the param pytree."""
+    layers = {
+        "attn_norm": ("layers", "embed"),
+        "wqkv": ("layers", "embed", "kv_heads", None, "head_dim"),
+        "wo": ("layers", "kv_heads", None, "head_dim", "embed"),
+        "mlp_norm": ("layers", "embed"),
+        "w_gate_up": ("layers", "embed", None, "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    }
+    if config.qkv_bias:
+        layers["bqkv"] = ("layers", "kv_heads", None, "head_dim")
+    if config.o_bias:
+        layers["bo"] = ("layers", "embed")
+    if config.qk_norm:
+        layers["q_norm"] = ("layers", "head_dim")
+        layers["k_norm"] = ("layers", "head_dim")
+    axes = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("embed",)}
+    if not config.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """Shape of every parameter, mirroring the param pytree."""
+    c = config
+    L, D, F, hd, Hkv, G = c.num_layers, c.hidden_size, c.intermediate_size, c.head_dim, c.num_kv_heads, c.q_per_kv
+    layers = {
+        "attn_norm": (L, D),
+        "wqkv": (L, D, Hkv, G + 2, hd),
+        "wo": (L, Hkv, G, hd, D),
+        "mlp_norm": (L, D),
+        "w_gate_up": (L, D, 2, F),
+        "w_down": (L, F, D),
+        "bqkv": (L, Hkv, G + 2, hd),
+        "bo": (L, D),
+        "q_norm": (L, hd),
+        "k_norm": (L, hd),
+    }
+    axes = param_axes(config)
+    shapes = {"embed": (c.vocab_size, D), "final_norm": (D,), "lm_head": (D, c.vocab_size)}
+    shapes = {k: v for k, v in shapes.items() if k in axes}
+    shapes["layers"] = {k: v for k, v in layers.items() if k in axes["layers"]}
+    return shapes
+
+
+def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"], eps: float) -> Float[Array, "... D"]:
+    """x / rms(x) * weight, the statistics in float32 (as transformers computes them)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope(x: Float[Array, "B T ... hd"], positions: Int[Array, "B T"], inv_freq: Float[Array, "hd/2"]):
+    """Rotary embedding, halves layout: x*cos + rotate_half(x)*sin."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    extra = (None,) * (x.ndim - 3)
+    cos = jnp.cos(angles)[:, :, *extra].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, *extra].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_block(layer: Params, x, cache: KVCache, index, window, meta: AttentionMeta, config: ModelConfig, inv_freq):
+    """Self-attention of one layer: writes this step's K/V into the pages, attends over them."""
+    G = config.q_per_kv
+    qkv = ops.einsum("btd,dhgk->bthgk", x, layer["wqkv"])
+    if "bqkv" in layer:
+        qkv = qkv + layer["bqkv"].astype(qkv.dtype)
+    q, k, v = qkv[..., :G, :], qkv[..., G, :], qkv[..., G + 1, :]
+    if "q_norm" in layer:
+        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+    q = rope(q, meta.positions, inv_freq)
+    k = rope(k, meta.positions, inv_freq)
+    cache = KVCache(
+        ops.write_kv(cache.k, index, k, meta.page_table, meta.positions),
+        ops.write_kv(cache.v, index, v, meta.page_table, meta.positions),
+    )
+    out = ops.paged_attention(
+        q, cache.k[index], cache.v[index], meta.page_table, meta.positions, meta.kv_lens,
+        window, scale=config.head_dim**-0.5,
+    )
+    out = ops.einsum("bthgk,hgkd->btd", out, layer["wo"])
+    if "bo" in layer:
+        out = out + layer["bo"].astype(out.dtype)
+    return out, cache
+
+
+def mlp_block(layer: Params, x):
+    """SwiGLU: down(silu(gate x) * up x)."""
+    gate_up = ops.einsum("btd,dcf->btcf", x, layer["w_gate_up"])
+    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    return ops.einsum("btf,fd->btd", hidden, layer["w_down"])
+
+
+def forward_hidden(
+    params: Params,
+    tokens: Int[Array, "B T"],
+    meta: AttentionMeta,
+    cache: KVCache,
+    config: ModelConfig,
+) -> tuple[Float[Array, "B T D"], KVCache]:
+    """Runs the decoder over `tokens`, caching their K/V; returns final-normed hidden states."""
+    inv_freq = jnp.asarray(rope_inv_freq(config.rope, config.head_dim))
+    x = params["embed"][tokens]
+    windows = jnp.asarray(np.array(config.sliding_windows, np.int32))
+
+    def layer_step(carry, xs):
+        x, cache = carry
+        layer, index, window = xs
+        h, cache = attention_block(layer, rms_norm(x, layer["attn_norm"], config.rms_norm_eps),
+                                   cache, index, window, meta, config, inv_freq)
+        x = x + h
+        x = x + mlp_block(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
+        return (x, cache), None
+
+    (x, cache), _ = jax.lax.scan(
+        layer_step, (x, cache), (params["layers"], jnp.arange(config.num_layers), windows)
+    )
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+
+
+def logits(params: Params, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
+    """Output projection (the tied embedding when there is no lm_head), in float32."""
+    if "lm_head" in params:
+        out = ops.einsum("...d,dv->...v", hidden, params["lm_head"])
+    else:
+        out = ops.einsum("...d,vd->...v", hidden, params["embed"])
+    return out.astype(jnp.float32)

@@ -1,0 +1,1 @@
+"""Pallas GPU kernels (Mosaic GPU), each beside its pure-jnp reference."""
