@@ -1,0 +1,176 @@
+"""On-device batched sampling: penalties, temperature, top-k/top-p/min-p, logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, UInt32
+
+from jaxllm.sampling_params import GREEDY_EPS, SEED_MAX, SEED_MIN, SamplingParams
+
+
+class SamplingTensors(NamedTuple):
+    """Per-row sampling parameters; one row per request, padded rows are greedy."""
+
+    temperature: Float[Array, "B"]
+    top_k: Int[Array, "B"]  # vocab_size when off
+    top_p: Float[Array, "B"]
+    min_p: Float[Array, "B"]
+    repetition_penalty: Float[Array, "B"]
+    presence_penalty: Float[Array, "B"]
+    frequency_penalty: Float[Array, "B"]
+    keys: UInt32[Array, "B 2"]  # raw threefry key data, jax.random.PRNGKey(seed)
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """Threefry key data for `seed`: [high 32 bits, low 32 bits] of seed mod 2**64.
+
+    Equals jax.random.PRNGKey(seed) for 0 <= seed < 2**32 (and for every int64 seed under x64).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {seed!r}")
+    s = int(seed) % 2**64
+    return np.array([s >> 32, s & 0xFFFFFFFF], dtype=np.uint32)
+
+
+def make_sampling_tensors(
+    params: Sequence[SamplingParams], seeds: Sequence[int], batch_size: int, vocab_size: int
+) -> SamplingTensors:
+    """Pack per-request params and seeds into host (numpy) arrays padded to `batch_size` rows."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer at least 1, got {batch_size!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be an integer at least 1, got {vocab_size!r}")
+    if len(params) > batch_size:
+        raise ValueError(f"len(params) must be at most batch_size={batch_size}, got {len(params)}")
+    if len(seeds) != len(params):
+        raise ValueError(f"len(seeds) must equal len(params)={len(params)}, got {len(seeds)}")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
+
+    def col(values, pad, dtype):
+        out = np.full((batch_size,), pad, dtype=dtype)
+        out[: len(values)] = values
+        return out
+
+    top_k = [vocab_size if p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
+    keys = np.zeros((batch_size, 2), dtype=np.uint32)
+    for i, s in enumerate(seeds):
+        keys[i] = seed_key_data(s)
+    f32 = np.float32
+    return SamplingTensors(
+        temperature=col([p.temperature for p in params], 0.0, f32),
+        top_k=col(top_k, vocab_size, np.int32),
+        top_p=col([p.top_p for p in params], 1.0, f32),
+        min_p=col([p.min_p for p in params], 0.0, f32),
+        repetition_penalty=col([p.repetition_penalty for p in params], 1.0, f32),
+        presence_penalty=col([p.presence_penalty for p in params], 0.0, f32),
+        frequency_penalty=col([p.frequency_penalty for p in params], 0.0, f32),
+        keys=keys,
+    )
+
+
+def _check_batch(logits, st: SamplingTensors, **arrays) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (B, V), got shape {tuple(logits.shape)}")
+    b, v = logits.shape
+    for name, x in arrays.items():
+        want = (b,) if name == "step" or name == "tokens" else (b, v)
+        if tuple(x.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got shape {tuple(x.shape)}")
+    if st is not None:
+        for name, x in st._asdict().items():
+            want = (b, 2) if name == "keys" else (b,)
+            got = tuple(np.shape(x))
+            if got != want:
+                raise ValueError(f"SamplingTensors.{name} must have shape {want}, got shape {got}")
+
+
+def apply_penalties(
+    logits: Float[Array, "B V"],
+    prompt_mask: Bool[Array, "B V"],
+    output_counts: Int[Array, "B V"],
+    st: SamplingTensors,
+) -> Float[Array, "B V"]:
+    """Repetition (prompt and output tokens), presence and frequency (output tokens) penalties."""
+    _check_batch(logits, st, prompt_mask=prompt_mask, output_counts=output_counts)
+    logits = logits.astype(jnp.float32)
+    counts = output_counts.astype(jnp.float32)
+    in_output = output_counts > 0
+    rep = st.repetition_penalty.astype(jnp.float32)[:, None]
+    # HF RepetitionPenaltyLogitsProcessor: shrink positive logits, push non-positive ones down.
+    penalised = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(prompt_mask | in_output, penalised, logits)
+    logits = logits - st.presence_penalty.astype(jnp.float32)[:, None] * in_output
+    return logits - st.frequency_penalty.astype(jnp.float32)[:, None] * counts
+
+
+def _sample_row(logits, temperature, top_k, top_p, min_p, key, step):
+    """Draw one token from one row of already-penalised, non-greedy logits."""
+    v = logits.shape[-1]
+    scaled = logits / temperature
+    order = jnp.argsort(-scaled)
+    srt = scaled[order]
+    rank = jnp.arange(v)
+    k = jnp.where(top_k <= 0, v, jnp.minimum(top_k, v))
+    keep = rank < k
+    probs = jax.nn.softmax(jnp.where(keep, srt, -jnp.inf))
+    cum = jnp.cumsum(probs)
+    before = jnp.concatenate([jnp.zeros((1,), cum.dtype), cum[:-1]])
+    # Keep the smallest prefix whose mass reaches top_p; top_p >= 1 is off (avoids cumsum rounding).
+    keep &= (before < top_p) | (top_p >= 1.0)
+    # min-p is a ratio to the max prob, so it is the same before or after renormalisation.
+    keep &= srt >= srt[0] + jnp.log(min_p)
+    keep = keep.at[0].set(True)
+    row_key = jax.random.fold_in(jax.random.wrap_key_data(key, impl="threefry2x32"), step)
+    choice = jax.random.categorical(row_key, jnp.where(keep, srt, -jnp.inf))
+    return order[choice]
+
+
+def sample(
+    logits: Float[Array, "B V"],
+    st: SamplingTensors,
+    step: Int[Array, "B"],
+    prompt_mask: Bool[Array, "B V"],
+    output_counts: Int[Array, "B V"],
+) -> Int[Array, "B"]:
+    """Apply penalties, then greedy (temperature < 1e-5) or seeded top-k/top-p/min-p sampling per row."""
+    step = jnp.asarray(step)
+    _check_batch(logits, st, step=step, prompt_mask=prompt_mask, output_counts=output_counts)
+    logits = apply_penalties(logits, prompt_mask, output_counts, st)
+    temperature = st.temperature.astype(jnp.float32)
+    greedy = temperature < GREEDY_EPS
+    sampled = jax.vmap(_sample_row)(
+        logits,
+        jnp.where(greedy, 1.0, temperature),
+        st.top_k.astype(jnp.int32),
+        st.top_p.astype(jnp.float32),
+        st.min_p.astype(jnp.float32),
+        jnp.asarray(st.keys, dtype=jnp.uint32),
+        step.astype(jnp.uint32),
+    )
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+
+
+def token_logprobs(
+    logits: Float[Array, "B V"], tokens: Int[Array, "B"], k: int
+) -> tuple[Float[Array, "B"], Int[Array, "B"], Int[Array, "B k"], Float[Array, "B k"]]:
+    """Raw-model logprob and rank of `tokens`, plus the top-`k` ids and logprobs (descending)."""
+    tokens = jnp.asarray(tokens)
+    _check_batch(logits, None, tokens=tokens)
+    v = logits.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= v:
+        raise ValueError(f"k must be a Python int in [0, {v}], got {k!r}")
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    rank = 1 + jnp.sum(lp > chosen[:, None], axis=-1, dtype=jnp.int32)
+    if k == 0:
+        b = logits.shape[0]
+        return chosen, rank, jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), jnp.float32)
+    top_lps, top_ids = jax.lax.top_k(lp, k)
+    return chosen, rank, top_ids.astype(jnp.int32), top_lps
