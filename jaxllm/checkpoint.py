@@ -34,7 +34,23 @@ def load_config(model_dir: str | Path, dtype: str = "auto") -> ModelConfig:
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported; choose 'auto' or one of {DTYPES}")
         config = config.replace(dtype=dtype)
+    extra_eos = _generation_eos_ids(Path(model_dir))
+    if extra_eos:
+        config = config.replace(eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + extra_eos)))
     return config
+
+
+def _generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
+    """eos ids of `generation_config.json`; chat models list their end-of-turn token only there."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{path} is not a valid JSON object: {err}") from None
+    eos = [eos] if isinstance(eos, int) else list(eos or ())
+    return tuple(int(t) for t in eos)
 
 
 class _TensorSource:
@@ -77,6 +93,9 @@ class _TensorSource:
         if name in self.pickled:
             return tuple(self.pickled[name].shape)
         with self._open(name) as f:
+            if name not in f.keys():  # an index that maps a tensor to a shard without it
+                raise CheckpointError(f"checkpoint {self.dir} is missing tensor {name}: the index maps it "
+                                      f"to {self.files[name].name}, which does not contain it")
             return tuple(f.get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 def decode(tokenizer, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     if tokenizer is None:
         return ""
-    return tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+    return tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=skip_special_tokens)
 
 
 def find_stop_string(
@@ -19,7 +19,7 @@ def find_stop_string(
     Tokens kept is the shortest prefix whose text contains a stop string; containment only grows
     with the prefix, so a binary search finds it.
     """
-    if not stops or not token_ids:
+    if not stops or len(token_ids) == 0:  # token_ids may be a numpy array
         return None
 
     def first_hit(n: int):

@@ -8,10 +8,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxllm import runner
 from jaxllm.checkpoint import load_config, load_params
+from jaxllm.config import ModelConfig
 from jaxllm.detokenize import decode, find_stop_string
 from jaxllm.kv_cache import contiguous_page_table, init_cache, pages_for
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -90,6 +92,27 @@ class LLM:
 
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.model_dir)
         self._rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_params(
+        cls,
+        config: ModelConfig,
+        params: dict,
+        mesh: Mesh,
+        *,
+        tokenizer=None,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        page_size: int = 16,
+        max_num_seqs: int = 64,
+    ) -> "LLM":
+        """An LLM over params already on `mesh` (random weights for benchmarks, or your own)."""
+        llm = cls.__new__(cls)
+        llm.model_dir, llm.config, llm.params, llm.mesh, llm.tokenizer = None, config, params, mesh, tokenizer
+        llm.max_model_len = max_model_len or config.max_position_embeddings
+        llm.page_size, llm.max_num_seqs = page_size, max_num_seqs
+        llm._rng = np.random.default_rng(seed)
+        return llm
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -196,6 +219,7 @@ class LLM:
                                   config=self.config, logprobs_k=logprobs_k)
             steps -= interval
             done, n, tokens = jax.device_get((state.done, state.num_generated, state.tokens))
+            done = np.array(done)  # device_get may hand back a read-only view
             for i in with_stops:
                 p = batch[i].params
                 if not done[i] and find_stop_string(self.tokenizer, tokens[i, :n[i]], p.stop,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,15 +72,20 @@ def make_requests(
         text, ids = _as_prompt(item, i, tokenizer)
         if not ids:
             raise ValueError(f"prompt {i} is empty: at least one token is needed")
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+        bad = [t for t in ids
+               if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {vocab_size})")
+        ids = [int(t) for t in ids]  # numpy integers from array prompts become plain ints
         if len(ids) >= max_model_len:
             raise ValueError(
                 f"prompt {i} has {len(ids)} tokens, but max_model_len is {max_model_len}: "
                 f"prompts must be shorter than max_model_len to leave room for output"
             )
         p.validate_against_vocab(vocab_size)
+        if p.stop and tokenizer is None:
+            raise ValueError(f"sampling_params[{i}] has stop strings {p.stop!r}, which need a tokenizer "
+                             "(the LLM was made with skip_tokenizer_init=True); use stop_token_ids instead")
         for j in range(p.n):
             seed = next_seed() if p.seed is None else p.seed + j
             requests.append(Request(str(first_id + i), j, text, tuple(ids), p, seed))

@@ -1,0 +1,1 @@
+"""GPU benchmarks: `python -m benchmarks.run --suite NAME` writes JSON."""

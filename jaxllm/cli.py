@@ -1,0 +1,158 @@
+"""The `jaxllm` command line: `generate` from a checkpoint, `tiny-checkpoint` for docs and tests."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jaxllm
+from jaxllm.config import DTYPES
+from jaxllm.llm import LLM
+from jaxllm.outputs import CompletionOutput
+from jaxllm.sampling_params import SamplingParams
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+# CLI flag -> SamplingParams field; a flag left out keeps SamplingParams' default.
+_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "logprobs")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump; main() turns it into exit status 2
+        raise _UsageError(message)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_non_negative_int.__name__ = "non-negative integer"  # argparse names the type in its message
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxllm", description="LLM inference in JAX.")
+    parser.add_argument("--version", action="version", version=f"jaxllm {jaxllm.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate completions for one or more prompts")
+    gen.add_argument("--model", help="Hugging Face checkpoint directory (default: the bundled default model)")
+    gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                     help="a prompt; repeat the flag for several")
+    for name, kind, var, what in (("max_tokens", int, "N", "most tokens to generate"),
+                                  ("temperature", float, "T", "0 is greedy"),
+                                  ("top_p", float, "P", "nucleus sampling mass, in (0, 1]"),
+                                  ("top_k", int, "K", "keep the K most likely tokens; 0 is off"),
+                                  ("min_p", float, "P", "drop tokens below P times the top probability")):
+        gen.add_argument("--" + name.replace("_", "-"), type=kind, metavar=var,
+                         help=f"{what} (default: {_DEFAULTS[name]})")
+    gen.add_argument("--logprobs", type=int, metavar="K", help="with --json: top-K log-probabilities per token")
+    gen.add_argument("--stop", nargs="+", action="extend", metavar="STR", help="stop strings")
+    gen.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seeds the sampling (default: 0)")
+    gen.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="auto: the checkpoint's own")
+    gen.add_argument("--max-model-len", type=int, metavar="N",
+                     help="longest prompt + output (default: the model's max_position_embeddings)")
+    gen.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                     help="devices to split each layer over (default: 1)")
+    gen.add_argument("--allow-pickle", action="store_true",
+                     help="load pickle .bin checkpoints (they can run code: only for files you trust)")
+    gen.add_argument("--chat", action="store_true", help="send each prompt as a user message in the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.set_defaults(run=_generate)
+
+    tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight HF checkpoint")
+    tiny.add_argument("path", type=Path)
+    tiny.add_argument("--architecture", default="LlamaForCausalLM", metavar="A",
+                      help="Llama/Mistral/Qwen2/Qwen3ForCausalLM (default: LlamaForCausalLM)")
+    tiny.add_argument("--dtype", default="float32", choices=DTYPES)
+    tiny.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="weights seed (default: 0)")
+    tiny.set_defaults(run=_tiny_checkpoint)
+    return parser
+
+
+def _default_model() -> Path:
+    """The default model's directory, announced in one line (instead of the library's log warning)."""
+    from jaxllm.default_model import default_model_dir
+
+    logger = logging.getLogger("jaxllm")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        path = default_model_dir()
+    finally:
+        logger.setLevel(level)
+    print(f"jaxllm: no --model given; using a tiny random-weight Llama at {path} (gibberish output) "
+          "until a trained bundled model ships", file=sys.stderr)
+    return path
+
+
+def _as_json(prompt: str, c: CompletionOutput) -> str:
+    record = {"prompt": prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+              "stop_reason": c.stop_reason}
+    if c.logprobs is not None:
+        record["cumulative_logprob"] = c.cumulative_logprob
+        # Per generated token: the sampled token and the top candidates, most likely first.
+        record["logprobs"] = [
+            sorted(({"token_id": t, "logprob": lp.logprob, "rank": lp.rank, "text": lp.decoded_token}
+                    for t, lp in step.items()), key=lambda e: e["rank"])
+            for step in c.logprobs
+        ]
+    return json.dumps(record)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    chosen = {name: getattr(args, name) for name in _SAMPLING_FLAGS if getattr(args, name) is not None}
+    params = SamplingParams(**chosen)  # before loading the model, so bad values fail fast
+    model = args.model if args.model is not None else _default_model()
+    llm = LLM(model, dtype=args.dtype, max_model_len=args.max_model_len,
+              tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, progress=False,
+              allow_pickle=args.allow_pickle)
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    for i, (prompt, out) in enumerate(zip(args.prompt, outputs)):
+        completion = out.outputs[0]
+        if args.json:
+            print(_as_json(prompt, completion))
+        else:
+            if i:
+                print()
+            # A completion continues its prompt; a chat reply goes on the next line.
+            print(prompt + ("\n" if args.chat else "") + completion.text)
+    return 0
+
+
+def _tiny_checkpoint(args: argparse.Namespace) -> int:
+    from jaxllm.tiny_checkpoint import write_tiny_checkpoint
+
+    print(write_tiny_checkpoint(args.path, args.architecture, dtype=args.dtype, seed=args.seed))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (2 for bad input, with a one-line message)."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return args.run(args)
+    except SystemExit as done:  # --help and --version
+        return done.code if isinstance(done.code, int) else 0
+    except (_UsageError, ValueError, OSError) as err:
+        print(f"jaxllm: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,203 @@
+"""The `jaxllm` command line against LLM.generate on a tiny random checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from jaxllm import cli
+from jaxllm.outputs import CompletionOutput, RequestOutput
+from jaxllm.tiny_checkpoint import write_tiny_checkpoint
+
+PROMPTS = ["def fibonacci(n):", "The quick brown fox"]
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "tiny", "LlamaForCausalLM", seed=11)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(model_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def greedy(llm):
+    """LLM.generate's greedy outputs (with top-2 logprobs) for PROMPTS."""
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=2)
+    outs = [o.outputs[0] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    assert all(len(o.token_ids) == MAX_TOKENS and o.text for o in outs), "pick prompts that run to length"
+    assert outs[0].text != outs[1].text
+    return outs
+
+
+def run(capsys, *args):
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_prints_prompt_then_llm_completion(capsys, model_dir, greedy):
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", PROMPTS[0],
+                         "--prompt", PROMPTS[1], "--max-tokens", MAX_TOKENS, "--temperature", 0)
+    assert code == 0, err
+    first = out.index(PROMPTS[0] + greedy[0].text)
+    second = out.index(PROMPTS[1] + greedy[1].text)
+    assert first < second
+    assert "Traceback" not in err
+
+
+def test_json_mode_matches_llm(capsys, model_dir, greedy):
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", PROMPTS[0],
+                         "--prompt", PROMPTS[1], "--max-tokens", MAX_TOKENS, "--temperature", 0,
+                         "--logprobs", 2, "--json")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in records] == PROMPTS
+    for r, want in zip(records, greedy):
+        assert len(r["token_ids"]) == MAX_TOKENS
+        assert r["token_ids"] == want.token_ids
+        assert r["text"] == want.text
+        assert r["finish_reason"] == want.finish_reason == "length"
+        assert len(r["logprobs"]) == MAX_TOKENS
+        for step, token, want_step in zip(r["logprobs"], r["token_ids"], want.logprobs):
+            assert [e["rank"] for e in step] == sorted(e["rank"] for e in step)
+            assert {e["token_id"]: e["logprob"] for e in step} == pytest.approx(
+                {t: lp.logprob for t, lp in want_step.items()})
+            assert token in {e["token_id"] for e in step}
+        assert r["cumulative_logprob"] == pytest.approx(want.cumulative_logprob)
+
+
+def test_stop_string_ends_generation(capsys, model_dir, llm, greedy):
+    text = greedy[0].text
+    stop = next(ch for ch in text[1:] if ch.isprintable() and ch != "\ufffd" and not ch.isspace())
+    want = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=[stop]),
+                        use_tqdm=False)[0].outputs[0]
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", PROMPTS[0],
+                         "--max-tokens", MAX_TOKENS, "--temperature", 0, "--stop", stop, "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["finish_reason"] == "stop" and record["stop_reason"] == stop
+    assert record["text"] == want.text == text[:text.index(stop)]
+
+
+def test_chat_matches_llm_chat(capsys, model_dir, llm):
+    message = "Write a haiku."
+    want = llm.chat([{"role": "user", "content": message}], SamplingParams(max_tokens=4, temperature=0.0),
+                    use_tqdm=False)[0].outputs[0]
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", message, "--chat",
+                         "--max-tokens", 4, "--temperature", 0, "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["token_ids"] == want.token_ids and record["text"] == want.text
+
+
+def test_options_reach_llm_and_sampling_params(capsys, monkeypatch, tmp_path):
+    calls = {}
+
+    class FakeLLM:
+        def __init__(self, model, **kwargs):
+            calls["init"] = (model, kwargs)
+
+        def generate(self, prompts, params, use_tqdm):
+            calls["generate"] = (prompts, params)
+            return [RequestOutput(str(i), p, [1], None, [CompletionOutput(0, f"<{i}>", [5], None, None, "length")])
+                    for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(cli, "LLM", FakeLLM)
+    code, out, err = run(capsys, "generate", "--model", tmp_path, "--prompt", "a", "--prompt", "b",
+                         "--max-tokens", 7, "--temperature", 0.7, "--top-p", 0.8, "--top-k", 9, "--min-p", 0.05,
+                         "--seed", 42, "--stop", "x", "yz", "--dtype", "bfloat16", "--max-model-len", 128,
+                         "--tensor-parallel-size", 2, "--logprobs", 3, "--allow-pickle")
+    assert code == 0, err
+    assert calls["init"] == (str(tmp_path), dict(dtype="bfloat16", max_model_len=128, tensor_parallel_size=2,
+                                                 seed=42, progress=False, allow_pickle=True))
+    assert calls["generate"] == (["a", "b"], SamplingParams(max_tokens=7, temperature=0.7, top_p=0.8, top_k=9,
+                                                            min_p=0.05, stop=["x", "yz"], logprobs=3))
+    assert out == "a<0>\n\nb<1>\n"
+
+
+def test_default_model_is_announced_once(capsys, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path))
+    code, out, err = run(capsys, "generate", "--prompt", PROMPTS[0], "--max-tokens", 3, "--temperature", 0,
+                         "--json")
+    assert code == 0, err
+    path = tmp_path / "tiny-random-llama"
+    assert (path / "config.json").is_file()
+    notes = [line for line in err.splitlines() if "random-weight" in line]
+    assert len(notes) == 1 and notes[0].startswith("jaxllm: no --model given") and str(path) in notes[0]
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "no model given" in r.getMessage()]
+    want = LLM(path, progress=False).generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0.0),
+                                              use_tqdm=False)[0].outputs[0]
+    assert json.loads(out)["token_ids"] == want.token_ids
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--max-tokens", "-3"], "-3"),
+    (["--max-tokens", "abc"], "abc"),
+    (["--top-p", "1.5"], "1.5"),
+    (["--temperature", "-0.5"], "-0.5"),
+    (["--min-p", "2"], "2"),
+    (["--logprobs", "99"], "99"),
+    (["--seed", "-1"], "-1"),
+    (["--dtype", "int3"], "int3"),
+    (["--max-model-len", "100000"], "100000"),
+    (["--tensor-parallel-size", "0"], "tensor_parallel_size"),
+    (["--stop"], "--stop"),
+])
+def test_bad_input_exits_2_naming_the_value(capsys, model_dir, args, named):
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", "hi", *args)
+    assert code == 2
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxllm: error: ") and named in lines[0], err
+
+
+def test_missing_model_and_prompt_exit_2(capsys, tmp_path):
+    missing = tmp_path / "no-such-model"
+    code, _, err = run(capsys, "generate", "--model", missing, "--prompt", "hi")
+    assert code == 2 and err.startswith("jaxllm: error: ") and str(missing) in err
+    code, _, err = run(capsys, "generate", "--model", missing)
+    assert code == 2 and "--prompt" in err and len(err.splitlines()) == 1
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"jaxllm {__import__('jaxllm').__version__}"
+
+
+def test_tiny_checkpoint_command_matches_library(capsys, tmp_path):
+    code, out, err = run(capsys, "tiny-checkpoint", tmp_path / "cli", "--architecture", "Qwen3ForCausalLM",
+                         "--dtype", "bfloat16", "--seed", 5)
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "cli")
+    write_tiny_checkpoint(tmp_path / "lib", "Qwen3ForCausalLM", dtype="bfloat16", seed=5)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes()
+    code, _, err = run(capsys, "tiny-checkpoint", tmp_path / "bad", "--architecture", "GPT2LMHeadModel")
+    assert code == 2 and "GPT2LMHeadModel" in err
+
+
+def _python_m(*args, env_extra=None):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "jaxllm", *map(str, args)], capture_output=True, env=env,
+                          timeout=300)
+
+
+def test_python_m_jaxllm_subprocess(model_dir, greedy, tmp_path):
+    proc = _python_m("generate", "--model", model_dir, "--prompt", PROMPTS[1], "--max-tokens", MAX_TOKENS,
+                     "--temperature", 0, env_extra={"JAXLLM_CACHE": str(tmp_path)})
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert PROMPTS[1] + greedy[1].text in proc.stdout.decode("utf-8")
+    assert "Traceback" not in err
+
+    proc = _python_m("generate", "--model", model_dir, "--prompt", "hi", "--top-p", "1.5")
+    assert proc.returncode == 2
+    err = proc.stderr.decode().strip()
+    assert err.startswith("jaxllm: error: ") and "top_p" in err and "1.5" in err and "\n" not in err
