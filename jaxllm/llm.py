@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,25 +125,55 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generates for each prompt (text, or {"prompt_token_ids": [...]}); outputs in prompt order."""
-        requests = make_requests(
-            prompts, sampling_params, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
-            max_model_len=self.max_model_len, next_seed=lambda: int(self._rng.integers(2**31)),
-        )
-        done: dict[tuple[str, int], tuple[CompletionOutput, Any]] = {}
+        requests = self._requests(prompts, sampling_params)
+        results: dict[tuple[str, int], tuple[CompletionOutput, Any]] = {}
         with tqdm(total=len(requests), desc="generating", disable=not use_tqdm, leave=False) as bar:
             for start in range(0, len(requests), self.max_num_seqs):
                 batch = requests[start:start + self.max_num_seqs]
-                for req, result in zip(batch, self._run_batch(batch)):
-                    done[req.request_id, req.sample_index] = result
+                *_, final = self._run_batch(batch)
+                results.update(final)
                 bar.update(len(batch))
+        return self._group(requests, results, finished=True)
+
+    def generate_stream(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        interval: int = 8,
+    ) -> Iterator[list[RequestOutput]]:
+        """Yields the outputs so far, in prompt order, every `interval` decode steps until all finish.
+
+        Each yield holds every request of the current batch (of at most `max_num_seqs`); a
+        request's `finished` turns True once it has stopped.
+        """
+        if not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be a positive integer, got {interval!r}")
+        requests = self._requests(prompts, sampling_params)
+        for start in range(0, len(requests), self.max_num_seqs):
+            batch = requests[start:start + self.max_num_seqs]
+            for results in self._run_batch(batch, interval):
+                yield self._group(batch, results, finished=None)
+
+    def _requests(self, prompts, sampling_params) -> list[Request]:
+        return make_requests(
+            prompts, sampling_params, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
+            max_model_len=self.max_model_len, next_seed=lambda: int(self._rng.integers(2**31)),
+        )
+
+    @staticmethod
+    def _group(requests: list[Request], results, finished: bool | None) -> list[RequestOutput]:
+        """One RequestOutput per prompt, its n samples together."""
         outputs = []
         for req in requests:
             if req.sample_index:
                 continue
-            samples = [done[req.request_id, j] for j in range(req.params.n)]
+            samples = [results[req.request_id, j] for j in range(req.params.n)]
+            completions = [c for c, _ in samples]
             outputs.append(RequestOutput(
                 request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids),
-                prompt_logprobs=samples[0][1], outputs=[c for c, _ in samples],
+                prompt_logprobs=samples[0][1], outputs=completions,
+                finished=finished if finished is not None else all(c.finished() for c in completions),
             ))
         return outputs
 
@@ -171,7 +201,9 @@ class LLM:
 
     # -- one batch on the device ------------------------------------------------------------
 
-    def _run_batch(self, batch: list[Request]) -> list[tuple[CompletionOutput, Any]]:
+    def _run_batch(self, batch: list[Request], interval: int | None = None) -> Iterator[dict]:
+        """Prefills and decodes one batch; yields {(request_id, sample): (completion, prompt_logprobs)}
+        after every `interval` decode steps (only at the end when None), the last one final."""
         cfg = self.config
         rows = _bucket(len(batch))
         prompt_len = _bucket(max(len(r.prompt_token_ids) for r in batch), 16)
@@ -201,34 +233,31 @@ class LLM:
             self.params, cache, tokens, prompt_lens, page_table, st, limits,
             config=cfg, max_new=max_new, logprobs_k=logprobs_k, prompt_logprobs_k=prompt_k,
         )
-        state = self._decode(state, st, limits, batch, max(max_tokens) - 1, logprobs_k)
-        host = jax.device_get(state._replace(cache=None, prompt_mask=None, output_counts=None))
         prompt_lp = jax.device_get(prompt_lp)
-        return [self._completion(i, r, host, prompt_lp) for i, r in enumerate(batch)]
+        steps = max(max_tokens) - 1
+        check = interval is not None or any(r.params.stop for r in batch)  # look at text between slices
+        interval = interval or (STOP_STRING_CHECK_STEPS if check else max(steps, 1))
+        while True:
+            host = jax.device_get(state._replace(cache=None, prompt_mask=None, output_counts=None))
+            last = steps <= 0 or bool(host.done[:len(batch)].all())
+            if check or last:
+                results = {(r.request_id, r.sample_index): self._completion(i, r, host, prompt_lp)
+                           for i, r in enumerate(batch)}
+                stopped = np.array([c.finish_reason is not None for c, _ in results.values()])
+                last = last or bool(stopped.all())
+                yield results
+                if last:
+                    return
+                if stopped.any():  # stop strings found on the host end those rows on the device too
+                    done = host.done | np.pad(stopped, (0, rows - len(batch)), constant_values=True)
+                    state = state._replace(done=jax.numpy.asarray(done))
+            state = runner.decode(self.params, state, st, limits, np.int32(min(interval, steps)),
+                                  config=cfg, logprobs_k=logprobs_k)
+            steps -= interval
 
     def _stop_ids(self, params: SamplingParams) -> list[int]:
         eos = [] if params.ignore_eos else list(self.config.eos_token_ids)
         return sorted(set(eos) | set(params.stop_token_ids or ()))
-
-    def _decode(self, state, st, limits, batch: list[Request], steps: int, logprobs_k):
-        """Runs the device loop; with stop strings, in slices with a host check between them."""
-        with_stops = [i for i, r in enumerate(batch) if r.params.stop]
-        interval = STOP_STRING_CHECK_STEPS if with_stops else max(steps, 1)
-        while steps > 0:
-            state = runner.decode(self.params, state, st, limits, np.int32(min(interval, steps)),
-                                  config=self.config, logprobs_k=logprobs_k)
-            steps -= interval
-            done, n, tokens = jax.device_get((state.done, state.num_generated, state.tokens))
-            done = np.array(done)  # device_get may hand back a read-only view
-            for i in with_stops:
-                p = batch[i].params
-                if not done[i] and find_stop_string(self.tokenizer, tokens[i, :n[i]], p.stop,
-                                                    p.skip_special_tokens):
-                    done[i] = True
-            if done.all():
-                break
-            state = state._replace(done=jax.numpy.asarray(done))
-        return state
 
     def _logprob_dict(self, ids, lps, ranks, token, token_lp, token_rank) -> dict[int, Logprob]:
         tok = self.tokenizer

@@ -185,3 +185,18 @@ def decode(
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
     return state
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def score(
+    params: dict, tokens: Int[Array, "B T"], lengths: Int[Array, "B"], *, config: ModelConfig
+) -> Float[Array, "B T-1"]:
+    """log p(tokens[b, t+1] | tokens[b, :t+1]) for every row, without a KV cache (0 past a row's length)."""
+    model = get_model_spec(config.architecture).model
+    t = jnp.arange(tokens.shape[1])[None, :]
+    positions = jnp.where(t < lengths[:, None], t, -1)
+    meta = AttentionMeta(positions, jnp.zeros((tokens.shape[0], 1), jnp.int32), lengths)
+    hidden, _ = model.forward_hidden(params, tokens, meta, None, config)
+    logp = jax.nn.log_softmax(model.logits(params, hidden[:, :-1]), axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.where(t[:, 1:] < lengths[:, None], picked, 0.0)

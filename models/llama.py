@@ -88,8 +88,10 @@ def rope(x: Float[Array, "B T ... hd"], positions: Int[Array, "B T"], inv_freq: 
     return x * cos + rotated * sin
 
 
-def attention_block(layer: Params, x, cache: KVCache, index, window, meta: AttentionMeta, config: ModelConfig, inv_freq):
-    """Self-attention of one layer: writes this step's K/V into the pages, attends over them."""
+def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta: AttentionMeta,
+                    config: ModelConfig, inv_freq):
+    """Self-attention of one layer: writes this step's K/V into the pages and attends over them, or,
+    with no cache, attends causally within `x` (training, scoring)."""
     G = config.q_per_kv
     qkv = ops.einsum("btd,dhgk->bthgk", x, layer["wqkv"])
     if "bqkv" in layer:
@@ -100,14 +102,16 @@ def attention_block(layer: Params, x, cache: KVCache, index, window, meta: Atten
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
     q = rope(q, meta.positions, inv_freq)
     k = rope(k, meta.positions, inv_freq)
-    cache = KVCache(
-        ops.write_kv(cache.k, index, k, meta.page_table, meta.positions),
-        ops.write_kv(cache.v, index, v, meta.page_table, meta.positions),
-    )
-    out = ops.paged_attention(
-        q, cache.k[index], cache.v[index], meta.page_table, meta.positions, meta.kv_lens,
-        window, scale=config.head_dim**-0.5,
-    )
+    scale = config.head_dim**-0.5
+    if cache is None:
+        out = ops.causal_attention(q, k, v, meta.positions, window, scale=scale)
+    else:
+        cache = KVCache(
+            ops.write_kv(cache.k, index, k, meta.page_table, meta.positions),
+            ops.write_kv(cache.v, index, v, meta.page_table, meta.positions),
+        )
+        out = ops.paged_attention(q, cache.k[index], cache.v[index], meta.page_table, meta.positions,
+                                  meta.kv_lens, window, scale=scale)
     out = ops.einsum("bthgk,hgkd->btd", out, layer["wo"])
     if "bo" in layer:
         out = out + layer["bo"].astype(out.dtype)
@@ -125,10 +129,13 @@ def forward_hidden(
     params: Params,
     tokens: Int[Array, "B T"],
     meta: AttentionMeta,
-    cache: KVCache,
+    cache: KVCache | None,
     config: ModelConfig,
-) -> tuple[Float[Array, "B T D"], KVCache]:
-    """Runs the decoder over `tokens`, caching their K/V; returns final-normed hidden states."""
+) -> tuple[Float[Array, "B T D"], KVCache | None]:
+    """Runs the decoder over `tokens`, caching their K/V; returns final-normed hidden states.
+
+    With `cache=None` the tokens attend only to each other (meta's page table and kv_lens unused).
+    """
     inv_freq = jnp.asarray(rope_inv_freq(config.rope, config.head_dim))
     x = params["embed"][tokens]
     windows = jnp.asarray(np.array(config.sliding_windows, np.int32))

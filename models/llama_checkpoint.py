@@ -91,3 +91,37 @@ def convert_layer(config: ModelConfig, i: int, t: dict[str, np.ndarray]) -> dict
         out["q_norm"] = t[p + "self_attn.q_norm.weight"]
         out["k_norm"] = t[p + "self_attn.k_norm.weight"]
     return out
+
+
+def to_hf(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """Our param pytree (host arrays) -> HF tensors: the inverse of convert_global/convert_layer."""
+    c = config
+    Hkv, G, hd, D = c.num_kv_heads, c.q_per_kv, c.head_dim, c.hidden_size
+    out = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]}
+    if "lm_head" in params:
+        out["lm_head.weight"] = params["lm_head"].T
+    layers = params["layers"]
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        qkv = layers["wqkv"][i].transpose(1, 2, 3, 0)  # [Hkv, G+2, hd, D]
+        out[p + "input_layernorm.weight"] = layers["attn_norm"][i]
+        out[p + "post_attention_layernorm.weight"] = layers["mlp_norm"][i]
+        out[p + "self_attn.q_proj.weight"] = qkv[:, :G].reshape(Hkv * G * hd, D)
+        out[p + "self_attn.k_proj.weight"] = qkv[:, G].reshape(Hkv * hd, D)
+        out[p + "self_attn.v_proj.weight"] = qkv[:, G + 1].reshape(Hkv * hd, D)
+        out[p + "self_attn.o_proj.weight"] = layers["wo"][i].transpose(3, 0, 1, 2).reshape(D, Hkv * G * hd)
+        gate_up = layers["w_gate_up"][i].transpose(1, 2, 0)  # [2, F, D]
+        out[p + "mlp.gate_proj.weight"] = gate_up[0]
+        out[p + "mlp.up_proj.weight"] = gate_up[1]
+        out[p + "mlp.down_proj.weight"] = layers["w_down"][i].T
+        if c.qkv_bias:
+            b = layers["bqkv"][i]
+            out[p + "self_attn.q_proj.bias"] = b[:, :G].reshape(-1)
+            out[p + "self_attn.k_proj.bias"] = b[:, G].reshape(-1)
+            out[p + "self_attn.v_proj.bias"] = b[:, G + 1].reshape(-1)
+        if c.o_bias:
+            out[p + "self_attn.o_proj.bias"] = layers["bo"][i]
+        if c.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = layers["q_norm"][i]
+            out[p + "self_attn.k_norm.weight"] = layers["k_norm"][i]
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}

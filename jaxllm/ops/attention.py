@@ -28,6 +28,36 @@ def write_kv(
     return pages.at[layer, page, slot].set(new.astype(pages.dtype))
 
 
+def _attend(q, k, v, visible, scale):
+    """softmax(q k^T * scale, over visible keys) v, with the statistics in float32."""
+    scores = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhgts,bshd->bthgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+def _visible(key_pos, query_pos, sliding_window):
+    """Causal mask, narrowed to the last W positions when a window W > 0 is set."""
+    window = jnp.asarray(sliding_window)
+    return (key_pos <= query_pos) & ((window <= 0) | (key_pos > query_pos - window))
+
+
+def causal_attention(
+    q: Float[Array, "B T Hkv G D"],
+    k: Float[Array, "B T Hkv D"],
+    v: Float[Array, "B T Hkv D"],
+    positions: Int[Array, "B T"],
+    sliding_window: Int[Array, ""] | int = 0,
+    *,
+    scale: float,
+) -> Float[Array, "B T Hkv G D"]:
+    """Causal self-attention within one chunk, no cache (training and scoring)."""
+    visible = _visible(positions[:, None, :], positions[:, :, None], sliding_window)
+    visible &= (positions >= 0)[:, None, :]
+    return _attend(q, k, v, visible, scale)
+
+
 def paged_attention(
     q: Float[Array, "B T Hkv G D"],
     k_pages: Float[Array, "P S Hkv D"],
@@ -48,13 +78,7 @@ def paged_attention(
     page_size = k_pages.shape[1]
     k = k_pages[page_table].reshape(batch, pmax * page_size, *k_pages.shape[2:])
     v = v_pages[page_table].reshape(batch, pmax * page_size, *v_pages.shape[2:])
-    scores = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
     key_pos = jnp.arange(pmax * page_size)[None, None, :]
-    query_pos = positions[:, :, None]
-    visible = (key_pos <= query_pos) & (key_pos < kv_lens[:, None, None])
-    window = jnp.asarray(sliding_window)
-    visible &= (window <= 0) | (key_pos > query_pos - window)
-    scores = jnp.where(visible[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhgts,bshd->bthgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)
+    visible = _visible(key_pos, positions[:, :, None], sliding_window)
+    visible &= key_pos < kv_lens[:, None, None]
+    return _attend(q, k, v, visible, scale)
