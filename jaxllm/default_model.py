@@ -13,6 +13,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("JAXLLM_CACHE", Path.home() / ".cache" / "jaxllm"))
 
 
+def bundled_model_dir() -> Path:
+    """The demo model shipped inside the package (scripts/train_demo_model.py made it)."""
+    return Path(__file__).resolve().parent / "demo_model"
+
+
 def default_model_dir() -> Path:
     """A tiny random-weight Llama, written once to the cache (a trained bundled model comes later).
 

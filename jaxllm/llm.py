@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,23 @@ from jaxllm.sharding import ParallelConfig, cache_sharding, check_divisible, mak
 
 STOP_STRING_CHECK_STEPS = 16  # decode steps between host checks, only when stop strings are set
 _FINISH = {runner.FINISHED_LENGTH: "length", runner.FINISHED_STOP: "stop"}
+
+
+# generation_config.json key -> SamplingParams field, the ones vLLM takes as a model's defaults
+_GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """The sampling settings a checkpoint recommends; {} without generation_config.json."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    return {ours: cfg[key] for key, ours in _GENERATION_KEYS.items() if cfg.get(key) is not None}
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -92,6 +110,7 @@ class LLM:
 
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.model_dir)
         self._rng = np.random.default_rng(seed)
+        self._generation_defaults = generation_defaults(self.model_dir)
 
     @classmethod
     def from_params(
@@ -112,10 +131,15 @@ class LLM:
         llm.max_model_len = max_model_len or config.max_position_embeddings
         llm.page_size, llm.max_num_seqs = page_size, max_num_seqs
         llm._rng = np.random.default_rng(seed)
+        llm._generation_defaults = {}
         return llm
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's recommended settings from generation_config.json (as vLLM)."""
+        return SamplingParams(**self._generation_defaults)
 
     def generate(
         self,
@@ -156,6 +180,8 @@ class LLM:
                 yield self._group(batch, results, finished=None)
 
     def _requests(self, prompts, sampling_params) -> list[Request]:
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         return make_requests(
             prompts, sampling_params, tokenizer=self.tokenizer, vocab_size=self.config.vocab_size,
             max_model_len=self.max_model_len, next_seed=lambda: int(self._rng.integers(2**31)),

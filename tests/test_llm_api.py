@@ -307,3 +307,16 @@ def test_more_prompts_than_max_num_seqs(ckpt, llm):
     one_by_one = [llm.generate(p, greedy(), use_tqdm=False)[0] for p in prompts]
     assert [o.prompt for o in batched] == prompts
     assert tokens_of(batched) == tokens_of(one_by_one)
+
+
+def test_generation_config_gives_default_sampling_params(ckpt, greedy_runs, tmp_path):
+    path = shutil.copytree(ckpt, tmp_path / "defaults")
+    cfg = json.loads((path / "generation_config.json").read_text())
+    cfg.update(temperature=0.0, top_p=0.9, max_new_tokens=7)
+    (path / "generation_config.json").write_text(json.dumps(cfg))
+    llm = LLM(path, dtype="float32", max_model_len=MAX_MODEL_LEN, progress=False)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p, defaults.max_tokens) == (0.0, 0.9, 7)
+    out = llm.generate(PROMPTS[0], use_tqdm=False)[0].outputs[0]  # no SamplingParams: the model's
+    assert len(out.token_ids) <= 7
+    assert out.token_ids == greedy_runs[0].outputs[0].token_ids[:len(out.token_ids)]
