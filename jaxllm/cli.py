@@ -1,4 +1,5 @@
-"""The `jaxllm` command line: `generate` from a checkpoint, `tiny-checkpoint` for docs and tests."""
+"""The `jaxllm` command line: `generate` from a checkpoint, `perplexity` of text files, `tiny-checkpoint`
+for docs and tests."""
 
 from __future__ import annotations
 
@@ -46,7 +47,6 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate completions for one or more prompts")
-    gen.add_argument("--model", help="Hugging Face checkpoint directory (default: the bundled default model)")
     gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                      help="a prompt; repeat the flag for several")
     for name, kind, var, what in (("max_tokens", int, "N", "most tokens to generate"),
@@ -59,16 +59,20 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--logprobs", type=int, metavar="K", help="with --json: top-K log-probabilities per token")
     gen.add_argument("--stop", nargs="+", action="extend", metavar="STR", help="stop strings")
     gen.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seeds the sampling (default: 0)")
-    gen.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="auto: the checkpoint's own")
-    gen.add_argument("--max-model-len", type=int, metavar="N",
-                     help="longest prompt + output (default: the model's max_position_embeddings)")
-    gen.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
-                     help="devices to split each layer over (default: 1)")
-    gen.add_argument("--allow-pickle", action="store_true",
-                     help="load pickle .bin checkpoints (they can run code: only for files you trust)")
+    _add_model_args(gen, "longest prompt + output")
     gen.add_argument("--chat", action="store_true", help="send each prompt as a user message in the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.set_defaults(run=_generate)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of text files, with a sliding window")
+    ppl.add_argument("files", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files")
+    ppl.add_argument("--window", type=int, metavar="N",
+                     help="most tokens scored at once (default: min(max model length, 1024))")
+    ppl.add_argument("--stride", type=int, metavar="N", help="tokens between window starts (default: window/2)")
+    ppl.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per batch (default: 8)")
+    _add_model_args(ppl, "longest window")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    ppl.set_defaults(run=_perplexity)
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight HF checkpoint")
     tiny.add_argument("path", type=Path)
@@ -78,6 +82,25 @@ def _build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="weights seed (default: 0)")
     tiny.set_defaults(run=_tiny_checkpoint)
     return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser, longest: str) -> None:
+    """The flags that say which checkpoint to load and how."""
+    parser.add_argument("--model", help="Hugging Face checkpoint directory (default: the bundled default model)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="auto: the checkpoint's own")
+    parser.add_argument("--max-model-len", type=int, metavar="N",
+                        help=f"{longest} (default: the model's max_position_embeddings)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="devices to split each layer over (default: 1)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load pickle .bin checkpoints (they can run code: only for files you trust)")
+
+
+def _load_llm(args: argparse.Namespace, **kwargs) -> LLM:
+    model = args.model if args.model is not None else _default_model()
+    return LLM(model, dtype=args.dtype, max_model_len=args.max_model_len,
+               tensor_parallel_size=args.tensor_parallel_size, progress=False, allow_pickle=args.allow_pickle,
+               **kwargs)
 
 
 def _default_model() -> Path:
@@ -112,11 +135,10 @@ def _as_json(prompt: str, c: CompletionOutput) -> str:
 
 def _generate(args: argparse.Namespace) -> int:
     chosen = {name: getattr(args, name) for name in _SAMPLING_FLAGS if getattr(args, name) is not None}
-    params = SamplingParams(**chosen)  # before loading the model, so bad values fail fast
-    model = args.model if args.model is not None else _default_model()
-    llm = LLM(model, dtype=args.dtype, max_model_len=args.max_model_len,
-              tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, progress=False,
-              allow_pickle=args.allow_pickle)
+    SamplingParams(**chosen)  # before loading the model, so bad values fail fast
+    llm = _load_llm(args, seed=args.seed)
+    # Flags override the model's recommended settings (generation_config.json), as in vLLM.
+    params = dataclasses.replace(llm.get_default_sampling_params(), **chosen)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params, use_tqdm=False)
     else:
@@ -130,6 +152,42 @@ def _generate(args: argparse.Namespace) -> int:
                 print()
             # A completion continues its prompt; a chat reply goes on the next line.
             print(prompt + ("\n" if args.chat else "") + completion.text)
+    return 0
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if not text:
+        raise ValueError(f"{str(path)!r} is empty")
+    return text
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from jaxllm import evaluate
+
+    texts = [_read_text(path) for path in args.files]  # before loading the model, so bad files fail fast
+    llm = _load_llm(args)
+    names = [str(path) for path in args.files]
+    ids = evaluate.tokenize(llm, texts, labels=[repr(name) for name in names])
+    result = evaluate.perplexity(llm, ids, window=args.window, stride=args.stride, batch_size=args.batch_size)
+    if args.json:
+        files = [{"file": name, "perplexity": p, "tokens": len(x) - 1}
+                 for name, p, x in zip(names, result.per_text, ids)]
+        print(json.dumps({"files": files, "perplexity": result.perplexity, "nll": result.nll,
+                          "tokens": result.num_tokens, "seconds": result.seconds,
+                          "tokens_per_s": result.tokens_per_s}))
+        return 0
+    for name, p, x in zip(names, result.per_text, ids):
+        print(f"{name}: perplexity {p:.4f} ({len(x) - 1} tokens)")
+    print(f"total: perplexity {result.perplexity:.4f}, {result.num_tokens} tokens, "
+          f"{result.tokens_per_s:.1f} tokens/s")
     return 0
 
 

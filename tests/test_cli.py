@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from jaxllm import LLM, SamplingParams
-from jaxllm import cli
+from jaxllm import cli, evaluate
 from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
@@ -104,6 +104,9 @@ def test_options_reach_llm_and_sampling_params(capsys, monkeypatch, tmp_path):
         def __init__(self, model, **kwargs):
             calls["init"] = (model, kwargs)
 
+        def get_default_sampling_params(self):
+            return SamplingParams(top_p=0.5, repetition_penalty=1.1)
+
         def generate(self, prompts, params, use_tqdm):
             calls["generate"] = (prompts, params)
             return [RequestOutput(str(i), p, [1], None, [CompletionOutput(0, f"<{i}>", [5], None, None, "length")])
@@ -117,8 +120,10 @@ def test_options_reach_llm_and_sampling_params(capsys, monkeypatch, tmp_path):
     assert code == 0, err
     assert calls["init"] == (str(tmp_path), dict(dtype="bfloat16", max_model_len=128, tensor_parallel_size=2,
                                                  seed=42, progress=False, allow_pickle=True))
+    # flags win over the model's defaults; the defaults fill in the rest (repetition_penalty)
     assert calls["generate"] == (["a", "b"], SamplingParams(max_tokens=7, temperature=0.7, top_p=0.8, top_k=9,
-                                                            min_p=0.05, stop=["x", "yz"], logprobs=3))
+                                                            min_p=0.05, stop=["x", "yz"], logprobs=3,
+                                                            repetition_penalty=1.1))
     assert out == "a<0>\n\nb<1>\n"
 
 
@@ -181,6 +186,93 @@ def test_tiny_checkpoint_command_matches_library(capsys, tmp_path):
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes()
     code, _, err = run(capsys, "tiny-checkpoint", tmp_path / "bad", "--architecture", "GPT2LMHeadModel")
     assert code == 2 and "GPT2LMHeadModel" in err
+
+
+def _write_texts(directory, seed):
+    """Two files of random words (UTF-8, one with non-ASCII text), longer than a 24-token window."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = "the quick brown fox jumps over lazy dog naïve café déjà vu".split()
+    paths = []
+    for i, n in enumerate((40, 25)):
+        path = directory / f"text{i}.txt"
+        path.write_text(" ".join(rng.choice(words, n)) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def test_perplexity_matches_evaluate(capsys, model_dir, llm, tmp_path):
+    paths = _write_texts(tmp_path, 3)
+    texts = [p.read_text(encoding="utf-8") for p in paths]
+    want = evaluate.perplexity(llm, texts, window=24, stride=10)
+    counts = [len(llm.tokenizer.encode(t, add_special_tokens=False)) - 1 for t in texts]
+    assert min(counts) > 24
+
+    code, out, err = run(capsys, "perplexity", "--model", model_dir, *paths, "--window", 24, "--stride", 10,
+                         "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert [f["file"] for f in record["files"]] == [str(p) for p in paths]
+    assert [f["tokens"] for f in record["files"]] == counts
+    assert [f["perplexity"] for f in record["files"]] == pytest.approx(want.per_text, rel=1e-6)
+    assert record["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
+    assert record["nll"] == pytest.approx(want.nll, rel=1e-6)
+    assert record["tokens"] == want.num_tokens == sum(counts)
+    assert record["tokens_per_s"] == pytest.approx(record["tokens"] / record["seconds"])
+
+    code, out, err = run(capsys, "perplexity", "--model", model_dir, *paths, "--window", 24, "--stride", 10)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3
+    for line, path, ppl, n in zip(lines, paths, want.per_text, counts):
+        assert line.startswith(f"{path}: ") and line.endswith(f"({n} tokens)")
+        assert float(line.split("perplexity ")[1].split()[0]) == pytest.approx(ppl, abs=1e-4, rel=1e-6)
+    total = lines[-1]
+    assert total.startswith("total: ") and f"{want.num_tokens} tokens" in total and "tokens/s" in total
+    assert float(total.split("perplexity ")[1].split(",")[0]) == pytest.approx(want.perplexity, rel=1e-6)
+
+
+def test_perplexity_default_model(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "cache"))
+    paths = _write_texts(tmp_path, 4)
+    code, out, err = run(capsys, "perplexity", *paths, "--json")
+    assert code == 0, err
+    path = tmp_path / "cache" / "tiny-random-llama"
+    assert [line for line in err.splitlines() if "no --model given" in line and str(path) in line]
+    want = evaluate.perplexity(LLM(path, progress=False), [p.read_text(encoding="utf-8") for p in paths])
+    assert json.loads(out)["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.txt", None, "cannot read"),
+    ("empty.txt", b"", "is empty"),
+    ("latin1.txt", "café au lait".encode("latin-1"), "is not UTF-8"),
+    ("one.txt", b"a", "has 1 token; perplexity needs at least 2"),
+])
+def test_perplexity_bad_file_exits_2_naming_it(capsys, model_dir, tmp_path, name, content, message):
+    good = _write_texts(tmp_path, 5)[0]
+    bad = tmp_path / name
+    if content is not None:
+        bad.write_bytes(content)
+    code, out, err = run(capsys, "perplexity", "--model", model_dir, good, bad)
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxllm: error: ") and str(bad) in lines[0], err
+    assert message in lines[0] and str(good) not in lines[0]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--window", "1"], "window"),
+    (["--window", "600"], "600"),
+    (["--window", "16", "--stride", "17"], "17"),
+    (["--batch-size", "0"], "batch_size"),
+    (["--window", "x"], "x"),
+])
+def test_perplexity_bad_option_exits_2(capsys, model_dir, tmp_path, args, named):
+    code, out, err = run(capsys, "perplexity", "--model", model_dir, _write_texts(tmp_path, 6)[0], *args)
+    assert code == 2 and out == ""
+    assert err.startswith("jaxllm: error: ") and named in err and len(err.splitlines()) == 1, err
 
 
 def _python_m(*args, env_extra=None):
