@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,18 +103,12 @@ def _load_llm(args: argparse.Namespace, **kwargs) -> LLM:
 
 
 def _default_model() -> Path:
-    """The default model's directory, announced in one line (instead of the library's log warning)."""
+    """The bundled demo model's directory, announced in one line on stderr."""
     from jaxllm.default_model import default_model_dir
 
-    logger = logging.getLogger("jaxllm")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        path = default_model_dir()
-    finally:
-        logger.setLevel(level)
-    print(f"jaxllm: no --model given; using a tiny random-weight Llama at {path} (gibberish output) "
-          "until a trained bundled model ships", file=sys.stderr)
+    path = default_model_dir()
+    print(f"jaxllm: no --model given; using the bundled demo model (a small Python code model) at {path}",
+          file=sys.stderr)
     return path
 
 

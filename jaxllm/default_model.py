@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
-
-log = logging.getLogger("jaxllm")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("JAXLLM_CACHE", Path.home() / ".cache" / "jaxllm"))
 
 
 def bundled_model_dir() -> Path:
@@ -19,14 +11,8 @@ def bundled_model_dir() -> Path:
 
 
 def default_model_dir() -> Path:
-    """A tiny random-weight Llama, written once to the cache (a trained bundled model comes later).
-
-    Its output is gibberish: it exists so that every command runs with no download.
-    """
-    from jaxllm.tiny_checkpoint import write_tiny_checkpoint
-
-    path = cache_dir() / "tiny-random-llama"
-    if not (path / "config.json").is_file():
-        write_tiny_checkpoint(path, "LlamaForCausalLM", seed=0)
-    log.warning("no model given: using a tiny random-weight Llama at %s (its text is gibberish)", path)
+    """The bundled demo model: a 6.8 M-parameter Llama trained on the Python standard library."""
+    path = bundled_model_dir()
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the bundled demo model is missing from {path}; reinstall jaxllm")
     return path

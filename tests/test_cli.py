@@ -9,6 +9,7 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm import cli, evaluate
+from jaxllm.default_model import bundled_model_dir
 from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
@@ -127,16 +128,13 @@ def test_options_reach_llm_and_sampling_params(capsys, monkeypatch, tmp_path):
     assert out == "a<0>\n\nb<1>\n"
 
 
-def test_default_model_is_announced_once(capsys, monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path))
+def test_default_model_is_the_bundled_one_and_announced_once(capsys):
     code, out, err = run(capsys, "generate", "--prompt", PROMPTS[0], "--max-tokens", 3, "--temperature", 0,
                          "--json")
     assert code == 0, err
-    path = tmp_path / "tiny-random-llama"
-    assert (path / "config.json").is_file()
-    notes = [line for line in err.splitlines() if "random-weight" in line]
+    path = bundled_model_dir()
+    notes = [line for line in err.splitlines() if "no --model given" in line]
     assert len(notes) == 1 and notes[0].startswith("jaxllm: no --model given") and str(path) in notes[0]
-    assert not [r for r in caplog.records if r.levelname == "WARNING" and "no model given" in r.getMessage()]
     want = LLM(path, progress=False).generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0.0),
                                               use_tqdm=False)[0].outputs[0]
     assert json.loads(out)["token_ids"] == want.token_ids
@@ -233,12 +231,11 @@ def test_perplexity_matches_evaluate(capsys, model_dir, llm, tmp_path):
     assert float(total.split("perplexity ")[1].split(",")[0]) == pytest.approx(want.perplexity, rel=1e-6)
 
 
-def test_perplexity_default_model(capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "cache"))
+def test_perplexity_default_model(capsys, tmp_path):
     paths = _write_texts(tmp_path, 4)
     code, out, err = run(capsys, "perplexity", *paths, "--json")
     assert code == 0, err
-    path = tmp_path / "cache" / "tiny-random-llama"
+    path = bundled_model_dir()
     assert [line for line in err.splitlines() if "no --model given" in line and str(path) in line]
     want = evaluate.perplexity(LLM(path, progress=False), [p.read_text(encoding="utf-8") for p in paths])
     assert json.loads(out)["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
@@ -283,7 +280,7 @@ def _python_m(*args, env_extra=None):
 
 def test_python_m_jaxllm_subprocess(model_dir, greedy, tmp_path):
     proc = _python_m("generate", "--model", model_dir, "--prompt", PROMPTS[1], "--max-tokens", MAX_TOKENS,
-                     "--temperature", 0, env_extra={"JAXLLM_CACHE": str(tmp_path)})
+                     "--temperature", 0)
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
     assert PROMPTS[1] + greedy[1].text in proc.stdout.decode("utf-8")
