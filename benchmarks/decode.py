@@ -11,6 +11,7 @@ from benchmarks.shapes import BF16_MATMUL, COPY_BANDWIDTH, llama3_8b
 from jaxllm import LLM, SamplingParams
 from jaxllm.checkpoint import random_params
 from jaxllm.sharding import ParallelConfig, make_mesh
+from models.llama import unstack_layers
 
 
 def _nbytes(tree) -> int:
@@ -32,10 +33,13 @@ SMALL = dict(prompt_len=16, new_tokens=16, prefill_len=64, repeats=1,
 
 
 def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_len: int = 2048,
-        repeats: int = 3, config=None) -> dict:
+        repeats: int = 3, config=None, layers: str = "scan", params=None) -> dict:
+    """One decode measurement; `layers` is "scan" (stacked weights) or "unrolled" (a list)."""
     config = config or llama3_8b()
     mesh = make_mesh(ParallelConfig(1))
-    params = random_params(config, mesh)
+    params = params if params is not None else random_params(config, mesh)
+    if layers == "unrolled":
+        params = unstack_layers(params)
     llm = LLM.from_params(config, params, mesh, max_model_len=prefill_len + 16, max_num_seqs=max(batch, 1))
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(0, config.vocab_size, prompt_len).tolist()}
@@ -68,7 +72,8 @@ def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_le
     attn_flops = 4 * config.num_layers * config.num_heads * config.head_dim * prefill_len**2 / 2
     prefill_flops = 2 * matmul_params * prefill_len + attn_flops
     return {
-        "shape": "llama3-8b" if config.hidden_size == 4096 else "small", "dtype": config.dtype, "batch": batch, "prompt_len": prompt_len,
+        "shape": "llama3-8b" if config.hidden_size == 4096 else "small", "layers": layers,
+        "dtype": config.dtype, "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "compile_and_first_run_s": compile_s,
         "generate_s": total, "ttft_s": ttft, "decode_s": decode_s,
         "decode_tokens_per_s": tokens_per_s, "ms_per_step": 1e3 * decode_s / (new_tokens - 1),
@@ -78,4 +83,5 @@ def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_le
         "prefill_len": prefill_len, "prefill_s": prefill_s,
         "prefill_TFLOPs": prefill_flops / prefill_s / 1e12,
         "prefill_fraction_of_matmul_ceiling": prefill_flops / prefill_s / BF16_MATMUL,
+        "greedy_tokens": out[0].outputs[0].token_ids,
     }

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from jaxllm import runner
 from jaxllm.checkpoint import load_config, load_params
+from jaxllm.compile_cache import enable_compilation_cache
 from jaxllm.config import ModelConfig
 from jaxllm.detokenize import decode, find_stop_string
 from jaxllm.kv_cache import contiguous_page_table, init_cache, pages_for
@@ -89,6 +90,7 @@ class LLM:
         for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        enable_compilation_cache()
         self.config = load_config(self.model_dir, dtype)
         limit = self.config.max_position_embeddings
         if max_model_len is None:
@@ -126,6 +128,7 @@ class LLM:
         max_num_seqs: int = 64,
     ) -> "LLM":
         """An LLM over params already on `mesh` (random weights for benchmarks, or your own)."""
+        enable_compilation_cache()
         llm = cls.__new__(cls)
         llm.model_dir, llm.config, llm.params, llm.mesh, llm.tokenizer = None, config, params, mesh, tokenizer
         llm.max_model_len = max_model_len or config.max_position_embeddings

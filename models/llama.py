@@ -135,6 +135,8 @@ def forward_hidden(
     """Runs the decoder over `tokens`, caching their K/V; returns final-normed hidden states.
 
     With `cache=None` the tokens attend only to each other (meta's page table and kv_lens unused).
+    Layers stacked on a leading axis run under `lax.scan`; a list of per-layer dicts (see
+    `unstack_layers`) runs unrolled, each matmul reading its own weight buffer.
     """
     inv_freq = jnp.asarray(rope_inv_freq(config.rope, config.head_dim))
     x = params["embed"][tokens]
@@ -149,10 +151,21 @@ def forward_hidden(
         x = x + mlp_block(layer, rms_norm(x, layer["mlp_norm"], config.rms_norm_eps))
         return (x, cache), None
 
-    (x, cache), _ = jax.lax.scan(
-        layer_step, (x, cache), (params["layers"], jnp.arange(config.num_layers), windows)
-    )
+    if isinstance(params["layers"], (list, tuple)):
+        for i, layer in enumerate(params["layers"]):
+            (x, cache), _ = layer_step((x, cache), (layer, i, config.sliding_windows[i]))
+    else:
+        (x, cache), _ = jax.lax.scan(
+            layer_step, (x, cache), (params["layers"], jnp.arange(config.num_layers), windows)
+        )
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same params with `layers` as a list of per-layer dicts (for the unrolled forward)."""
+    layers = params["layers"]
+    num_layers = len(next(iter(layers.values())))
+    return {**params, "layers": [{k: v[i] for k, v in layers.items()} for i in range(num_layers)]}
 
 
 def logits(params: Params, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:

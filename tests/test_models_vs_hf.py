@@ -104,3 +104,17 @@ def test_half_precision_error_is_no_worse_than_transformers(tmp_path, dtype):
     ours_err, hf_err = np.concatenate(ours_err), np.concatenate(hf_err)
     assert 0 < ours_err.mean() < 1.5 * hf_err.mean()
     assert ours_err.max() < 2 * hf_err.max()
+
+
+def test_unrolled_layers_give_the_same_tokens(case):
+    """Layers as a list (unrolled forward) compute exactly what the stacked scan computes."""
+    from models.llama import unstack_layers
+
+    llm, prompts, (_, ref_greedy) = case
+    stacked = llm.params
+    try:
+        llm.params = unstack_layers(stacked)
+        outs = run(llm, prompts, max_tokens=NEW_TOKENS)
+    finally:
+        llm.params = stacked
+    assert [o.outputs[0].token_ids for o in outs] == ref_greedy
