@@ -63,6 +63,8 @@ class LLM:
         allow_pickle: load pickle `.bin` checkpoints (they can run code: only for trusted files).
         page_size: tokens per KV-cache page.
         max_num_seqs: most sequences decoded together.
+        layers: "unrolled" (each layer its own weights; fastest decode) or "scan" (stacked weights
+            under lax.scan; compiles faster).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class LLM:
         page_size: int = 16,
         max_num_seqs: int = 64,
         progress: bool = True,
+        layers: str = "unrolled",
     ):
         if model is None:
             from jaxllm.default_model import default_model_dir
@@ -105,7 +108,7 @@ class LLM:
         check_divisible(self.config, parallel)
         self.mesh = make_mesh(parallel)
         self.params = load_params(self.model_dir, self.config, self.mesh, allow_pickle=allow_pickle,
-                                  progress=progress)
+                                  progress=progress, layers=layers)
         self.tokenizer = None
         if not skip_tokenizer_init:
             from transformers import AutoTokenizer

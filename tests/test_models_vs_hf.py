@@ -89,7 +89,7 @@ def test_half_precision_error_is_no_worse_than_transformers(tmp_path, dtype):
     path = write_tiny_checkpoint(tmp_path / "ckpt", "LlamaForCausalLM", seed=3, dtype=dtype)
     llm = LLM(str(path), max_model_len=64, skip_tokenizer_init=True, progress=False)
     assert llm.config.dtype == dtype  # "auto" takes the checkpoint's dtype
-    assert llm.params["layers"]["wqkv"].dtype == dtype
+    assert llm.params["layers"][0]["wqkv"].dtype == dtype
     prompts = prompts_for(2, llm.config.vocab_size)
     ref32, _ = hf_reference(path, prompts, torch.float32)
     ref_half, _ = hf_reference(path, prompts, getattr(torch, dtype))
@@ -106,15 +106,12 @@ def test_half_precision_error_is_no_worse_than_transformers(tmp_path, dtype):
     assert ours_err.max() < 2 * hf_err.max()
 
 
-def test_unrolled_layers_give_the_same_tokens(case):
-    """Layers as a list (unrolled forward) compute exactly what the stacked scan computes."""
-    from models.llama import unstack_layers
-
+def test_scan_over_stacked_layers_gives_the_same_tokens(case):
+    """The two layer layouts (unrolled list, the default, and stacked under lax.scan) agree exactly."""
     llm, prompts, (_, ref_greedy) = case
-    stacked = llm.params
-    try:
-        llm.params = unstack_layers(stacked)
-        outs = run(llm, prompts, max_tokens=NEW_TOKENS)
-    finally:
-        llm.params = stacked
+    assert isinstance(llm.params["layers"], list)
+    scan = LLM(llm.model_dir, dtype="float32", max_model_len=128, skip_tokenizer_init=True,
+               progress=False, layers="scan")
+    assert scan.params["layers"]["wqkv"].shape[0] == llm.config.num_layers
+    outs = run(scan, prompts, max_tokens=NEW_TOKENS)
     assert [o.outputs[0].token_ids for o in outs] == ref_greedy

@@ -34,15 +34,16 @@ def test_tp2_and_tp4_match_tp1(checkpoint):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 300, n).tolist() for n in (3, 17, 40)]
     results = {}
-    for tp in (1, 2, 4):
+    for tp, layers in ((1, "unrolled"), (2, "unrolled"), (4, "unrolled"), (2, "scan")):
         llm = LLM(str(checkpoint), dtype="float32", max_model_len=96, tensor_parallel_size=tp,
-                  skip_tokenizer_init=True, progress=False)
-        wqkv = llm.params["layers"]["wqkv"]
+                  skip_tokenizer_init=True, progress=False, layers=layers)
+        wqkv = llm.params["layers"][0]["wqkv"] if layers == "unrolled" else llm.params["layers"]["wqkv"]
+        kv_axis = 1 if layers == "unrolled" else 2  # [(L,) D, Hkv, G+2, hd]
         assert len(wqkv.sharding.device_set) == tp
-        # KV heads (axis 2) are split over the devices: each shard holds 4 / tp of them
-        assert {s.data.shape[2] for s in wqkv.addressable_shards} == {4 // tp}
-        results[tp] = greedy(llm, prompts)
-    for tp in (2, 4):
+        # KV heads are split over the devices: each shard holds 4 / tp of them
+        assert {s.data.shape[kv_axis] for s in wqkv.addressable_shards} == {4 // tp}
+        results[tp if layers == "unrolled" else "scan"] = greedy(llm, prompts)
+    for tp in (2, 4, "scan"):
         for ref, got in zip(results[1], results[tp]):
             assert got.token_ids == ref.token_ids
             lp_ref = [d[t].logprob for d, t in zip(ref.logprobs, ref.token_ids)]
