@@ -32,7 +32,7 @@ SMALL = dict(prompt_len=16, new_tokens=16, prefill_len=64, repeats=1,
                                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32))
 
 
-def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_len: int = 2048,
+def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_len: int | None = 2048,
         repeats: int = 3, config=None, layers: str = "scan", params=None) -> dict:
     """One decode measurement; `layers` is "scan" (stacked weights) or "unrolled" (a list)."""
     config = config or llama3_8b()
@@ -40,7 +40,8 @@ def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_le
     params = params if params is not None else random_params(config, mesh)
     if layers == "unrolled":
         params = unstack_layers(params)
-    llm = LLM.from_params(config, params, mesh, max_model_len=prefill_len + 16, max_num_seqs=max(batch, 1))
+    max_len = max(prefill_len or 0, prompt_len + new_tokens) + 16
+    llm = LLM.from_params(config, params, mesh, max_model_len=max_len, max_num_seqs=max(batch, 1))
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(0, config.vocab_size, prompt_len).tolist()}
                for _ in range(batch)]
@@ -65,12 +66,7 @@ def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_le
     step_bytes = weight_bytes + batch * kv_per_token * mean_context
     bandwidth = step_bytes * (new_tokens - 1) / decode_s
 
-    long_prompt = [{"prompt_token_ids": rng.integers(0, config.vocab_size, prefill_len).tolist()}]
-    llm.generate(long_prompt, first, use_tqdm=False)
-    prefill_s = float(np.median(_timed(lambda: llm.generate(long_prompt, first, use_tqdm=False), repeats)))
-    matmul_params = _nbytes(params["layers"]) // 2  # prefill projects only the last token to logits
-    attn_flops = 4 * config.num_layers * config.num_heads * config.head_dim * prefill_len**2 / 2
-    prefill_flops = 2 * matmul_params * prefill_len + attn_flops
+    prefill = _prefill(llm, config, params, prefill_len, repeats, rng) if prefill_len else {}
     return {
         "shape": "llama3-8b" if config.hidden_size == 4096 else "small", "layers": layers,
         "dtype": config.dtype, "batch": batch, "prompt_len": prompt_len,
@@ -80,8 +76,20 @@ def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_le
         "weight_bytes": weight_bytes, "bytes_per_step": step_bytes,
         "bandwidth_TBps": bandwidth / 1e12, "fraction_of_copy_ceiling": bandwidth / COPY_BANDWIDTH,
         "ceiling_tokens_per_s": COPY_BANDWIDTH / step_bytes,
-        "prefill_len": prefill_len, "prefill_s": prefill_s,
-        "prefill_TFLOPs": prefill_flops / prefill_s / 1e12,
-        "prefill_fraction_of_matmul_ceiling": prefill_flops / prefill_s / BF16_MATMUL,
+        **prefill,
         "greedy_tokens": out[0].outputs[0].token_ids,
     }
+
+
+def _prefill(llm, config, params, prefill_len: int, repeats: int, rng) -> dict:
+    """Batch-1 prefill of `prefill_len` tokens: time and TFLOP/s."""
+    first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    long_prompt = [{"prompt_token_ids": rng.integers(0, config.vocab_size, prefill_len).tolist()}]
+    llm.generate(long_prompt, first, use_tqdm=False)
+    prefill_s = float(np.median(_timed(lambda: llm.generate(long_prompt, first, use_tqdm=False), repeats)))
+    layers = params["layers"]
+    matmul_params = _nbytes(layers) // 2  # prefill projects only the last token to logits
+    attn_flops = 4 * config.num_layers * config.num_heads * config.head_dim * prefill_len**2 / 2
+    prefill_flops = 2 * matmul_params * prefill_len + attn_flops
+    return {"prefill_len": prefill_len, "prefill_s": prefill_s, "prefill_TFLOPs": prefill_flops / prefill_s / 1e12,
+            "prefill_fraction_of_matmul_ceiling": prefill_flops / prefill_s / BF16_MATMUL}
