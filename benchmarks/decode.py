@@ -33,7 +33,7 @@ SMALL = dict(prompt_len=16, new_tokens=16, prefill_len=64, repeats=1,
 
 
 def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_len: int | None = 2048,
-        repeats: int = 3, config=None, layers: str = "scan", params=None) -> dict:
+        repeats: int = 3, config=None, layers: str = "scan", params=None, temperature: float = 0.0) -> dict:
     """One decode measurement; `layers` is "scan" (stacked weights) or "unrolled" (a list)."""
     config = config or llama3_8b()
     mesh = make_mesh(ParallelConfig(1))
@@ -45,8 +45,9 @@ def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_le
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(0, config.vocab_size, prompt_len).tolist()}
                for _ in range(batch)]
-    full = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    sampled = dict(temperature=temperature, top_p=0.95, seed=0) if temperature else dict(temperature=0.0)
+    full = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **sampled)
+    first = SamplingParams(max_tokens=1, ignore_eos=True, **sampled)
 
     generate = lambda p: llm.generate(prompts, p, use_tqdm=False)
     compile_start = time.perf_counter()
@@ -69,6 +70,7 @@ def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_le
     prefill = _prefill(llm, config, params, prefill_len, repeats, rng) if prefill_len else {}
     return {
         "shape": "llama3-8b" if config.hidden_size == 4096 else "small", "layers": layers,
+        "temperature": temperature,
         "dtype": config.dtype, "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "compile_and_first_run_s": compile_s,
         "generate_s": total, "ttft_s": ttft, "decode_s": decode_s,

@@ -145,16 +145,22 @@ def sample(
     logits = apply_penalties(logits, prompt_mask, output_counts, st)
     temperature = st.temperature.astype(jnp.float32)
     greedy = temperature < GREEDY_EPS
-    sampled = jax.vmap(_sample_row)(
-        logits,
-        jnp.where(greedy, 1.0, temperature),
-        st.top_k.astype(jnp.int32),
-        st.top_p.astype(jnp.float32),
-        st.min_p.astype(jnp.float32),
-        jnp.asarray(st.keys, dtype=jnp.uint32),
-        step.astype(jnp.uint32),
-    )
-    return jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def mixed():
+        sampled = jax.vmap(_sample_row)(
+            logits,
+            jnp.where(greedy, 1.0, temperature),
+            st.top_k.astype(jnp.int32),
+            st.top_p.astype(jnp.float32),
+            st.min_p.astype(jnp.float32),
+            jnp.asarray(st.keys, dtype=jnp.uint32),
+            step.astype(jnp.uint32),
+        )
+        return jnp.where(greedy, argmax, sampled).astype(jnp.int32)
+
+    # An all-greedy batch skips the per-row sort over the whole vocabulary.
+    return jax.lax.cond(jnp.all(greedy), lambda: argmax, mixed)
 
 
 def token_logprobs(
