@@ -12,7 +12,7 @@ import numpy as np
 from jaxtyping import Float
 
 from jaxllm import runner
-from jaxllm.llm import _bucket
+from jaxllm.llm import bucket
 
 DEFAULT_MAX_WINDOW = 1024
 
@@ -130,8 +130,8 @@ def _score(llm, texts: list[list[int]], window: int, stride: int, batch_size: in
     batches = []
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
-        rows = min(batch_size, _bucket(len(batch)))
-        length = min(_bucket(max(end - begin for _, begin, end, _ in batch), 16), window)
+        rows = min(batch_size, bucket(len(batch)))
+        length = min(bucket(max(end - begin for _, begin, end, _ in batch), 16), window)
         tokens = np.zeros((rows, length), np.int32)
         lengths = np.zeros(rows, np.int32)  # rows past the batch stay empty
         for row, (t, begin, end, _) in enumerate(batch):

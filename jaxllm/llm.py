@@ -16,9 +16,9 @@ from jaxllm import runner
 from jaxllm.checkpoint import load_config, load_params
 from jaxllm.compile_cache import enable_compilation_cache
 from jaxllm.config import ModelConfig
-from jaxllm.detokenize import decode, find_stop_string
+from jaxllm.completion import build_completion, logprob_dict
 from jaxllm.kv_cache import contiguous_page_table, init_cache, pages_for
-from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.requests import Request, make_requests
 from jaxllm.sampling import make_sampling_tensors
 from jaxllm.sampling_params import SamplingParams
@@ -45,7 +45,7 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
     return {ours: cfg[key] for key, ours in _GENERATION_KEYS.items() if cfg.get(key) is not None}
 
 
-def _bucket(n: int, minimum: int = 1) -> int:
+def bucket(n: int, minimum: int = 1) -> int:
     """Next power of two >= n: the shapes jitted functions compile for."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
@@ -237,10 +237,10 @@ class LLM:
         """Prefills and decodes one batch; yields {(request_id, sample): (completion, prompt_logprobs)}
         after every `interval` decode steps (only at the end when None), the last one final."""
         cfg = self.config
-        rows = _bucket(len(batch))
-        prompt_len = _bucket(max(len(r.prompt_token_ids) for r in batch), 16)
+        rows = bucket(len(batch))
+        prompt_len = bucket(max(len(r.prompt_token_ids) for r in batch), 16)
         max_tokens = [min(r.params.max_tokens, self.max_model_len - len(r.prompt_token_ids)) for r in batch]
-        max_new = _bucket(max(max_tokens), 16)
+        max_new = bucket(max(max_tokens), 16)
         pages_per_seq = pages_for(prompt_len + max_new, self.page_size)
 
         tokens = np.zeros((rows, prompt_len), np.int32)
@@ -249,7 +249,7 @@ class LLM:
             tokens[i, :len(r.prompt_token_ids)] = r.prompt_token_ids
             prompt_lens[i] = len(r.prompt_token_ids)
         stops = [self._stop_ids(r.params) for r in batch]
-        stop_ids = np.full((rows, _bucket(max(map(len, stops)))), -1, np.int32)
+        stop_ids = np.full((rows, bucket(max(map(len, stops)))), -1, np.int32)
         for i, s in enumerate(stops):
             stop_ids[i, :len(s)] = s
         limits = runner.Limits(stop_ids, np.array(max_tokens + [1] * (rows - len(batch)), np.int32),
@@ -291,49 +291,18 @@ class LLM:
         eos = [] if params.ignore_eos else list(self.config.eos_token_ids)
         return sorted(set(eos) | set(params.stop_token_ids or ()))
 
-    def _logprob_dict(self, ids, lps, ranks, token, token_lp, token_rank) -> dict[int, Logprob]:
-        tok = self.tokenizer
-        text = lambda t: decode(tok, [t], False) if tok is not None else None
-        out = {int(t): Logprob(float(lp), int(r), text(int(t))) for t, lp, r in zip(ids, lps, ranks)}
-        out[int(token)] = Logprob(float(token_lp), int(token_rank), text(int(token)))
-        return out
-
     def _completion(self, i: int, req: Request, host, prompt_lp) -> tuple[CompletionOutput, Any]:
-        p = req.params
         n = int(host.num_generated[i])
-        ids = [int(t) for t in host.tokens[i, :n]]
-        finish, stop_reason = _FINISH.get(int(host.finish[i])), None
-        if finish == "stop" and ids[-1] in (p.stop_token_ids or ()):
-            stop_reason = ids[-1]
-        text = None
-        hit = find_stop_string(self.tokenizer, ids, p.stop or (), p.skip_special_tokens)
-        if hit is not None:
-            kept, offset, stop = hit
-            ids = ids[:kept]
-            full = decode(self.tokenizer, ids, p.skip_special_tokens)
-            text = full[:offset + (len(stop) if p.include_stop_str_in_output else 0)]
-            finish, stop_reason = "stop", stop
-        if text is None:
-            text = decode(self.tokenizer, ids, p.skip_special_tokens)
-
-        logprobs = cumulative = None
-        if p.logprobs is not None:
-            k = p.logprobs
-            logprobs = [
-                self._logprob_dict(host.top_ids[i, j, :k], host.top_lps[i, j, :k], range(1, k + 1),
-                                   ids[j], host.logprob[i, j], host.rank[i, j])
-                for j in range(len(ids))
-            ]
-            cumulative = float(np.sum(host.logprob[i, :len(ids)], dtype=np.float64))
-        completion = CompletionOutput(req.sample_index, text, ids, cumulative, logprobs, finish, stop_reason)
-
+        completion = build_completion(
+            self.tokenizer, req, host.tokens[i, :n], _FINISH.get(int(host.finish[i])),
+            host.logprob[i], host.rank[i], host.top_ids[i], host.top_lps[i],
+        )
         prompt_logprobs = None
-        if p.prompt_logprobs is not None:
-            k, prompt = p.prompt_logprobs, req.prompt_token_ids
+        if req.params.prompt_logprobs is not None:
+            k, prompt = req.params.prompt_logprobs, req.prompt_token_ids
             prompt_logprobs = [None] + [
-                self._logprob_dict(prompt_lp.top_ids[i, t - 1, :k], prompt_lp.top_lps[i, t - 1, :k],
-                                   range(1, k + 1), prompt[t], prompt_lp.logprob[i, t - 1],
-                                   prompt_lp.rank[i, t - 1])
+                logprob_dict(self.tokenizer, prompt_lp.top_ids[i, t - 1, :k], prompt_lp.top_lps[i, t - 1, :k],
+                             prompt[t], prompt_lp.logprob[i, t - 1], prompt_lp.rank[i, t - 1])
                 for t in range(1, len(prompt))
             ]
         return completion, prompt_logprobs

@@ -200,3 +200,31 @@ def score(
     logp = jax.nn.log_softmax(model.logits(params, hidden[:, :-1]), axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return jnp.where(t[:, 1:] < lengths[:, None], picked, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "logprobs_k"), donate_argnames=("cache",))
+def engine_step(
+    params: dict,
+    cache: KVCache,
+    tokens: Int[Array, "B T"],
+    meta: AttentionMeta,
+    last: Int[Array, "B"],
+    st: sampling.SamplingTensors,
+    steps: Int[Array, "B"],
+    prompt_mask: Bool[Array, "B V"],
+    output_counts: Int[Array, "B V"],
+    *,
+    config: ModelConfig,
+    logprobs_k: int | None,
+):
+    """One engine step over a ragged batch: row b computes tokens at `meta.positions[b]` (prefill
+    chunks and decodes alike, -1 padding), then samples a token from its position `last[b]`.
+
+    Returns (tokens [B], (logprob, rank, top_ids, top_lps) or None, cache).
+    """
+    model = get_model_spec(config.architecture).model
+    hidden, cache = model.forward_hidden(params, tokens, meta, cache, config)
+    logits = model.logits(params, hidden[jnp.arange(tokens.shape[0]), last])
+    token = sampling.sample(logits, st, steps, prompt_mask, output_counts)
+    logprobs = sampling.token_logprobs(logits, token, logprobs_k) if logprobs_k is not None else None
+    return token, logprobs, cache

@@ -3,13 +3,13 @@
 import numpy as np
 
 from jaxllm import LLM, SamplingParams, runner
-from jaxllm.llm import _bucket
+from jaxllm.llm import bucket
 from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
 
 def test_bucket_is_next_power_of_two():
-    assert [_bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
-    assert _bucket(3, 16) == 16
+    assert [bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+    assert bucket(3, 16) == 16
 
 
 def test_new_lengths_in_a_bucket_reuse_compiled_steps(tmp_path):

@@ -1,0 +1,193 @@
+"""In-flight batching engine: scheduler and KV-cache manager on the host, one jitted step on device.
+
+Each `step()` asks the scheduler for a ragged batch (prefill chunks and decodes together under one
+token budget), runs it through `runner.engine_step` over the shared page pool, and feeds the
+sampled tokens back. Requests can be added and aborted between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence as Seq
+
+import jax
+import numpy as np
+
+from jaxllm import runner
+from jaxllm.completion import build_completion
+from jaxllm.engine.kv_cache_manager import KVCacheManager
+from jaxllm.engine.scheduler import Scheduler, Sequence, Status
+from jaxllm.kv_cache import AttentionMeta, init_cache
+from jaxllm.llm import LLM, bucket
+from jaxllm.outputs import RequestOutput
+from jaxllm.requests import Request
+from jaxllm.sampling import make_sampling_tensors
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.sharding import cache_sharding
+
+_FINISH = {Status.FINISHED_STOPPED: "stop", Status.FINISHED_LENGTH: "length", Status.FINISHED_ABORTED: "abort"}
+
+
+@dataclasses.dataclass
+class _Tracked:
+    """Host record of one engine sequence: its request and the logprobs gathered so far."""
+
+    req: Request
+    seq: Sequence
+    logprob: list[float] = dataclasses.field(default_factory=list)
+    rank: list[int] = dataclasses.field(default_factory=list)
+    top_ids: list = dataclasses.field(default_factory=list)
+    top_lps: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    num_pages: int = 1024
+    page_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+
+
+class Engine:
+    """Serves requests over one paged KV cache, several at a time."""
+
+    def __init__(self, llm: LLM, config: EngineConfig = EngineConfig()):
+        self.llm, self.config = llm, config
+        self.kv = KVCacheManager(config.num_pages, config.page_size,
+                                 enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_model_len=llm.max_model_len)
+        model = llm.config
+        self.cache = init_cache(model, config.num_pages, config.page_size, model.dtype, cache_sharding(llm.mesh))
+        self._tracked: dict[str, _Tracked] = {}
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+        """Queues one prompt (text or {"prompt_token_ids": [...]}); n > 1 adds n sequences."""
+        if any(t.req.request_id == request_id for t in self._tracked.values()):
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        for req in self.llm._requests([prompt], params):
+            req = dataclasses.replace(req, request_id=request_id)
+            key = f"{request_id}#{req.sample_index}"
+            seq = Sequence(key, list(req.prompt_token_ids), req.params.max_tokens)
+            self.scheduler.add(seq)
+            self._tracked[key] = _Tracked(req, seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request and frees its pages; ValueError for an unknown id."""
+        keys = [k for k, t in self._tracked.items() if t.req.request_id == request_id]
+        if not keys:
+            raise ValueError(f"cannot abort {request_id!r}: no such request in the engine")
+        for key in keys:
+            if self._tracked[key].seq.status in (Status.WAITING, Status.RUNNING):
+                self.scheduler.abort(key)
+            del self._tracked[key]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled batch; returns the outputs of requests that advanced (finished or not)."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        batch = [self._tracked[s.request_id] for s in out.scheduled]
+        token, logprobs = self._run(out.scheduled, batch)
+        sampled = {}
+        for i, (s, t) in enumerate(zip(out.scheduled, batch)):
+            complete = s.start + s.num_tokens == t.seq.num_tokens
+            sampled[s.request_id] = int(token[i]) if complete else None
+            if complete and logprobs is not None and t.req.params.logprobs is not None:
+                t.logprob.append(float(logprobs[0][i]))
+                t.rank.append(int(logprobs[1][i]))
+                t.top_ids.append(logprobs[2][i])
+                t.top_lps.append(logprobs[3][i])
+        self.scheduler.update(sampled)
+        advanced = [t for s, t in zip(out.scheduled, batch) if sampled[s.request_id] is not None]
+        for t in advanced:
+            self._check_stop(t)
+        return [self._output(t) for t in advanced]
+
+    def _run(self, scheduled, batch: list[_Tracked]):
+        cfg, llm = self.llm.config, self.llm
+        rows = bucket(len(scheduled))
+        width = bucket(max(s.num_tokens for s in scheduled))
+        tables = [self.kv.page_table(s.request_id) for s in scheduled]
+        pmax = bucket(max(map(len, tables)))
+        tokens = np.zeros((rows, width), np.int32)
+        positions = np.full((rows, width), -1, np.int32)
+        page_table = np.zeros((rows, pmax), np.int32)
+        kv_lens = np.zeros(rows, np.int32)
+        last = np.zeros(rows, np.int32)
+        steps = np.zeros(rows, np.int32)
+        prompt_mask = np.zeros((rows, cfg.vocab_size), bool)
+        output_counts = np.zeros((rows, cfg.vocab_size), np.int32)
+        for i, (s, t, table) in enumerate(zip(scheduled, batch, tables)):
+            ids = t.seq.all_token_ids
+            tokens[i, :s.num_tokens] = ids[s.start:s.start + s.num_tokens]
+            positions[i, :s.num_tokens] = np.arange(s.start, s.start + s.num_tokens)
+            page_table[i, :len(table)] = table
+            kv_lens[i] = s.start + s.num_tokens
+            last[i] = s.num_tokens - 1
+            steps[i] = len(t.seq.output_token_ids)
+            prompt_mask[i, t.seq.prompt_token_ids] = True
+            np.add.at(output_counts[i], t.seq.output_token_ids, 1)
+        st = make_sampling_tensors([t.req.params for t in batch], [t.req.seed for t in batch], rows, cfg.vocab_size)
+        logprobs_k = max((t.req.params.logprobs for t in batch if t.req.params.logprobs is not None), default=None)
+        token, logprobs, self.cache = runner.engine_step(
+            llm.params, self.cache, tokens, AttentionMeta(positions, page_table, kv_lens), last, st, steps,
+            prompt_mask, output_counts, config=cfg, logprobs_k=logprobs_k,
+        )
+        return jax.device_get(token), jax.device_get(logprobs)
+
+    def _check_stop(self, t: _Tracked) -> None:
+        """Stop tokens and stop strings end a running sequence on the host."""
+        if t.seq.status != Status.RUNNING and t.seq.status != Status.WAITING:
+            return
+        token = t.seq.output_token_ids[-1]
+        stops = set() if t.req.params.ignore_eos else set(self.llm.config.eos_token_ids)
+        hit_string = bool(t.req.params.stop) and self._completion(t).finish_reason == "stop"
+        if token in stops | set(t.req.params.stop_token_ids) or hit_string:
+            self.scheduler.finish(t.seq.request_id, Status.FINISHED_STOPPED)
+
+    def _completion(self, t: _Tracked):
+        return build_completion(self.llm.tokenizer, t.req, t.seq.output_token_ids, _FINISH.get(t.seq.status),
+                                t.logprob, t.rank, t.top_ids, t.top_lps)
+
+    def _output(self, t: _Tracked) -> RequestOutput:
+        done = t.seq.status in _FINISH
+        return RequestOutput(t.req.request_id, t.req.prompt, list(t.req.prompt_token_ids), None,
+                             [self._completion(t)], finished=done)
+
+    # -- offline use ------------------------------------------------------------------------
+
+    def generate(self, prompts: Seq, params: SamplingParams | Seq[SamplingParams] | None = None,
+                 *, max_steps: int = 100_000) -> list[RequestOutput]:
+        """Adds every prompt, steps until all finish, returns the final outputs in prompt order."""
+        prompts = list(prompts)
+        params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [f"gen-{len(self._tracked)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params):
+            self.add_request(rid, prompt, p)
+        final: dict[tuple[str, int], RequestOutput] = {}
+        for _ in range(max_steps):
+            if not self.has_unfinished_requests():
+                break
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id, out.outputs[0].index] = out
+        else:
+            raise RuntimeError(f"engine did not finish within {max_steps} steps")
+        results = []
+        for rid in ids:
+            keys = sorted(k for k in final if k[0] == rid)
+            first = final[keys[0]]
+            results.append(dataclasses.replace(first, outputs=[final[k].outputs[0] for k in keys]))
+            for key in [k for k, t in self._tracked.items() if t.req.request_id == rid]:
+                del self._tracked[key]
+        return results
