@@ -16,6 +16,7 @@ import numpy as np
 from jaxllm import runner
 from jaxllm.completion import build_completion
 from jaxllm.engine.kv_cache_manager import KVCacheManager
+from jaxllm.engine.metrics import EngineMetrics, StepTotals, collect_metrics, step_totals
 from jaxllm.engine.scheduler import Scheduler, Sequence, Status
 from jaxllm.kv_cache import AttentionMeta, init_cache
 from jaxllm.llm import LLM, bucket
@@ -62,6 +63,7 @@ class Engine:
         model = llm.config
         self.cache = init_cache(model, config.num_pages, config.page_size, model.dtype, cache_sharding(llm.mesh))
         self._tracked: dict[str, _Tracked] = {}
+        self._totals = StepTotals()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -89,11 +91,16 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def metrics(self) -> EngineMetrics:
+        """Queue and cache state now, and totals over all steps so far."""
+        return collect_metrics(self.scheduler, self.kv, self._totals)
+
     # -- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled batch; returns the outputs of requests that advanced (finished or not)."""
         out = self.scheduler.schedule()
+        self._totals += StepTotals(num_preemptions=len(out.preempted))
         if not out.scheduled:
             return []
         batch = [self._tracked[s.request_id] for s in out.scheduled]
@@ -109,6 +116,7 @@ class Engine:
                 t.top_lps.append(logprobs[3][i])
         self.scheduler.update(sampled)
         advanced = [t for s, t in zip(out.scheduled, batch) if sampled[s.request_id] is not None]
+        self._totals += step_totals(out.scheduled, [len(t.seq.prompt_token_ids) for t in batch], len(advanced))
         for t in advanced:
             self._check_stop(t)
         return [self._output(t) for t in advanced]
