@@ -103,3 +103,26 @@ def test_bad_requests(llm):
         engine.add_request("long", {"prompt_token_ids": [1] * 96}, greedy(4))
     with pytest.raises(ValueError, match="num_pages"):
         Engine(llm, EngineConfig(num_pages=1, page_size=4))
+
+
+class _FakeGPU:
+    def __init__(self, limit, in_use):
+        self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_pool_sized_from_memory(llm):
+    from jaxllm.engine.engine import CPU_DEFAULT_PAGES, pages_from_memory
+
+    cfg = llm.config
+    per_page = 2 * cfg.num_layers * 16 * cfg.num_kv_heads * cfg.head_dim * 4  # float32
+    assert pages_from_memory(cfg, 16, 0.5, [_FakeGPU(1000 * per_page, 100 * per_page)]) == 400
+    # two devices split the KV heads: each holds half a page, so twice the pages fit
+    assert pages_from_memory(cfg, 16, 0.5, [_FakeGPU(1000 * per_page, 100 * per_page)] * 2) == 800
+    with pytest.raises(ValueError, match="gpu_memory_utilization=0.1"):
+        pages_from_memory(cfg, 16, 0.1, [_FakeGPU(10 * per_page, 5 * per_page)])
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        EngineConfig(gpu_memory_utilization=1.5)
+    assert Engine(llm).config.num_pages == CPU_DEFAULT_PAGES  # the CPU reports no allocator limit

@@ -11,10 +11,12 @@ import dataclasses
 from collections.abc import Sequence as Seq
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import runner
 from jaxllm.completion import build_completion
+from jaxllm.config import ModelConfig
 from jaxllm.engine.kv_cache_manager import KVCacheManager
 from jaxllm.engine.metrics import EngineMetrics, StepTotals, collect_metrics, step_totals
 from jaxllm.engine.scheduler import Scheduler, Sequence, Status
@@ -43,17 +45,49 @@ class _Tracked:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    num_pages: int = 1024
+    """Engine sizes. `num_pages=None` sizes the page pool from `gpu_memory_utilization` of the
+    memory the device allocator may use (GPU), or takes CPU_DEFAULT_PAGES where it reports none."""
+
+    num_pages: int | None = None
     page_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+
+    def __post_init__(self):
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+
+
+CPU_DEFAULT_PAGES = 1024
+
+
+def pages_from_memory(model: ModelConfig, page_size: int, utilization: float, devices) -> int:
+    """Pages that fit in `utilization` of each device's allocator limit, after what is in use."""
+    per_page = 2 * model.num_layers * page_size * model.num_kv_heads * model.head_dim
+    per_page = per_page * np.dtype(jnp.dtype(model.dtype)).itemsize // len(devices)  # KV heads are split
+    free = []
+    for device in devices:
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return CPU_DEFAULT_PAGES
+        free.append(stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0))
+    pages = int(min(free) // per_page)
+    if pages < 2:
+        raise ValueError(f"gpu_memory_utilization={utilization} leaves room for {max(pages, 0)} KV pages "
+                         f"of {per_page} bytes; at least 2 are needed: raise it or shorten max_model_len")
+    return pages
 
 
 class Engine:
     """Serves requests over one paged KV cache, several at a time."""
 
     def __init__(self, llm: LLM, config: EngineConfig = EngineConfig()):
+        if config.num_pages is None:
+            pages = pages_from_memory(llm.config, config.page_size, config.gpu_memory_utilization,
+                                      list(llm.mesh.devices.flat))
+            config = dataclasses.replace(config, num_pages=pages)
         self.llm, self.config = llm, config
         self.kv = KVCacheManager(config.num_pages, config.page_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
