@@ -47,4 +47,5 @@ def init_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, shard
 
 def contiguous_page_table(batch: int, pages_per_seq: int) -> np.ndarray:
     """Sequence b owns pages 1 + b*pages_per_seq ... : the simple layout of one batched call."""
-    return (1 + np.arange(batch * pages_per_seq, dtype=np.int32)).reshape(batch, pages_per_seq)
+    first = SCRATCH_PAGE + 1
+    return (first + np.arange(batch * pages_per_seq, dtype=np.int32)).reshape(batch, pages_per_seq)

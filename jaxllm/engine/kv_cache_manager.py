@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 
-SCRATCH_PAGE = 0  # absorbs writes of padding tokens; never handed out
+from jaxllm.kv_cache import SCRATCH_PAGE
 _ROOT_HASH = b""  # parent hash of a sequence's first page
 
 
