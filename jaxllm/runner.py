@@ -211,20 +211,24 @@ def engine_step(
     last: Int[Array, "B"],
     st: sampling.SamplingTensors,
     steps: Int[Array, "B"],
-    prompt_mask: Bool[Array, "B V"],
-    output_counts: Int[Array, "B V"],
+    prompt_mask: Bool[Array, "B V"] | None,
+    output_counts: Int[Array, "B V"] | None,
     *,
     config: ModelConfig,
     logprobs_k: int | None,
 ):
     """One engine step over a ragged batch: row b computes tokens at `meta.positions[b]` (prefill
     chunks and decodes alike, -1 padding), then samples a token from its position `last[b]`.
+    `prompt_mask`/`output_counts` None (no row has penalties) are zeros made on the device.
 
     Returns (tokens [B], (logprob, rank, top_ids, top_lps) or None, cache).
     """
     model = get_model_spec(config.architecture).model
     hidden, cache = model.forward_hidden(params, tokens, meta, cache, config)
     logits = model.logits(params, hidden[jnp.arange(tokens.shape[0]), last])
+    if prompt_mask is None:
+        prompt_mask = jnp.zeros(logits.shape, bool)
+        output_counts = jnp.zeros(logits.shape, jnp.int32)
     token = sampling.sample(logits, st, steps, prompt_mask, output_counts)
     logprobs = sampling.token_logprobs(logits, token, logprobs_k) if logprobs_k is not None else None
     return token, logprobs, cache

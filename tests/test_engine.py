@@ -126,3 +126,18 @@ def test_pool_sized_from_memory(llm):
     with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
         EngineConfig(gpu_memory_utilization=1.5)
     assert Engine(llm).config.num_pages == CPU_DEFAULT_PAGES  # the CPU reports no allocator limit
+
+
+def test_penalties_and_sampling_match_one_at_a_time(llm):
+    """Penalised and seeded-sampled rows in one engine batch give what LLM.generate gives alone."""
+    params = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1.3,
+                             presence_penalty=0.5, frequency_penalty=0.2),
+              SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
+              greedy(10)]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:3]]
+    want = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+    engine = Engine(llm, EngineConfig(num_pages=64, page_size=8, max_num_batched_tokens=64))
+    got = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+    assert got == want
+    plain = llm.generate([prompts[0]], greedy(10), use_tqdm=False)[0].outputs[0].token_ids
+    assert plain != want[0]  # the penalties really changed the output

@@ -80,6 +80,10 @@ def pages_from_memory(model: ModelConfig, page_size: int, utilization: float, de
     return pages
 
 
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
 class Engine:
     """Serves requests over one paged KV cache, several at a time."""
 
@@ -167,8 +171,10 @@ class Engine:
         kv_lens = np.zeros(rows, np.int32)
         last = np.zeros(rows, np.int32)
         steps = np.zeros(rows, np.int32)
-        prompt_mask = np.zeros((rows, cfg.vocab_size), bool)
-        output_counts = np.zeros((rows, cfg.vocab_size), np.int32)
+        # Penalty inputs cross to the device only when some row uses a penalty.
+        penalised = any(_has_penalty(t.req.params) for t in batch)
+        prompt_mask = np.zeros((rows, cfg.vocab_size), bool) if penalised else None
+        output_counts = np.zeros((rows, cfg.vocab_size), np.int32) if penalised else None
         for i, (s, t, table) in enumerate(zip(scheduled, batch, tables)):
             ids = t.seq.all_token_ids
             tokens[i, :s.num_tokens] = ids[s.start:s.start + s.num_tokens]
@@ -177,8 +183,9 @@ class Engine:
             kv_lens[i] = s.start + s.num_tokens
             last[i] = s.num_tokens - 1
             steps[i] = len(t.seq.output_token_ids)
-            prompt_mask[i, t.seq.prompt_token_ids] = True
-            np.add.at(output_counts[i], t.seq.output_token_ids, 1)
+            if penalised:
+                prompt_mask[i, t.seq.prompt_token_ids] = True
+                np.add.at(output_counts[i], t.seq.output_token_ids, 1)
         st = make_sampling_tensors([t.req.params for t in batch], [t.req.seed for t in batch], rows, cfg.vocab_size)
         logprobs_k = max((t.req.params.logprobs for t in batch if t.req.params.logprobs is not None), default=None)
         token, logprobs, self.cache = runner.engine_step(
