@@ -1,17 +1,19 @@
-"""The `jaxllm` command line: `generate` from a checkpoint, `perplexity` of text files, `tiny-checkpoint`
-for docs and tests."""
+"""The `jaxllm` command line: `generate` from a checkpoint, `perplexity` of text files, `bench throughput`
+and `bench latency`, `tiny-checkpoint` for docs and tests."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import jaxllm
 from jaxllm.config import DTYPES
+from jaxllm.engine.engine import EngineConfig
 from jaxllm.llm import LLM
 from jaxllm.outputs import CompletionOutput
 from jaxllm.sampling_params import SamplingParams
@@ -73,6 +75,17 @@ def _build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(run=_perplexity)
 
+    bench = sub.add_parser("bench", help="benchmark throughput or latency on a random or JSONL workload")
+    kinds = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", parser_class=_Parser, required=True)
+    tput = kinds.add_parser("throughput", help="submit every request at once; requests/s and tokens/s")
+    tput.add_argument("--backend", choices=("engine", "llm"), default="engine",
+                      help="engine: AsyncLLM (in-flight batching); llm: one LLM.generate call (default: engine)")
+    _add_bench_args(tput)
+    lat = kinds.add_parser("latency", help="Poisson arrivals through AsyncLLM; TTFT, TPOT and ITL percentiles")
+    lat.add_argument("--request-rate", type=float, default=math.inf, metavar="R",
+                     help="requests per second, arriving as a seeded Poisson process; inf: all at once (default: inf)")
+    _add_bench_args(lat)
+
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight HF checkpoint")
     tiny.add_argument("path", type=Path)
     tiny.add_argument("--architecture", default="LlamaForCausalLM", metavar="A",
@@ -93,6 +106,48 @@ def _add_model_args(parser: argparse.ArgumentParser, longest: str) -> None:
                         help="devices to split each layer over (default: 1)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load pickle .bin checkpoints (they can run code: only for files you trust)")
+
+
+_BENCH_DEFAULTS = {"num_prompts": 100, "input_len": 128, "output_len": 128, "range_ratio": 0.0}
+# Flags only the engine reads: an error with --backend llm rather than silently ignored.
+_ENGINE_ONLY = {"num_pages": "--num-pages", "max_num_batched_tokens": "--max-num-batched-tokens",
+                "gpu_memory_utilization": "--gpu-memory-utilization", "no_prefix_caching": "--no-prefix-caching"}
+
+
+def _add_bench_args(parser: argparse.ArgumentParser) -> None:
+    """Workload, engine, model and output flags shared by `bench throughput` and `bench latency`."""
+    d = _BENCH_DEFAULTS
+    parser.add_argument("--dataset", default="random", metavar="random|FILE.jsonl",
+                        help='random token ids, or a JSONL file with "prompt" (text) or "prompt_token_ids" '
+                             'and optionally "output_len" on each line (default: random)')
+    parser.add_argument("--num-prompts", type=int, metavar="N",
+                        help=f"requests (default: {d['num_prompts']}; with a file: all its lines, or the first N)")
+    parser.add_argument("--input-len", type=int, metavar="N", help=f"random prompt length (default: {d['input_len']})")
+    parser.add_argument("--output-len", type=int, metavar="N",
+                        help=f"tokens each request generates, eos ignored; with a file, for lines without "
+                             f"output_len (default: {d['output_len']})")
+    parser.add_argument("--range-ratio", type=float, metavar="R",
+                        help="random input and output lengths uniform in [len*(1-R), len*(1+R)], R in [0, 1) "
+                             "(default: 0)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+                        help="seeds the workload and arrivals (default: 0)")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the untimed run (same lengths, fresh tokens) that compiles before timing")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the config and every number as JSON")
+    eng = EngineConfig()
+    parser.add_argument("--page-size", type=int, metavar="N", help=f"tokens per KV page (default: {eng.page_size})")
+    parser.add_argument("--max-num-seqs", type=int, metavar="N",
+                        help=f"most sequences in one batch (default: {eng.max_num_seqs})")
+    parser.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                        help=f"engine: token budget of one step (default: {eng.max_num_batched_tokens})")
+    parser.add_argument("--num-pages", type=int, metavar="N",
+                        help="engine: KV pages in the pool (default: sized from --gpu-memory-utilization)")
+    parser.add_argument("--gpu-memory-utilization", type=float, metavar="F",
+                        help=f"engine: fraction of device memory for weights and KV pages "
+                             f"(default: {eng.gpu_memory_utilization})")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="engine: turn prefix caching off")
+    _add_model_args(parser, "longest input + output")
+    parser.set_defaults(run=_bench)
 
 
 def _load_llm(args: argparse.Namespace, **kwargs) -> LLM:
@@ -181,6 +236,85 @@ def _perplexity(args: argparse.Namespace) -> int:
         print(f"{name}: perplexity {p:.4f} ({len(x) - 1} tokens)")
     print(f"total: perplexity {result.perplexity:.4f}, {result.num_tokens} tokens, "
           f"{result.tokens_per_s:.1f} tokens/s")
+    return 0
+
+
+def _bench_workload(args: argparse.Namespace):
+    """A RandomWorkload, or the dataset's entries; checked before the model loads."""
+    from jaxllm import bench
+
+    d = _BENCH_DEFAULTS
+    if args.dataset == "random":
+        return bench.RandomWorkload(*(d[k] if getattr(args, k) is None else getattr(args, k)
+                                      for k in ("num_prompts", "input_len", "output_len", "range_ratio")),
+                                    seed=args.seed)
+    for name in ("input_len", "range_ratio"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --dataset random only, not {args.dataset!r}")
+    entries = bench.read_dataset(args.dataset)
+    if args.num_prompts is not None:
+        if args.num_prompts < 1:
+            raise ValueError(f"num_prompts must be an integer >= 1, got {args.num_prompts}")
+        if args.num_prompts > len(entries):
+            raise ValueError(f"--num-prompts {args.num_prompts} asks for more requests than the "
+                             f"{len(entries)} in {args.dataset!r}")
+        entries = entries[:args.num_prompts]
+    return entries
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from jaxllm import bench
+
+    # Everything that can be checked without the model is checked first, so bad input fails fast.
+    workload = _bench_workload(args)
+    output_len = _BENCH_DEFAULTS["output_len"] if args.output_len is None else args.output_len
+    if output_len < 1:
+        raise ValueError(f"output_len must be an integer >= 1, got {output_len}")
+    if isinstance(workload, bench.RandomWorkload) and args.max_model_len is not None:
+        workload.check_fits(args.max_model_len)
+    backend = getattr(args, "backend", "engine")
+    if backend == "llm":
+        given = [flag for name, flag in _ENGINE_ONLY.items() if getattr(args, name) not in (None, False)]
+        if given:
+            raise ValueError(f"{given[0]} applies to --backend engine only")
+    if args.benchmark == "latency":
+        bench.check_request_rate(args.request_rate)
+    chosen = {"num_pages": args.num_pages, "page_size": args.page_size, "max_num_seqs": args.max_num_seqs,
+              "max_num_batched_tokens": args.max_num_batched_tokens,
+              "gpu_memory_utilization": args.gpu_memory_utilization}
+    config = EngineConfig(**{k: v for k, v in chosen.items() if v is not None},
+                          enable_prefix_caching=not args.no_prefix_caching)
+    bench.check_engine_config(config)
+    if args.json is not None and not args.json.parent.is_dir():
+        raise ValueError(f"cannot write --json {str(args.json)!r}: no directory {str(args.json.parent)!r}")
+
+    llm = _load_llm(args, page_size=config.page_size, max_num_seqs=config.max_num_seqs)
+    if isinstance(workload, bench.RandomWorkload):
+        requests = workload.sample(*bench.vocabulary(llm), max_model_len=llm.max_model_len)
+    else:
+        requests = bench.dataset_requests(workload, tokenizer=llm.tokenizer, vocab_size=llm.config.vocab_size,
+                                          max_model_len=llm.max_model_len, output_len=output_len)
+    if args.benchmark == "throughput":
+        result = bench.run_throughput(llm, requests, backend=backend, engine_config=config, warmup=args.warmup,
+                                      seed=args.seed)
+    else:
+        result = bench.run_latency(llm, requests, request_rate=args.request_rate, engine_config=config,
+                                   warmup=args.warmup, seed=args.seed)
+    print(bench.format_table(result))
+    if args.json is not None:
+        record = result.as_dict()
+        engine = (dataclasses.asdict(result.engine_config) if result.engine_config is not None
+                  else {"page_size": config.page_size, "max_num_seqs": config.max_num_seqs})
+        settings = {"benchmark": args.benchmark, "backend": backend, "dataset": args.dataset,
+                    "num_prompts": len(requests), "output_len": output_len, "seed": args.seed, "warmup": args.warmup,
+                    "model": str(llm.model_dir), "dtype": llm.config.dtype, "max_model_len": llm.max_model_len,
+                    "tensor_parallel_size": args.tensor_parallel_size, "engine": engine}
+        if args.dataset == "random":
+            settings.update(input_len=workload.input_len, range_ratio=workload.range_ratio)
+        if args.benchmark == "latency":
+            settings["request_rate"] = record["request_rate"]
+        args.json.write_text(json.dumps({"benchmark": record.pop("benchmark"), "config": settings, **record},
+                                        indent=2) + "\n")
     return 0
 
 
