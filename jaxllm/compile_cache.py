@@ -14,12 +14,15 @@ def default_cache_dir() -> Path:
 
 
 def enable_compilation_cache(path: str | Path | None = None) -> Path | None:
-    """Points jax's persistent cache at `path` (default ~/.cache/jaxllm/xla).
+    """Points jax's persistent cache at `path` (default ~/.cache/jaxllm/xla), on GPUs and TPUs.
 
-    Leaves a directory the user configured alone; JAXLLM_COMPILATION_CACHE=0 turns it off.
-    Returns the directory in use, or None when off.
+    JAXLLM_COMPILATION_CACHE=0 turns it off, =1 turns it on for any backend. It stays off on the
+    CPU by default: jax 0.10.2 was seen to crash (SIGSEGV) writing a multi-device CPU executable
+    to the cache. A directory the user configured is left alone. Returns the directory in use,
+    or None when off.
     """
-    if os.environ.get("JAXLLM_COMPILATION_CACHE", "1") == "0":
+    setting = os.environ.get("JAXLLM_COMPILATION_CACHE")
+    if setting == "0" or (setting != "1" and jax.default_backend() not in ("gpu", "cuda", "rocm", "tpu")):
         return None
     current = jax.config.jax_compilation_cache_dir
     if current:

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 
 from jaxllm.config import ModelConfig
@@ -17,8 +18,12 @@ SCRATCH_PAGE = 0  # page 0 absorbs writes of padding tokens and is never handed 
 
 
 class KVCache(NamedTuple):
+    """K and V page pools; int8/fp8 pools carry a float32 scale per token and head."""
+
     k: Float[Array, "L P S Hkv D"]
     v: Float[Array, "L P S Hkv D"]
+    k_scale: Float[Array, "L P S Hkv"] | None = None
+    v_scale: Float[Array, "L P S Hkv"] | None = None
 
 
 class AttentionMeta(NamedTuple):
@@ -38,11 +43,30 @@ def _zeros_fn(shape: tuple[int, ...], dtype, sharding):
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
-def init_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KVCache:
-    """An all-zero cache of `num_pages` pages (page 0 is scratch), made on the devices."""
+def init_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None,
+               kv_cache_dtype: str = "auto") -> KVCache:
+    """An all-zero cache of `num_pages` pages (page 0 is scratch), made on the devices.
+
+    `sharding` is the pages' NamedSharding (KV heads split); scales drop its last axis.
+    """
+    from jaxllm.ops.kv_quant import storage_dtype
+
     shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
-    make = _zeros_fn(shape, jnp.dtype(dtype), sharding)
-    return KVCache(make(), make())
+    make = _zeros_fn(shape, storage_dtype(kv_cache_dtype, dtype), sharding)
+    if kv_cache_dtype == "auto":
+        return KVCache(make(), make())
+    scale_sharding = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:4]))
+    make_scales = _zeros_fn(shape[:4], jnp.dtype(jnp.float32), scale_sharding)
+    return KVCache(make(), make(), make_scales(), make_scales())
+
+
+def bytes_per_page(config: ModelConfig, page_size: int, dtype, kv_cache_dtype: str = "auto") -> int:
+    """Device bytes of one page across all layers, K and V (scales included)."""
+    from jaxllm.ops.kv_quant import storage_dtype
+
+    values = page_size * config.num_kv_heads * config.head_dim * storage_dtype(kv_cache_dtype, dtype).itemsize
+    scales = 0 if kv_cache_dtype == "auto" else page_size * config.num_kv_heads * 4
+    return 2 * config.num_layers * (values + scales)
 
 
 def contiguous_page_table(batch: int, pages_per_seq: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from jaxllm.compile_cache import enable_compilation_cache
 from jaxllm.config import ModelConfig
 from jaxllm.completion import build_completion, logprob_dict
 from jaxllm.kv_cache import contiguous_page_table, init_cache, pages_for
+from jaxllm.ops.kv_quant import check_kv_cache_dtype
 from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.requests import Request, make_requests
 from jaxllm.sampling import make_sampling_tensors
@@ -65,6 +66,7 @@ class LLM:
         max_num_seqs: most sequences decoded together.
         layers: "unrolled" (each layer its own weights; fastest decode) or "scan" (stacked weights
             under lax.scan; compiles faster).
+        kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8_e4m3" (per token and head scales).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class LLM:
         max_num_seqs: int = 64,
         progress: bool = True,
         layers: str = "unrolled",
+        kv_cache_dtype: str = "auto",
     ):
         if model is None:
             from jaxllm.default_model import default_model_dir
@@ -94,6 +97,8 @@ class LLM:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         enable_compilation_cache()
+        check_kv_cache_dtype(kv_cache_dtype)
+        self.kv_cache_dtype = kv_cache_dtype
         self.config = load_config(self.model_dir, dtype)
         limit = self.config.max_position_embeddings
         if max_model_len is None:
@@ -129,10 +134,13 @@ class LLM:
         seed: int = 0,
         page_size: int = 16,
         max_num_seqs: int = 64,
+        kv_cache_dtype: str = "auto",
     ) -> "LLM":
         """An LLM over params already on `mesh` (random weights for benchmarks, or your own)."""
         enable_compilation_cache()
+        check_kv_cache_dtype(kv_cache_dtype)
         llm = cls.__new__(cls)
+        llm.kv_cache_dtype = kv_cache_dtype
         llm.model_dir, llm.config, llm.params, llm.mesh, llm.tokenizer = None, config, params, mesh, tokenizer
         llm.max_model_len = max_model_len or config.max_position_embeddings
         llm.page_size, llm.max_num_seqs = page_size, max_num_seqs
@@ -259,7 +267,8 @@ class LLM:
         prompt_k = max((r.params.prompt_logprobs for r in batch if r.params.prompt_logprobs is not None),
                        default=None)
 
-        cache = init_cache(cfg, rows * pages_per_seq + 1, self.page_size, cfg.dtype, cache_sharding(self.mesh))
+        cache = init_cache(cfg, rows * pages_per_seq + 1, self.page_size, cfg.dtype, cache_sharding(self.mesh),
+                           self.kv_cache_dtype)
         page_table = contiguous_page_table(rows, pages_per_seq)
         state, prompt_lp = runner.prefill(
             self.params, cache, tokens, prompt_lens, page_table, st, limits,

@@ -106,12 +106,9 @@ def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta
     if cache is None:
         out = ops.causal_attention(q, k, v, meta.positions, window, scale=scale)
     else:
-        cache = KVCache(
-            ops.write_kv(cache.k, index, k, meta.page_table, meta.positions),
-            ops.write_kv(cache.v, index, v, meta.page_table, meta.positions),
-        )
-        out = ops.paged_attention(q, cache.k[index], cache.v[index], meta.page_table, meta.positions,
-                                  meta.kv_lens, window, scale=scale)
+        cache = ops.store_kv(cache, index, k, v, meta.page_table, meta.positions)
+        out = ops.paged_attention(q, cache, index, meta.page_table, meta.positions, meta.kv_lens,
+                                  window, scale=scale)
     out = ops.einsum("bthgk,hgkd->btd", out, layer["wo"])
     if "bo" in layer:
         out = out + layer["bo"].astype(out.dtype)

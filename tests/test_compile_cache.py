@@ -22,8 +22,8 @@ def test_second_process_reads_the_cache(tmp_path):
     from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "m", "LlamaForCausalLM", seed=2)
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
-    env.pop("JAXLLM_COMPILATION_CACHE", None)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu",
+           "JAXLLM_COMPILATION_CACHE": "1", "XLA_FLAGS": ""}  # on the CPU only when asked
     runs = [subprocess.run([sys.executable, "-c", SCRIPT.format(model=model)], capture_output=True, text=True,
                            env=env, timeout=300) for _ in range(2)]
     for r in runs:
@@ -39,6 +39,10 @@ def test_user_setting_wins_and_off_switch(monkeypatch, tmp_path):
     monkeypatch.setenv("JAXLLM_COMPILATION_CACHE", "0")
     assert compile_cache.enable_compilation_cache(tmp_path / "a") is None
     monkeypatch.delenv("JAXLLM_COMPILATION_CACHE")
+    assert jax.default_backend() == "cpu"
+    assert compile_cache.enable_compilation_cache(tmp_path / "a") is None  # off on the CPU by default
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setenv("JAXLLM_COMPILATION_CACHE", "1")
     before = jax.config.jax_compilation_cache_dir
     try:
         jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))

@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Sequence as Seq
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import runner
@@ -20,7 +19,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.engine.kv_cache_manager import KVCacheManager
 from jaxllm.engine.metrics import EngineMetrics, StepTotals, collect_metrics, step_totals
 from jaxllm.engine.scheduler import Scheduler, Sequence, Status
-from jaxllm.kv_cache import AttentionMeta, init_cache
+from jaxllm.kv_cache import AttentionMeta, bytes_per_page, init_cache
 from jaxllm.llm import LLM, bucket
 from jaxllm.outputs import RequestOutput
 from jaxllm.requests import Request
@@ -63,10 +62,10 @@ class EngineConfig:
 CPU_DEFAULT_PAGES = 1024
 
 
-def pages_from_memory(model: ModelConfig, page_size: int, utilization: float, devices) -> int:
+def pages_from_memory(model: ModelConfig, page_size: int, utilization: float, devices,
+                      kv_cache_dtype: str = "auto") -> int:
     """Pages that fit in `utilization` of each device's allocator limit, after what is in use."""
-    per_page = 2 * model.num_layers * page_size * model.num_kv_heads * model.head_dim
-    per_page = per_page * np.dtype(jnp.dtype(model.dtype)).itemsize // len(devices)  # KV heads are split
+    per_page = bytes_per_page(model, page_size, model.dtype, kv_cache_dtype) // len(devices)  # heads split
     free = []
     for device in devices:
         stats = device.memory_stats() or {}
@@ -90,7 +89,7 @@ class Engine:
     def __init__(self, llm: LLM, config: EngineConfig = EngineConfig()):
         if config.num_pages is None:
             pages = pages_from_memory(llm.config, config.page_size, config.gpu_memory_utilization,
-                                      list(llm.mesh.devices.flat))
+                                      list(llm.mesh.devices.flat), llm.kv_cache_dtype)
             config = dataclasses.replace(config, num_pages=pages)
         self.llm, self.config = llm, config
         self.kv = KVCacheManager(config.num_pages, config.page_size,
@@ -99,7 +98,8 @@ class Engine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=llm.max_model_len)
         model = llm.config
-        self.cache = init_cache(model, config.num_pages, config.page_size, model.dtype, cache_sharding(llm.mesh))
+        self.cache = init_cache(model, config.num_pages, config.page_size, model.dtype, cache_sharding(llm.mesh),
+                                llm.kv_cache_dtype)
         self._tracked: dict[str, _Tracked] = {}
         self._totals = StepTotals()
 

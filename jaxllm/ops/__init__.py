@@ -1,6 +1,6 @@
 """The dispatch layer between models and kernels: models call these, never a kernel directly."""
 
-from jaxllm.ops.attention import causal_attention, paged_attention, write_kv
+from jaxllm.ops.attention import causal_attention, paged_attention, store_kv, write_kv
 from jaxllm.ops.matmul import einsum
 
-__all__ = ["causal_attention", "einsum", "paged_attention", "write_kv"]
+__all__ = ["causal_attention", "einsum", "paged_attention", "store_kv", "write_kv"]

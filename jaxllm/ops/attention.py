@@ -6,6 +6,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxllm.kv_cache import KVCache
+from jaxllm.ops.kv_quant import dequantize, quantize
+
 _MASKED = -1e30  # finite, so rows with no visible key (padding) stay finite, not NaN
 
 
@@ -58,10 +61,30 @@ def causal_attention(
     return _attend(q, k, v, visible, scale)
 
 
+def store_kv(
+    cache: KVCache,
+    layer: Int[Array, ""] | int,
+    k: Float[Array, "B T Hkv D"],
+    v: Float[Array, "B T Hkv D"],
+    page_table: Int[Array, "B Pmax"],
+    positions: Int[Array, "B T"],
+) -> KVCache:
+    """Writes one layer's new K/V into the cache, quantized when the cache holds scales."""
+    if cache.k_scale is None:
+        return KVCache(write_kv(cache.k, layer, k, page_table, positions),
+                       write_kv(cache.v, layer, v, page_table, positions))
+    kv_dtype = "int8" if cache.k.dtype == jnp.int8 else "fp8_e4m3"
+    (qk, sk), (qv, sv) = quantize(k, kv_dtype), quantize(v, kv_dtype)
+    return KVCache(write_kv(cache.k, layer, qk, page_table, positions),
+                   write_kv(cache.v, layer, qv, page_table, positions),
+                   write_kv(cache.k_scale, layer, sk, page_table, positions),
+                   write_kv(cache.v_scale, layer, sv, page_table, positions))
+
+
 def paged_attention(
     q: Float[Array, "B T Hkv G D"],
-    k_pages: Float[Array, "P S Hkv D"],
-    v_pages: Float[Array, "P S Hkv D"],
+    cache: KVCache,
+    layer: Int[Array, ""] | int,
     page_table: Int[Array, "B Pmax"],
     positions: Int[Array, "B T"],
     kv_lens: Int[Array, "B"],
@@ -69,15 +92,22 @@ def paged_attention(
     *,
     scale: float,
 ) -> Float[Array, "B T Hkv G D"]:
-    """Causal attention of queries at `positions` over each sequence's cached keys.
+    """Causal attention of queries at `positions` over each sequence's cached keys of `layer`.
 
     Key j of sequence b is visible to a query at position p when j <= p, j < kv_lens[b] and,
     with a window W > 0, j > p - W (the window holds W tokens, the query's own included).
+    Quantized pages are dequantized after the gather, so only the context's pages are touched.
     """
     batch, pmax = page_table.shape
-    page_size = k_pages.shape[1]
-    k = k_pages[page_table].reshape(batch, pmax * page_size, *k_pages.shape[2:])
-    v = v_pages[page_table].reshape(batch, pmax * page_size, *v_pages.shape[2:])
+    page_size = cache.k.shape[2]
+
+    def gather(pages, scales):
+        x = pages[layer][page_table]  # [B, Pmax, S, Hkv, D]
+        if scales is not None:
+            x = dequantize(x, scales[layer][page_table], q.dtype)
+        return x.reshape(batch, pmax * page_size, *x.shape[3:])
+
+    k, v = gather(cache.k, cache.k_scale), gather(cache.v, cache.v_scale)
     key_pos = jnp.arange(pmax * page_size)[None, None, :]
     visible = _visible(key_pos, positions[:, :, None], sliding_window)
     visible &= key_pos < kv_lens[:, None, None]
