@@ -46,6 +46,23 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
     return {ours: cfg[key] for key, ours in _GENERATION_KEYS.items() if cfg.get(key) is not None}
 
 
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _resolve_max_model_len(max_model_len: int | None, config: ModelConfig) -> int:
+    """The requested length, or the model's max_position_embeddings; checked against it."""
+    limit = config.max_position_embeddings
+    if max_model_len is None:
+        return limit
+    if not isinstance(max_model_len, int) or isinstance(max_model_len, bool) or not 2 <= max_model_len <= limit:
+        raise ValueError(f"max_model_len must be an integer in [2, {limit}] (max_position_embeddings), "
+                         f"got {max_model_len!r}")
+    return max_model_len
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Next power of two >= n: the shapes jitted functions compile for."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
@@ -93,20 +110,12 @@ class LLM:
         self.model_dir = Path(model)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"model directory {str(model)!r} does not exist")
-        for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive(page_size=page_size, max_num_seqs=max_num_seqs)
         enable_compilation_cache()
         check_kv_cache_dtype(kv_cache_dtype)
         self.kv_cache_dtype = kv_cache_dtype
         self.config = load_config(self.model_dir, dtype)
-        limit = self.config.max_position_embeddings
-        if max_model_len is None:
-            max_model_len = limit
-        if not isinstance(max_model_len, int) or not 2 <= max_model_len <= limit:
-            raise ValueError(f"max_model_len must be an integer in [2, {limit}] (max_position_embeddings), "
-                             f"got {max_model_len!r}")
-        self.max_model_len = max_model_len
+        self.max_model_len = _resolve_max_model_len(max_model_len, self.config)
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         parallel = ParallelConfig(tensor_parallel_size)
@@ -137,12 +146,13 @@ class LLM:
         kv_cache_dtype: str = "auto",
     ) -> "LLM":
         """An LLM over params already on `mesh` (random weights for benchmarks, or your own)."""
-        enable_compilation_cache()
+        _check_positive(page_size=page_size, max_num_seqs=max_num_seqs)
         check_kv_cache_dtype(kv_cache_dtype)
+        enable_compilation_cache()
         llm = cls.__new__(cls)
         llm.kv_cache_dtype = kv_cache_dtype
         llm.model_dir, llm.config, llm.params, llm.mesh, llm.tokenizer = None, config, params, mesh, tokenizer
-        llm.max_model_len = max_model_len or config.max_position_embeddings
+        llm.max_model_len = _resolve_max_model_len(max_model_len, config)
         llm.page_size, llm.max_num_seqs = page_size, max_num_seqs
         llm._rng = np.random.default_rng(seed)
         llm._generation_defaults = {}

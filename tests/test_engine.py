@@ -34,17 +34,19 @@ def greedy(max_tokens):
 
 def run_staggered(engine, order, arrive_every):
     """Adds prompts in `order`, one every `arrive_every` steps; returns outputs and preemption count."""
-    pending, outputs, step = list(order), {}, 0
+    pending, outputs, step, seqs = list(order), {}, 0, {}
     while pending or engine.has_unfinished_requests():
         if pending and step % arrive_every == 0:
             i = pending.pop(0)
             engine.add_request(str(i), {"prompt_token_ids": PROMPTS[i]}, greedy(MAX_TOKENS[i]))
+            seqs.update({key: t.seq for key, t in engine._tracked.items()})
         for out in engine.step():
             if out.finished:
                 outputs[int(out.request_id)] = out.outputs[0].token_ids
         step += 1
         assert step < 2000, "engine made no progress"
-    total_preemptions = sum(t.seq.num_preemptions for t in engine._tracked.values())
+    assert not engine._tracked  # finished requests leave no record behind
+    total_preemptions = sum(seq.num_preemptions for seq in seqs.values())
     return [outputs[i] for i in range(len(PROMPTS))], total_preemptions
 
 

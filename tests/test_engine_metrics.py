@@ -92,18 +92,19 @@ def test_preemptions_counted(llm):
     max_tokens = [12, 5, 20, 9, 14, 6, 10]
     cfg = EngineConfig(num_pages=18, page_size=4, max_num_seqs=8, max_num_batched_tokens=64)
     engine = Engine(llm, cfg)
-    pending, usage_seen, steps = list(range(len(prompts))), [], 0
+    pending, usage_seen, steps, seqs = list(range(len(prompts))), [], 0, {}
     while pending or engine.has_unfinished_requests():
         if pending:
             i = pending.pop(0)
             engine.add_request(str(i), {"prompt_token_ids": prompts[i]}, greedy(max_tokens[i]))
+            seqs.update({key: t.seq for key, t in engine._tracked.items()})
         engine.step()
         usage_seen.append(engine.metrics().kv_cache_usage)
         steps += 1
         assert steps < 2000, "engine made no progress"
     m = engine.metrics()
     assert m.num_preemptions > 0
-    assert m.num_preemptions == sum(t.seq.num_preemptions for t in engine._tracked.values())
+    assert m.num_preemptions == sum(seq.num_preemptions for seq in seqs.values())
     assert m.generation_tokens == sum(max_tokens)
     assert m.steps == steps
     # preempted sequences compute their prompts again (minus what the prefix cache still holds)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -320,3 +321,16 @@ def test_generation_config_gives_default_sampling_params(ckpt, greedy_runs, tmp_
     out = llm.generate(PROMPTS[0], use_tqdm=False)[0].outputs[0]  # no SamplingParams: the model's
     assert len(out.token_ids) <= 7
     assert out.token_ids == greedy_runs[0].outputs[0].token_ids[:len(out.token_ids)]
+
+
+def test_from_params_generates_alike_and_checks_its_arguments(llm, greedy_runs):
+    same = LLM.from_params(llm.config, llm.params, llm.mesh, tokenizer=llm.tokenizer, max_model_len=MAX_MODEL_LEN)
+    out = same.generate(PROMPTS[:2], greedy(32), use_tqdm=False)
+    assert tokens_of(out) == tokens_of(greedy_runs[:2])
+    limit = llm.config.max_position_embeddings
+    for kwargs, named in [(dict(max_model_len=limit + 1), f"got {limit + 1}"),
+                          (dict(page_size=0), "page_size must be a positive integer, got 0"),
+                          (dict(max_num_seqs=True), "max_num_seqs must be a positive integer, got True"),
+                          (dict(kv_cache_dtype="fp4"), "kv_cache_dtype 'fp4'")]:
+        with pytest.raises(ValueError, match=re.escape(named)):
+            LLM.from_params(llm.config, llm.params, llm.mesh, **kwargs)

@@ -187,9 +187,8 @@ class AsyncLLM:
                 continue
             merged = stream.merge(out)
             stream.queue.put_nowait(merged)
-            if merged.finished:
+            if merged.finished:  # the engine has already dropped the finished request's record
                 del self._streams[out.request_id]
-                self.engine.abort(out.request_id)  # for a finished request this only drops its record
 
     def _abort_orphans(self) -> None:
         for request_id in self._orphans:

@@ -100,7 +100,8 @@ class Engine:
         model = llm.config
         self.cache = init_cache(model, config.num_pages, config.page_size, model.dtype, cache_sharding(llm.mesh),
                                 llm.kv_cache_dtype)
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, _Tracked] = {}  # live sequences only: a finished one is dropped
+        self._generate_calls = 0
         self._totals = StepTotals()
 
     # -- requests ---------------------------------------------------------------------------
@@ -157,7 +158,11 @@ class Engine:
         self._totals += step_totals(out.scheduled, [len(t.seq.prompt_token_ids) for t in batch], len(advanced))
         for t in advanced:
             self._check_stop(t)
-        return [self._output(t) for t in advanced]
+        outputs = [self._output(t) for t in advanced]
+        for t in advanced:  # a finished sequence's record goes with its final output
+            if t.seq.status in _FINISH:
+                del self._tracked[t.seq.request_id]
+        return outputs
 
     def _run(self, scheduled, batch: list[_Tracked]):
         cfg, llm = self.llm.config, self.llm
@@ -220,7 +225,8 @@ class Engine:
         """Adds every prompt, steps until all finish, returns the final outputs in prompt order."""
         prompts = list(prompts)
         params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        ids = [f"gen-{len(self._tracked)}-{i}" for i in range(len(prompts))]
+        self._generate_calls += 1
+        ids = [f"generate-{self._generate_calls}-{i}" for i in range(len(prompts))]
         for rid, prompt, p in zip(ids, prompts, params):
             self.add_request(rid, prompt, p)
         final: dict[tuple[str, int], RequestOutput] = {}
@@ -237,6 +243,4 @@ class Engine:
             keys = sorted(k for k in final if k[0] == rid)
             first = final[keys[0]]
             results.append(dataclasses.replace(first, outputs=[final[k].outputs[0] for k in keys]))
-            for key in [k for k, t in self._tracked.items() if t.req.request_id == rid]:
-                del self._tracked[key]
         return results
