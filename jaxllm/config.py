@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+# "auto": our Pallas kernels where they apply on a GPU, XLA elsewhere; "xla": never kernels;
+# "pallas": kernels wherever they apply (interpreted on a CPU: slow, for tests).
+ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -56,6 +59,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
+    attention_backend: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -72,6 +76,9 @@ class ModelConfig:
             object.__setattr__(self, "sliding_windows", (0,) * self.num_layers)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} not supported; choose one of {DTYPES}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend {self.attention_backend!r} not supported; "
+                             f"choose one of {ATTENTION_BACKENDS}")
 
     @property
     def q_per_kv(self) -> int:

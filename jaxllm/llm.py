@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from jaxllm import runner
 from jaxllm.checkpoint import load_config, load_params
 from jaxllm.compile_cache import enable_compilation_cache
-from jaxllm.config import ModelConfig
+from jaxllm.config import ATTENTION_BACKENDS, ModelConfig
 from jaxllm.completion import build_completion, logprob_dict
 from jaxllm.kv_cache import contiguous_page_table, init_cache, pages_for
 from jaxllm.ops.kv_quant import check_kv_cache_dtype
@@ -63,6 +63,18 @@ def _resolve_max_model_len(max_model_len: int | None, config: ModelConfig) -> in
     return max_model_len
 
 
+def _with_backend(config: ModelConfig, backend: str, tensor_parallel_size: int) -> ModelConfig:
+    """The config with its attention backend; the kernels run on one device per model for now."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend {backend!r} not supported; choose one of {ATTENTION_BACKENDS}")
+    if tensor_parallel_size > 1:
+        if backend == "pallas":
+            raise ValueError("attention_backend='pallas' runs on one device per model; with "
+                             f"tensor_parallel_size={tensor_parallel_size} use 'auto' or 'xla'")
+        backend = "xla"
+    return config.replace(attention_backend=backend)
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Next power of two >= n: the shapes jitted functions compile for."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
@@ -84,6 +96,8 @@ class LLM:
         layers: "unrolled" (each layer its own weights; fastest decode) or "scan" (stacked weights
             under lax.scan; compiles faster).
         kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8_e4m3" (per token and head scales).
+        attention_backend: "auto" (our Pallas decode-attention kernel on a GPU where it applies),
+            "xla" (the jnp reference through XLA) or "pallas" (the kernel, or an error saying why not).
     """
 
     def __init__(
@@ -102,6 +116,7 @@ class LLM:
         progress: bool = True,
         layers: str = "unrolled",
         kv_cache_dtype: str = "auto",
+        attention_backend: str = "auto",
     ):
         if model is None:
             from jaxllm.default_model import default_model_dir
@@ -114,7 +129,8 @@ class LLM:
         enable_compilation_cache()
         check_kv_cache_dtype(kv_cache_dtype)
         self.kv_cache_dtype = kv_cache_dtype
-        self.config = load_config(self.model_dir, dtype)
+        self.config = _with_backend(load_config(self.model_dir, dtype), attention_backend,
+                                    tensor_parallel_size)
         self.max_model_len = _resolve_max_model_len(max_model_len, self.config)
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -144,11 +160,14 @@ class LLM:
         page_size: int = 16,
         max_num_seqs: int = 64,
         kv_cache_dtype: str = "auto",
+        attention_backend: str | None = None,
     ) -> "LLM":
         """An LLM over params already on `mesh` (random weights for benchmarks, or your own)."""
         _check_positive(page_size=page_size, max_num_seqs=max_num_seqs)
         check_kv_cache_dtype(kv_cache_dtype)
         enable_compilation_cache()
+        config = _with_backend(config, attention_backend or config.attention_backend,
+                               dict(mesh.shape).get("tensor", 1))
         llm = cls.__new__(cls)
         llm.kv_cache_dtype = kv_cache_dtype
         llm.model_dir, llm.config, llm.params, llm.mesh, llm.tokenizer = None, config, params, mesh, tokenizer

@@ -108,7 +108,7 @@ def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta
     else:
         cache = ops.store_kv(cache, index, k, v, meta.page_table, meta.positions)
         out = ops.paged_attention(q, cache, index, meta.page_table, meta.positions, meta.kv_lens,
-                                  window, scale=scale)
+                                  window, scale=scale, backend=config.attention_backend)
     out = ops.einsum("bthgk,hgkd->btd", out, layer["wo"])
     if "bo" in layer:
         out = out + layer["bo"].astype(out.dtype)

@@ -1,4 +1,4 @@
-"""Attention over a paged KV cache (jnp reference; Pallas kernels plug in here later)."""
+"""Attention over a paged KV cache: the jnp reference, and the Pallas kernels where they apply."""
 
 from __future__ import annotations
 
@@ -91,13 +91,17 @@ def paged_attention(
     sliding_window: Int[Array, ""] | int = 0,
     *,
     scale: float,
+    backend: str = "xla",
 ) -> Float[Array, "B T Hkv G D"]:
     """Causal attention of queries at `positions` over each sequence's cached keys of `layer`.
 
     Key j of sequence b is visible to a query at position p when j <= p, j < kv_lens[b] and,
     with a window W > 0, j > p - W (the window holds W tokens, the query's own included).
     Quantized pages are dequantized after the gather, so only the context's pages are touched.
+    `backend` (ModelConfig.attention_backend) picks the decode kernel where it applies.
     """
+    if _decode_kernel_applies(backend, q, cache):
+        return _decode_kernel(q, cache, layer, page_table, positions, kv_lens, sliding_window, scale)
     batch, pmax = page_table.shape
     page_size = cache.k.shape[2]
 
@@ -112,3 +116,41 @@ def paged_attention(
     visible = _visible(key_pos, positions[:, :, None], sliding_window)
     visible &= key_pos < kv_lens[:, None, None]
     return _attend(q, k, v, visible, scale)
+
+
+def decode_kernel_limits(q_shape, cache: KVCache) -> str | None:
+    """Why the Pallas decode kernel cannot take this call, or None when it can."""
+    from pallas_kernels.paged_decode_attention import ROWS
+
+    _, tokens, _, groups, head_dim = q_shape
+    page_size = cache.k.shape[2]
+    if tokens != 1:
+        return f"{tokens} query tokens per sequence (the decode kernel takes 1)"
+    if cache.k_scale is not None:
+        return f"quantized pages ({cache.k.dtype})"
+    if cache.k.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"{cache.k.dtype} pages (bfloat16 or float16 only)"
+    if head_dim % 64 or groups > ROWS:
+        return f"head_dim {head_dim} (a multiple of 64) or {groups} query heads per KV head (<= {ROWS})"
+    if page_size % 8 or (64 % page_size and page_size % 64):
+        return f"page_size {page_size} (a multiple of 8 dividing 64, or a multiple of 64)"
+    return None
+
+
+def _decode_kernel_applies(backend: str, q, cache: KVCache) -> bool:
+    if backend == "xla":
+        return False
+    reason = decode_kernel_limits(q.shape, cache)
+    if backend == "pallas" and reason is not None and q.shape[1] == 1:
+        raise ValueError(f"attention_backend='pallas' cannot run decode attention here: {reason}")
+    return reason is None and (backend == "pallas" or jax.default_backend() == "gpu")
+
+
+def _decode_kernel(q, cache, layer, page_table, positions, kv_lens, sliding_window, scale):
+    from pallas_kernels.paged_decode_attention import paged_decode_attention
+
+    # The query sees keys up to its own position (padding rows, at -1, see none).
+    lens = jnp.minimum(positions[:, 0] + 1, kv_lens)
+    out = paged_decode_attention(q[:, 0], cache.k, cache.v, layer, page_table, lens, sliding_window,
+                                 scale=scale, interpret=jax.default_backend() != "gpu")
+    return out[:, None]

@@ -1,0 +1,116 @@
+"""Paged decode attention on the GPU: our Mosaic GPU kernel beside the XLA gather path, jax's
+bundled Triton paged kernel and cuDNN (contiguous K/V), one query token per sequence.
+
+    PYTHONPATH=. python -m benchmarks.attention --out results_attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.shapes import COPY_BANDWIDTH
+from pallas_kernels.paged_decode_attention import (DecodeConfig, paged_decode_attention,
+                                                   paged_decode_attention_reference)
+
+CASES = [  # batch, context, page size
+    (64, 4096, 16),
+    (8, 16384, 16),
+    (64, 384, 16),
+    (1, 384, 16),
+    (1, 4096, 16),
+]
+CONFIGS = [DecodeConfig(64, 2), DecodeConfig(64, 3), DecodeConfig(64, 4), DecodeConfig(128, 2), DecodeConfig(128, 3)]
+HQ, HKV, D = 32, 8, 128
+
+
+def time_ms(fn, *args, iters: int = 20) -> float:
+    """Mean time of `iters` back-to-back calls (dispatch overlaps execution), after a warm-up."""
+    jax.block_until_ready(fn(*args))
+    best = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best.append((time.perf_counter() - start) / iters * 1e3)
+    return float(np.median(best))
+
+
+def make_inputs(batch: int, context: int, page_size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pages_per_seq = context // page_size
+    num_pages = batch * pages_per_seq + 1
+    table = (1 + rng.permutation(batch * pages_per_seq)).reshape(batch, pages_per_seq).astype(np.int32)
+    key = jax.random.PRNGKey(seed)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (batch, HKV, HQ // HKV, D), jnp.bfloat16)
+    k = jax.random.normal(kk, (1, num_pages, page_size, HKV, D), jnp.bfloat16)
+    v = jax.random.normal(kv, (1, num_pages, page_size, HKV, D), jnp.bfloat16)
+    lens = np.full((batch,), context, np.int32)
+    return q, k, v, jnp.asarray(table), jnp.asarray(lens)
+
+
+def run_case(batch: int, context: int, page_size: int) -> dict:
+    q, k, v, table, lens = make_inputs(batch, context, page_size)
+    scale = D**-0.5
+    kv_bytes = 2 * batch * context * HKV * D * 2
+    row = dict(batch=batch, context=context, page_size=page_size, kv_bytes=kv_bytes)
+    ref = jax.jit(lambda q, k, v, t, n: paged_decode_attention_reference(q, k, v, 0, t, n, scale=scale))
+    expect = np.asarray(ref(q, k, v, table, lens), np.float32)
+
+    def record(name, fn, *args):
+        try:
+            ms = time_ms(fn, *args)
+            got = np.asarray(fn(*args), np.float32).reshape(expect.shape)
+            err = float(np.max(np.abs(got - expect)))
+            row[name] = dict(ms=ms, tb_s=kv_bytes / ms / 1e9, fraction=kv_bytes / (ms / 1e3) / COPY_BANDWIDTH,
+                             max_abs_err=err)
+        except Exception as e:  # a baseline that cannot run this shape is reported, not fatal
+            row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        print(batch, context, page_size, name, row[name], flush=True)
+
+    record("xla_gather", ref, q, k, v, table, lens)
+    for cfg in CONFIGS:
+        fn = jax.jit(lambda q, k, v, t, n, cfg=cfg: paged_decode_attention(q, k, v, 0, t, n, scale=scale, config=cfg))
+        record(f"ours_kv{cfg.block_kv}_st{cfg.num_stages}", fn, q, k, v, table, lens)
+
+    from jax.experimental.pallas.ops.gpu import paged_attention as triton_paged
+    k_t = jnp.transpose(k[0], (2, 0, 1, 3))  # [Hkv, P, S, D], the bundled kernel's layout
+    v_t = jnp.transpose(v[0], (2, 0, 1, 3))
+    pages_per_seq = table.shape[1]
+    for splits in (16, 4, 1):
+        if pages_per_seq % splits or (pages_per_seq // splits) % 8:
+            continue
+        fn = jax.jit(lambda q, k, v, t, n, s=splits: triton_paged.paged_attention(
+            q.reshape(batch, HQ, D) * scale, k, v, t, n, k_splits=s))
+        record(f"jax_triton_paged_splits{splits}", fn, q, k_t, v_t, table, lens)
+
+    k_c = k[0][table].reshape(batch, context, HKV, D)  # contiguous K/V for cuDNN
+    v_c = v[0][table].reshape(batch, context, HKV, D)
+    fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q.reshape(batch, 1, HQ, D), k, v, scale=scale, implementation="cudnn"))
+    record("cudnn_contiguous", fn, q, k_c, v_c)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="results_attention.json")
+    parser.add_argument("--quick", action="store_true", help="first two cases only")
+    args = parser.parse_args(argv)
+    rows = [run_case(*case) for case in (CASES[:2] if args.quick else CASES)]
+    result = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, device=str(jax.devices()[0]),
+                  copy_bandwidth=COPY_BANDWIDTH, heads=(HQ, HKV, D), rows=rows)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Where a decode step's time goes: GPU kernel time by kernel name, and the gaps between kernels.
+
+Runs the Llama-3-8B-shaped decode (random bf16 weights, unrolled layers) under jax.profiler,
+reads the Perfetto trace and sums the GPU events per name.
+
+    PYTHONPATH=. python -m benchmarks.profile_decode --batch 1 --out profile_b1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from benchmarks.shapes import llama3_8b
+from jaxllm import LLM, SamplingParams
+from jaxllm.checkpoint import random_params
+from jaxllm.sharding import ParallelConfig, make_mesh
+from models.llama import unstack_layers
+
+
+def gpu_events(trace: dict) -> list[dict]:
+    """Complete ('X') events of the processes whose name mentions a GPU."""
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in trace["traceEvents"]
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    return [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+
+
+def per_name(events: list[dict]) -> dict[str, list[float]]:
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        by_name[e["name"]][0] += e["dur"]
+        by_name[e["name"]][1] += 1
+    return by_name
+
+
+def summarise(short: list[dict], long: list[dict], steps: int, top: int = 40) -> dict:
+    """Per decode step: the long run's kernel time minus the short run's, over the extra steps
+    (prefill and fixed costs cancel)."""
+    a, b = per_name(short), per_name(long)
+    diff = {n: ((b[n][0] - a.get(n, [0, 0])[0]) / steps, (b[n][1] - a.get(n, [0, 0])[1]) / steps)
+            for n in b}
+    busy = sum(t for t, _ in diff.values())
+    rows = sorted(diff.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(
+        steps=steps, kernel_us_per_step=busy, kernels_per_step=sum(c for _, c in diff.values()),
+        top=[dict(name=n[:160], us_per_step=t, calls_per_step=c) for n, (t, c) in rows],
+    )
+
+
+def traced_events(llm, prompts, params) -> tuple[list[dict], float]:
+    log_dir = tempfile.mkdtemp()
+    start = time.perf_counter()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    path = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as f:
+        return gpu_events(json.load(f)), wall
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--out", default="profile_decode.json")
+    args = parser.parse_args(argv)
+    config = llama3_8b().replace(attention_backend=args.backend)
+    mesh = make_mesh(ParallelConfig(1))
+    params = unstack_layers(random_params(config, mesh))
+    results = []
+    for batch in args.batch:
+        llm = LLM.from_params(config, params, mesh, max_model_len=512, max_num_seqs=batch)
+        rng = np.random.default_rng(0)
+        prompts = [{"prompt_token_ids": rng.integers(0, config.vocab_size, 128).tolist()} for _ in range(batch)]
+        # 65 and 128 new tokens share one output bucket, so both runs use the same executables.
+        short = SamplingParams(max_tokens=65, temperature=0.0, ignore_eos=True)
+        long = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+        llm.generate(prompts, long, use_tqdm=False)  # compile
+        (short_events, short_s), (long_events, long_s) = (traced_events(llm, prompts, p) for p in (short, long))
+        summary = summarise(short_events, long_events, 128 - 65)
+        summary.update(batch=batch, backend=args.backend, wall_ms_per_step=1e3 * (long_s - short_s) / (128 - 65))
+        results.append(summary)
+        print(json.dumps({k: v for k, v in summary.items() if k != "top"}), flush=True)
+        for row in summary["top"][:25]:
+            print(f"  {row['us_per_step']:9.1f} us  x{row['calls_per_step']:6.1f}  {row['name'][:110]}")
+    with open(args.out, "w") as f:
+        json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, results=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""The few places where jax 0.10 (CI, CPU) and jax 0.11 (GPU machine) differ for our kernels."""
+
+from __future__ import annotations
+
+import jax
+
+
+def gpu_interpret_params():
+    """Parameters that run a Mosaic GPU kernel in Pallas' GPU interpret mode (on the CPU)."""
+    try:  # jax 0.10 and 0.11 keep it here; there is no public alias yet
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:  # pragma: no cover - depends on the installed jax
+        raise RuntimeError(f"jax {jax.__version__} has no Mosaic GPU interpret mode") from e
+    return InterpretGPUParams()
+
+
+def num_sms(default: int = 132) -> int:
+    """Streaming multiprocessors of the first device (132 on an H100/H200 SXM)."""
+    device = jax.devices()[0]
+    return int(getattr(device, "core_count", 0) or default)
+
+
+def on_gpu() -> bool:
+    return jax.devices()[0].platform == "gpu"

@@ -1,0 +1,312 @@
+"""Paged decode attention: one new query token per sequence against its cached pages.
+
+Each thread block takes one (sequence, KV head, split) and runs a FlashAttention loop over the
+split's keys: a memory warpgroup copies pages into shared memory through the page table (TMA,
+`num_stages` deep), a compute warpgroup multiplies with wgmma and keeps the softmax statistics
+in registers. The G query heads that share a KV head are the rows of one 64-row wgmma tile
+(zero rows pad it), so every K/V byte is read once for all of them. Splits of a long context
+are merged afterwards from their log-sum-exps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import compat
+
+ROWS = 64  # wgmma's M for one warpgroup: the G query heads of a KV head, zero-padded
+MIN_STEPS_PER_SPLIT = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tuning knobs. `num_splits=None` picks enough splits to fill the GPU's multiprocessors."""
+
+    block_kv: int = 64  # keys per pipeline step
+    num_stages: int = 4  # K/V tiles in flight per block
+    num_splits: int | None = None
+
+    def __post_init__(self):
+        if self.block_kv % 64:
+            raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be at least 1")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits={self.num_splits} must be at least 1")
+
+
+def window_start(kv_lens: Int[Array, "B"], window) -> Int[Array, "B"]:
+    """First visible key: with a sliding window W > 0 the last W keys, else all of them."""
+    window = jnp.asarray(window, jnp.int32)
+    return jnp.where(window > 0, jnp.maximum(kv_lens - window, 0), 0).astype(jnp.int32)
+
+
+def paged_decode_attention_reference(
+    q: Float[Array, "B Hkv G D"],
+    k_pages: Float[Array, "L P S Hkv D"],
+    v_pages: Float[Array, "L P S Hkv D"],
+    layer: Int[Array, ""] | int,
+    page_table: Int[Array, "B Pmax"],
+    kv_lens: Int[Array, "B"],
+    window: Int[Array, ""] | int = 0,
+    *,
+    scale: float,
+    config: DecodeConfig = DecodeConfig(),
+    interpret: bool = False,
+) -> Float[Array, "B Hkv G D"]:
+    """softmax(q k^T * scale) v over keys [max(len - W, 0), len) of each sequence, in float32."""
+    del config, interpret
+    batch, pmax = page_table.shape
+    page_size = k_pages.shape[2]
+    k = k_pages[layer][page_table].reshape(batch, pmax * page_size, *k_pages.shape[3:])
+    v = v_pages[layer][page_table].reshape(batch, pmax * page_size, *v_pages.shape[3:])
+    scores = jnp.einsum("bhgd,bshd->bhgs", q, k, preferred_element_type=jnp.float32) * scale
+    key = jnp.arange(pmax * page_size)[None, :]
+    visible = (key < kv_lens[:, None]) & (key >= window_start(kv_lens, window)[:, None])
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(kv_lens[:, None, None, None] > 0, probs, 0.0)  # empty rows (padding): zeros
+    out = jnp.einsum("bhgs,bshd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+def choose_splits(blocks: int, max_steps: int, sms: int) -> int:
+    """Fewest splits whose blocks fill the multiprocessors in waves at least 85 % full."""
+    for splits in range(1, max(max_steps, 1) + 1):
+        n = blocks * splits
+        if n >= sms and n / (math.ceil(n / sms) * sms) >= 0.85:
+            return splits
+    return max(max_steps, 1)
+
+
+def paged_decode_attention(
+    q: Float[Array, "B Hkv G D"],
+    k_pages: Float[Array, "L P S Hkv D"],
+    v_pages: Float[Array, "L P S Hkv D"],
+    layer: Int[Array, ""] | int,
+    page_table: Int[Array, "B Pmax"],
+    kv_lens: Int[Array, "B"],
+    window: Int[Array, ""] | int = 0,
+    *,
+    scale: float,
+    config: DecodeConfig = DecodeConfig(),
+    interpret: bool = False,
+) -> Float[Array, "B Hkv G D"]:
+    """The Mosaic GPU kernel; same contract as `paged_decode_attention_reference`."""
+    batch, kv_heads, groups, head_dim = q.shape
+    _, _, page_size, kv_heads_c, head_dim_c = k_pages.shape
+    pmax = page_table.shape[1]
+    block_kv = config.block_kv
+    if (kv_heads_c, head_dim_c) != (kv_heads, head_dim) or v_pages.shape != k_pages.shape:
+        raise ValueError(f"q {q.shape} does not match pages k {k_pages.shape} / v {v_pages.shape}")
+    if head_dim % 64:
+        raise ValueError(f"head_dim={head_dim} must be a multiple of 64 for the kernel")
+    if groups > ROWS:
+        raise ValueError(f"{groups} query heads per KV head: the kernel takes at most {ROWS}")
+    if k_pages.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"pages of {k_pages.dtype}: the kernel takes bfloat16 or float16")
+    if page_size % 8 or (block_kv % page_size and page_size % block_kv):
+        raise ValueError(f"page_size={page_size} must be a multiple of 8 that divides or is "
+                         f"divided by block_kv={block_kv}")
+    dtype = k_pages.dtype
+    max_steps = pl_cdiv(pmax * page_size, block_kv)
+    # Splits fill the GPU, but each keeps at least MIN_STEPS_PER_SPLIT steps: below that, the
+    # merge's extra kernels cost more than the parallelism gains (short contexts at batch 1).
+    splits = config.num_splits or min(choose_splits(batch * kv_heads, max_steps, compat.num_sms()),
+                                      max(1, max_steps // MIN_STEPS_PER_SPLIT))
+    splits = min(splits, max_steps)
+
+    rows = -(-groups // 8) * 8  # what TMA moves: whole 8-row tiles; the kernel zeroes the rest
+    q_rows = q.astype(dtype)
+    if rows != groups:
+        q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - groups), (0, 0)))
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    lens = kv_lens.astype(jnp.int32)
+    starts = window_start(lens, window)
+    kernel = _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, block_kv,
+                    config.num_stages, float(scale), interpret)
+    out, lse = kernel(q_rows, k_pages, v_pages, layer_arr, page_table.astype(jnp.int32), lens, starts)
+    return _merge_splits(out[:, :, :, :groups], lse[:, :, :, :groups]).astype(q.dtype)
+
+
+def pl_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _merge_splits(out, lse):
+    """Weights each split's normalised output by its share of the softmax mass (log2 units)."""
+    if out.shape[2] == 1:
+        return out[:, :, 0]
+    top = jnp.max(lse, axis=2, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weight = jnp.exp2(lse - top)  # [B, H, S, G]; empty splits weigh 0
+    total = jnp.sum(weight, axis=2)
+    merged = jnp.einsum("bhsg,bhsgd->bhgd", weight, out.astype(jnp.float32))
+    return merged / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+@functools.lru_cache(maxsize=None)
+def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, block_kv, num_stages,
+           scale, interpret):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    log2e_scale = scale * math.log2(math.e)
+    copies = max(block_kv // page_size, 1)  # TMA copies per K (and V) tile
+
+    # The interpreter runs plain jnp, which has no register layouts.
+    def laid_out(x, layout):
+        return x if interpret else plgpu.layout_cast(x, layout)
+
+    # The interpreter's wgmma takes neither a transposed nor a register operand, so there the
+    # products are plain dots on the tiles read from shared memory.
+    def matmul_qk(q_smem, k_smem):
+        if interpret:
+            return jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
+
+        def scope(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+            return acc_ref[...]
+
+        return pl.run_scoped(scope, plgpu.ACC((ROWS, block_kv), jnp.float32))
+
+    def accumulate_pv(acc, p, v_smem):
+        if interpret:
+            return acc + jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
+        return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem))(plgpu.ACC.init(acc))
+
+    def iota(shape, dim):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def body(q_ref, k_ref, v_ref, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref, scoped):
+        (q_smem, k_smem, v_smem, lse_smem), (q_bar, k_bar, v_bar), (k_free, v_free) = scoped
+        b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
+        wg = lax.axis_index("wg")
+        length = lens_ref[b]
+        lo = starts_ref[b]
+        # This split's keys: an equal share of the sequence's steps, from the window's start.
+        first = lax.div(lo, block_kv) * block_kv
+        total_steps = lax.div(length - first + (block_kv - 1), block_kv)
+        per_split = lax.div(total_steps + (splits - 1), splits)
+        begin = first + s * per_split * block_kv
+        steps = lax.div(length - begin + (block_kv - 1), block_kv)
+        steps = jnp.minimum(jnp.maximum(steps, 0), per_split)
+
+        @pl.when(wg == 0)
+        def _compute():
+            if rows < ROWS:  # rows past the query heads multiply as zeros
+                q_smem[...] = laid_out(jnp.zeros((ROWS, head_dim), dtype), plgpu.Layout.WGMMA)
+                plgpu.commit_smem()
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, rows)], q_bar)
+            plgpu.barrier_wait(q_bar)
+            m_i = laid_out(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l_i = laid_out(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = laid_out(jnp.full((ROWS, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            def step_fn(step, carry):
+                acc, m_i, l_i = carry
+                slot = lax.rem(step, num_stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+
+                qk = matmul_qk(q_smem, k_smem.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                key = begin + step * block_kv + iota((ROWS, block_kv), 1)
+                qk = jnp.where((key >= lo) & (key < length), qk * log2e_scale, -jnp.inf)
+                m_new = jnp.maximum(m_i, qk.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(qk - lax.broadcast_in_dim(m_new, qk.shape, [0]))
+                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha + p.sum(axis=1)
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                acc = accumulate_pv(acc, p.astype(dtype), v_smem.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            acc, m_i, l_i = lax.fori_loop(0, steps, step_fn, (acc, m_i, l_i))
+            l_safe = jnp.maximum(l_i, 1e-30)  # an empty split leaves zeros and lse = -inf
+            acc /= lax.broadcast_in_dim(l_safe, acc.shape, [0])
+            q_smem[...] = acc.astype(dtype)  # q is no longer needed: its tile holds the output
+            lse_smem[...] = m_i + jnp.log(l_i) * (1.0 / math.log(2.0))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, rows)], o_ref.at[b, h, s])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, s])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _memory():
+            layer = layer_ref[0]
+
+            def fetch(src_ref, dst, bar, token):
+                if page_size >= block_kv:
+                    page = table_ref[b, jnp.minimum(lax.div(token, page_size), pmax - 1)]
+                    src = src_ref.at[layer, page, pl.ds(lax.rem(token, page_size), block_kv), h]
+                    plgpu.copy_gmem_to_smem(src, dst, bar)
+                else:
+                    for i in range(copies):
+                        j = jnp.minimum(lax.div(token, page_size) + i, pmax - 1)
+                        page = table_ref[b, j]
+                        plgpu.copy_gmem_to_smem(src_ref.at[layer, page, :, h],
+                                                dst.at[pl.ds(i * page_size, page_size)], bar)
+
+            def issue(step, carry):
+                slot = lax.rem(step, num_stages)
+                token = begin + step * block_kv
+
+                @pl.when(step >= num_stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
+
+                fetch(k_ref, k_smem.at[slot], k_bar.at[slot], token)
+
+                @pl.when(step >= num_stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
+
+                fetch(v_ref, v_smem.at[slot], v_bar.at[slot], token)
+                return carry
+
+            lax.fori_loop(0, steps, issue, None)
+
+    def entry(q_ref, k_ref, v_ref, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref):
+        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        smem = (
+            plgpu.SMEM((ROWS, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((ROWS,), jnp.float32),
+        )
+        ready = (
+            plgpu.Barrier(),
+            plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
+            plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
+        )
+        free = (plgpu.Barrier(num_barriers=num_stages),) * 2
+        pl.run_scoped(
+            lambda *scoped: body(q_ref, k_ref, v_ref, layer_ref, table_ref, lens_ref, starts_ref,
+                                 o_ref, lse_ref, scoped),
+            smem, ready, free, collective_axes="wg")
+
+    out_type = (
+        jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), dtype),
+        jax.ShapeDtypeStruct((batch, kv_heads, splits, ROWS), jnp.float32),
+    )
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=(batch, kv_heads, splits),
+        grid_names=("b", "h", "s"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=compat.gpu_interpret_params() if interpret else False,
+    )
