@@ -1,0 +1,58 @@
+"""Serving throughput of the 8B shape (random bf16 weights): the engine (AsyncLLM, in-flight
+batching) and one LLM.generate call, on random-token workloads, each after an untimed warm-up.
+
+    PYTHONPATH=. python -m benchmarks.engine_throughput --workloads 128x128 --num-prompts 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+
+from benchmarks.shapes import llama3_8b
+from jaxllm import LLM
+from jaxllm.bench import RandomWorkload, run_throughput
+from jaxllm.checkpoint import random_params
+from jaxllm.engine.engine import EngineConfig
+from jaxllm.sharding import ParallelConfig, make_mesh
+from models.llama import unstack_layers
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workloads", nargs="+", default=["128x128"], help="INPUTxOUTPUT lengths")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--backends", nargs="+", default=["engine", "llm"])
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                        help="page pool share: the XLA attention path of mixed prefill steps needs room")
+    parser.add_argument("--out", default="results_engine_throughput.json")
+    args = parser.parse_args(argv)
+    config = llama3_8b()
+    mesh = make_mesh(ParallelConfig(1))
+    params = unstack_layers(random_params(config, mesh))
+    rows = []
+    for workload in args.workloads:
+        n_in, n_out = map(int, workload.split("x"))
+        llm = LLM.from_params(config, params, mesh, max_model_len=n_in + n_out + 16, max_num_seqs=args.max_num_seqs)
+        requests = RandomWorkload(args.num_prompts, n_in, n_out).sample(config.vocab_size)
+        for backend in args.backends:
+            start = time.perf_counter()
+            result = run_throughput(llm, requests, backend=backend,
+                                    engine_config=EngineConfig(max_num_seqs=args.max_num_seqs,
+                                                               gpu_memory_utilization=args.gpu_memory_utilization))
+            row = dict(result.as_dict(), workload=workload, wall_with_warmup_s=time.perf_counter() - start)
+            rows.append(row)
+            print(f"{workload} {backend}: {result.output_tokens_per_s:,.0f} output tok/s "
+                  f"({result.elapsed_s:.1f} s timed, {row['wall_with_warmup_s']:.0f} s with warm-up)", flush=True)
+            with open(args.out, "w") as f:
+                json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, rows=rows), f, indent=1,
+                          default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
