@@ -1,7 +1,9 @@
-"""Paged decode attention on the GPU: our Mosaic GPU kernel beside the XLA gather path, jax's
-bundled Triton paged kernel and cuDNN (contiguous K/V), one query token per sequence.
+"""Paged attention on the GPU: our Mosaic GPU kernels beside the XLA gather path, jax's bundled
+kernels and cuDNN (contiguous K/V). Decode: one query token per sequence. Prefill: a causal chunk
+over its cached prefix.
 
     PYTHONPATH=. python -m benchmarks.attention --out results_attention.json
+    PYTHONPATH=. python -m benchmarks.attention --prefill --out results_prefill_attention.json
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ import numpy as np
 from benchmarks.shapes import COPY_BANDWIDTH
 from pallas_kernels.paged_decode_attention import (DecodeConfig, paged_decode_attention,
                                                    paged_decode_attention_reference)
+from pallas_kernels.paged_prefill_attention import (PrefillConfig, paged_prefill_attention,
+                                                    paged_prefill_attention_reference)
+
+PREFILL_CASES = [  # batch, prefix already cached, new tokens
+    (1, 0, 4096),
+    (1, 2048, 2048),
+    (4, 0, 1024),
+]
+PREFILL_CONFIGS = [PrefillConfig(64, 2), PrefillConfig(64, 3), PrefillConfig(128, 2)]
 
 CASES = [  # batch, context, page size
     (64, 4096, 16),
@@ -99,12 +110,52 @@ def run_case(batch: int, context: int, page_size: int) -> dict:
     return row
 
 
+def run_prefill_case(batch: int, prefix: int, new: int, page_size: int = 16) -> dict:
+    context = prefix + new
+    _, k, v, table, lens = make_inputs(batch, context, page_size)
+    key = jax.random.PRNGKey(1)
+    q = jax.random.normal(key, (batch, new, HKV, HQ // HKV, D), jnp.bfloat16)
+    positions = jnp.broadcast_to(prefix + jnp.arange(new, dtype=jnp.int32), (batch, new))
+    scale = D**-0.5
+    # Causal FLOPs: each new token sees its prefix and the chunk up to itself.
+    flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
+    row = dict(batch=batch, prefix=prefix, new_tokens=new, page_size=page_size, flops=flops)
+    ref = jax.jit(lambda q, k, v, t, p, n: paged_prefill_attention_reference(q, k, v, 0, t, p, n, scale=scale))
+    expect = np.asarray(ref(q, k, v, table, positions, lens), np.float32)
+
+    def record(name, fn, *args):
+        try:
+            ms = time_ms(fn, *args, iters=10)
+            got = np.asarray(fn(*args), np.float32).reshape(expect.shape)
+            row[name] = dict(ms=ms, tflops=flops / ms / 1e9, max_abs_err=float(np.max(np.abs(got - expect))))
+        except Exception as e:
+            row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        print(batch, prefix, new, name, row[name], flush=True)
+
+    record("xla_gather", ref, q, k, v, table, positions, lens)
+    for cfg in PREFILL_CONFIGS:
+        fn = jax.jit(lambda q, k, v, t, p, n, cfg=cfg: paged_prefill_attention(
+            q, k, v, 0, t, p, n, scale=scale, config=cfg))
+        record(f"ours_kv{cfg.block_kv}_st{cfg.num_stages}", fn, q, k, v, table, positions, lens)
+    k_c = k[0][table].reshape(batch, context, HKV, D)
+    v_c = v[0][table].reshape(batch, context, HKV, D)
+    if prefix == 0:  # cuDNN's causal mask is top-left aligned: only whole prompts compare
+        fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q.reshape(batch, new, HQ, D), k, v, scale=scale, is_causal=True, implementation="cudnn"))
+        record("cudnn_contiguous", fn, q, k_c, v_c)
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="results_attention.json")
     parser.add_argument("--quick", action="store_true", help="first two cases only")
+    parser.add_argument("--prefill", action="store_true", help="the prefill kernel's cases instead")
     args = parser.parse_args(argv)
-    rows = [run_case(*case) for case in (CASES[:2] if args.quick else CASES)]
+    if args.prefill:
+        rows = [run_prefill_case(*case) for case in PREFILL_CASES]
+    else:
+        rows = [run_case(*case) for case in (CASES[:2] if args.quick else CASES)]
     result = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, device=str(jax.devices()[0]),
                   copy_bandwidth=COPY_BANDWIDTH, heads=(HQ, HKV, D), rows=rows)
     with open(args.out, "w") as f:

@@ -67,6 +67,8 @@ def main(argv=None) -> int:
             print(f"batch {batch:3d} {backend:7s} {row['decode_tokens_per_s']:9.1f} tok/s "
                   f"{row['ms_per_step']:.3f} ms/step {row['fraction_of_copy_ceiling']:.3f} of copy bw", flush=True)
         same = [tokens[(batch, b)] for b in args.backends if (batch, b) in tokens]
+        if len(same) < 2:
+            continue
         first_diff = next((i for i, t in enumerate(zip(*same)) if len(set(t)) > 1), None)
         print(f"batch {batch}: greedy tokens of row 0 equal across backends: {first_diff is None} "
               f"(first difference at step {first_diff})", flush=True)

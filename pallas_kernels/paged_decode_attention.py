@@ -20,8 +20,9 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import compat
+from pallas_kernels.attention_tiles import (ROWS, Tiles, copies_per_tile, memory_loop, online_softmax,
+                                            smem_tile)
 
-ROWS = 64  # wgmma's M for one warpgroup: the G query heads of a KV head, zero-padded
 MIN_STEPS_PER_SPLIT = 4
 
 
@@ -159,33 +160,7 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     log2e_scale = scale * math.log2(math.e)
-    copies = max(block_kv // page_size, 1)  # TMA copies per K (and V) tile
-
-    # The interpreter runs plain jnp, which has no register layouts.
-    def laid_out(x, layout):
-        return x if interpret else plgpu.layout_cast(x, layout)
-
-    # The interpreter's wgmma takes neither a transposed nor a register operand, so there the
-    # products are plain dots on the tiles read from shared memory.
-    def matmul_qk(q_smem, k_smem):
-        if interpret:
-            return jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
-
-        def scope(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
-            return acc_ref[...]
-
-        return pl.run_scoped(scope, plgpu.ACC((ROWS, block_kv), jnp.float32))
-
-    def accumulate_pv(acc, p, v_smem):
-        if interpret:
-            return acc + jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
-        return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem))(plgpu.ACC.init(acc))
-
-    def iota(shape, dim):
-        if interpret:
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
-        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+    tiles = Tiles(interpret, dtype, head_dim, block_kv)
 
     def body(q_ref, k_ref, v_ref, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref, scoped):
         (q_smem, k_smem, v_smem, lse_smem), (q_bar, k_bar, v_bar), (k_free, v_free) = scoped
@@ -204,35 +179,29 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
         @pl.when(wg == 0)
         def _compute():
             if rows < ROWS:  # rows past the query heads multiply as zeros
-                q_smem[...] = laid_out(jnp.zeros((ROWS, head_dim), dtype), plgpu.Layout.WGMMA)
+                q_smem[...] = tiles.zero_tile()
                 plgpu.commit_smem()
             plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, rows)], q_bar)
             plgpu.barrier_wait(q_bar)
-            m_i = laid_out(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l_i = laid_out(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc = laid_out(jnp.full((ROWS, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
             def step_fn(step, carry):
                 acc, m_i, l_i = carry
                 slot = lax.rem(step, num_stages)
                 plgpu.barrier_wait(k_bar.at[slot])
-
-                qk = matmul_qk(q_smem, k_smem.at[slot])
+                qk = tiles.scores(q_smem, k_smem.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
-                key = begin + step * block_kv + iota((ROWS, block_kv), 1)
-                qk = jnp.where((key >= lo) & (key < length), qk * log2e_scale, -jnp.inf)
-                m_new = jnp.maximum(m_i, qk.max(axis=1))
-                alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(qk - lax.broadcast_in_dim(m_new, qk.shape, [0]))
-                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l_i = l_i * alpha + p.sum(axis=1)
+                key = begin + step * block_kv + tiles.iota(1)
+                # Every tile holds a visible key (the split starts inside [lo, length)), so -inf
+                # never meets -inf in the running maximum.
+                acc, m_i, l_i, p = online_softmax(acc, m_i, l_i, qk * log2e_scale,
+                                                  (key >= lo) & (key < length), -jnp.inf)
                 plgpu.barrier_wait(v_bar.at[slot])
-
-                acc = accumulate_pv(acc, p.astype(dtype), v_smem.at[slot])
+                acc = tiles.accumulate_pv(acc, p, v_smem.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i
+                return acc, m_i, l_i
 
-            acc, m_i, l_i = lax.fori_loop(0, steps, step_fn, (acc, m_i, l_i))
+            init = (tiles.zero_output(), tiles.row_stat(-jnp.inf), tiles.row_stat(0.0))
+            acc, m_i, l_i = lax.fori_loop(0, steps, step_fn, init)
             l_safe = jnp.maximum(l_i, 1e-30)  # an empty split leaves zeros and lse = -inf
             acc /= lax.broadcast_in_dim(l_safe, acc.shape, [0])
             q_smem[...] = acc.astype(dtype)  # q is no longer needed: its tile holds the output
@@ -244,45 +213,16 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
 
         @pl.when(wg == 1)
         def _memory():
-            layer = layer_ref[0]
-
-            def fetch(src_ref, dst, bar, token):
-                if page_size >= block_kv:
-                    page = table_ref[b, jnp.minimum(lax.div(token, page_size), pmax - 1)]
-                    src = src_ref.at[layer, page, pl.ds(lax.rem(token, page_size), block_kv), h]
-                    plgpu.copy_gmem_to_smem(src, dst, bar)
-                else:
-                    for i in range(copies):
-                        j = jnp.minimum(lax.div(token, page_size) + i, pmax - 1)
-                        page = table_ref[b, j]
-                        plgpu.copy_gmem_to_smem(src_ref.at[layer, page, :, h],
-                                                dst.at[pl.ds(i * page_size, page_size)], bar)
-
-            def issue(step, carry):
-                slot = lax.rem(step, num_stages)
-                token = begin + step * block_kv
-
-                @pl.when(step >= num_stages)
-                def _():
-                    plgpu.barrier_wait(k_free.at[slot])
-
-                fetch(k_ref, k_smem.at[slot], k_bar.at[slot], token)
-
-                @pl.when(step >= num_stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[slot])
-
-                fetch(v_ref, v_smem.at[slot], v_bar.at[slot], token)
-                return carry
-
-            lax.fori_loop(0, steps, issue, None)
+            memory_loop(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, begin=begin,
+                        steps=steps, num_stages=num_stages, layer=layer_ref[0], table_ref=table_ref,
+                        b=b, h=h, page_size=page_size, block_kv=block_kv, pmax=pmax)
 
     def entry(q_ref, k_ref, v_ref, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref):
-        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        copies = copies_per_tile(page_size, block_kv)
         smem = (
-            plgpu.SMEM((ROWS, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms),
+            smem_tile((ROWS, head_dim), dtype),
+            smem_tile((num_stages, block_kv, head_dim), dtype),
+            smem_tile((num_stages, block_kv, head_dim), dtype),
             plgpu.SMEM((ROWS,), jnp.float32),
         )
         ready = (

@@ -98,10 +98,11 @@ def paged_attention(
     Key j of sequence b is visible to a query at position p when j <= p, j < kv_lens[b] and,
     with a window W > 0, j > p - W (the window holds W tokens, the query's own included).
     Quantized pages are dequantized after the gather, so only the context's pages are touched.
-    `backend` (ModelConfig.attention_backend) picks the decode kernel where it applies.
+    `backend` (ModelConfig.attention_backend) picks a Pallas kernel where one applies; the prefill
+    kernel expects each row's positions to be consecutive, then -1 padding (as prefill chunks are).
     """
-    if _decode_kernel_applies(backend, q, cache):
-        return _decode_kernel(q, cache, layer, page_table, positions, kv_lens, sliding_window, scale)
+    if _kernel_applies(backend, q, cache):
+        return _kernel(q, cache, layer, page_table, positions, kv_lens, sliding_window, scale)
     batch, pmax = page_table.shape
     page_size = cache.k.shape[2]
 
@@ -118,39 +119,48 @@ def paged_attention(
     return _attend(q, k, v, visible, scale)
 
 
-def decode_kernel_limits(q_shape, cache: KVCache) -> str | None:
-    """Why the Pallas decode kernel cannot take this call, or None when it can."""
-    from pallas_kernels.paged_decode_attention import ROWS
+def kernel_limits(q_shape, cache: KVCache) -> str | None:
+    """Why no Pallas attention kernel can take this call, or None when one can (the decode kernel
+    for one query token per sequence, the prefill kernel for more)."""
+    from pallas_kernels.attention_tiles import ROWS
 
     _, tokens, _, groups, head_dim = q_shape
     page_size = cache.k.shape[2]
-    if tokens != 1:
-        return f"{tokens} query tokens per sequence (the decode kernel takes 1)"
     if cache.k_scale is not None:
         return f"quantized pages ({cache.k.dtype})"
     if cache.k.dtype not in (jnp.bfloat16, jnp.float16):
         return f"{cache.k.dtype} pages (bfloat16 or float16 only)"
-    if head_dim % 64 or groups > ROWS:
-        return f"head_dim {head_dim} (a multiple of 64) or {groups} query heads per KV head (<= {ROWS})"
+    if head_dim % 64:
+        return f"head_dim {head_dim} (a multiple of 64 only)"
+    if tokens == 1 and groups > ROWS:
+        return f"{groups} query heads per KV head (at most {ROWS})"
+    if tokens > 1 and ROWS % groups:
+        return f"{groups} query heads per KV head (a divisor of {ROWS} for prefill)"
     if page_size % 8 or (64 % page_size and page_size % 64):
         return f"page_size {page_size} (a multiple of 8 dividing 64, or a multiple of 64)"
     return None
 
 
-def _decode_kernel_applies(backend: str, q, cache: KVCache) -> bool:
+def _kernel_applies(backend: str, q, cache: KVCache) -> bool:
     if backend == "xla":
         return False
-    reason = decode_kernel_limits(q.shape, cache)
-    if backend == "pallas" and reason is not None and q.shape[1] == 1:
-        raise ValueError(f"attention_backend='pallas' cannot run decode attention here: {reason}")
+    reason = kernel_limits(q.shape, cache)
+    if backend == "pallas" and reason is not None:
+        raise ValueError(f"attention_backend='pallas' cannot run attention here: {reason}")
     return reason is None and (backend == "pallas" or jax.default_backend() == "gpu")
 
 
-def _decode_kernel(q, cache, layer, page_table, positions, kv_lens, sliding_window, scale):
+def _kernel(q, cache, layer, page_table, positions, kv_lens, sliding_window, scale):
+    interpret = jax.default_backend() != "gpu"
+    if q.shape[1] > 1:
+        from pallas_kernels.paged_prefill_attention import paged_prefill_attention
+
+        return paged_prefill_attention(q, cache.k, cache.v, layer, page_table, positions, kv_lens,
+                                       sliding_window, scale=scale, interpret=interpret)
     from pallas_kernels.paged_decode_attention import paged_decode_attention
 
     # The query sees keys up to its own position (padding rows, at -1, see none).
     lens = jnp.minimum(positions[:, 0] + 1, kv_lens)
     out = paged_decode_attention(q[:, 0], cache.k, cache.v, layer, page_table, lens, sliding_window,
-                                 scale=scale, interpret=jax.default_backend() != "gpu")
+                                 scale=scale, interpret=interpret)
     return out[:, None]

@@ -1,0 +1,126 @@
+"""Building blocks shared by the paged attention kernels (Mosaic GPU, Lane semantics).
+
+A compute warpgroup owns a 64-row query tile (wgmma's M); K/V tiles of `block_kv` keys arrive in
+shared memory from a memory warpgroup that copies pages through the page table. Under Pallas' GPU
+interpreter (CPU tests) registers have no layouts and wgmma takes neither transposed nor register
+operands, so there the products are jnp dots on the tiles read from shared memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+ROWS = 64  # wgmma's M for one warpgroup
+
+
+def smem_tile(shape, dtype):
+    """A shared-memory tile in the layout wgmma reads: 8 x 64 tiles, 128-byte swizzle."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Register-level operations on one warpgroup's (ROWS x block_kv) scores and (ROWS x D) output."""
+
+    interpret: bool
+    dtype: Any
+    head_dim: int
+    block_kv: int
+
+    def _layout(self, x, layout):
+        return x if self.interpret else plgpu.layout_cast(x, layout)
+
+    def row_stat(self, value: float):
+        """A (ROWS,) float32 vector laid out like a row reduction of the scores."""
+        return self._layout(jnp.full((ROWS,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+    def zero_output(self):
+        return self._layout(jnp.zeros((ROWS, self.head_dim), jnp.float32), plgpu.Layout.WGMMA)
+
+    def zero_tile(self):
+        """Zeros in the input dtype, for clearing a query tile in shared memory."""
+        return self._layout(jnp.zeros((ROWS, self.head_dim), self.dtype), plgpu.Layout.WGMMA)
+
+    def iota(self, dim: int):
+        """Row (dim 0) or key (dim 1) index within a score tile."""
+        shape = (ROWS, self.block_kv)
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def scores(self, q_smem, k_smem):
+        """Q K^T in float32."""
+        if self.interpret:
+            return jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
+
+        def scope(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+            return acc_ref[...]
+
+        return pl.run_scoped(scope, plgpu.ACC((ROWS, self.block_kv), jnp.float32))
+
+    def accumulate_pv(self, acc, p, v_smem):
+        """acc + P V, P in the input dtype."""
+        p = p.astype(self.dtype)
+        if self.interpret:
+            return acc + jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
+        return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem))(plgpu.ACC.init(acc))
+
+
+def online_softmax(acc, m_i, l_i, s, visible, masked: float):
+    """One FlashAttention step in log2 units: `s` are scores already scaled by log2(e)/sqrt(d);
+    hidden ones become `masked`. Returns the rescaled accumulator, new max and sum, and P."""
+    s = jnp.where(visible, s, masked)
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    return acc, m_new, l_i * alpha + p.sum(axis=1), p
+
+
+def copy_kv_pages(src_ref, dst, barrier, *, layer, table_ref, b, h, token, page_size: int,
+                  block_kv: int, pmax: int):
+    """Starts the TMA copies of keys [token, token + block_kv) of sequence b, head h, into `dst`:
+    one copy per page (or one slice of a page larger than the tile), all on `barrier`."""
+    if page_size >= block_kv:
+        page = table_ref[b, jnp.minimum(lax.div(token, page_size), pmax - 1)]
+        src = src_ref.at[layer, page, pl.ds(lax.rem(token, page_size), block_kv), h]
+        plgpu.copy_gmem_to_smem(src, dst, barrier)
+        return
+    for i in range(block_kv // page_size):
+        page = table_ref[b, jnp.minimum(lax.div(token, page_size) + i, pmax - 1)]
+        plgpu.copy_gmem_to_smem(src_ref.at[layer, page, :, h], dst.at[pl.ds(i * page_size, page_size)], barrier)
+
+
+def copies_per_tile(page_size: int, block_kv: int) -> int:
+    return max(block_kv // page_size, 1)
+
+
+def memory_loop(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, *, begin, steps,
+                num_stages: int, **page_args):
+    """The memory warpgroup: for each step, wait for its slot to be free, then copy K and V."""
+
+    def issue(step, carry):
+        slot = lax.rem(step, num_stages)
+        token = begin + step * page_args["block_kv"]
+
+        @pl.when(step >= num_stages)
+        def _():
+            plgpu.barrier_wait(k_free.at[slot])
+
+        copy_kv_pages(k_ref, k_smem.at[slot], k_ready.at[slot], token=token, **page_args)
+
+        @pl.when(step >= num_stages)
+        def _():
+            plgpu.barrier_wait(v_free.at[slot])
+
+        copy_kv_pages(v_ref, v_smem.at[slot], v_ready.at[slot], token=token, **page_args)
+        return carry
+
+    lax.fori_loop(0, steps, issue, None)
