@@ -33,7 +33,8 @@ SMALL = dict(prompt_len=16, new_tokens=16, prefill_len=64, repeats=1,
 
 
 def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_len: int | None = 2048,
-        repeats: int = 3, config=None, layers: str = "scan", params=None, temperature: float = 0.0) -> dict:
+        repeats: int = 3, config=None, layers: str = "scan", params=None, temperature: float = 0.0,
+        quantization: str | None = None) -> dict:
     """One decode measurement; `layers` is "scan" (stacked weights) or "unrolled" (a list)."""
     config = config or llama3_8b()
     mesh = make_mesh(ParallelConfig(1))
@@ -41,7 +42,8 @@ def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_le
     if layers == "unrolled":
         params = unstack_layers(params)
     max_len = max(prefill_len or 0, prompt_len + new_tokens) + 16
-    llm = LLM.from_params(config, params, mesh, max_model_len=max_len, max_num_seqs=max(batch, 1))
+    llm = LLM.from_params(config, params, mesh, max_model_len=max_len, max_num_seqs=max(batch, 1),
+                          quantization=quantization)
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(0, config.vocab_size, prompt_len).tolist()}
                for _ in range(batch)]
@@ -61,7 +63,7 @@ def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_le
     decode_s = total - ttft
     tokens_per_s = batch * (new_tokens - 1) / decode_s
 
-    weight_bytes = _nbytes(params) - params["embed"].nbytes  # a step reads one embedding row
+    weight_bytes = _nbytes(llm.params) - params["embed"].nbytes  # a step reads one embedding row
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
     mean_context = prompt_len + new_tokens / 2
     step_bytes = weight_bytes + batch * kv_per_token * mean_context
@@ -70,7 +72,7 @@ def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_le
     prefill = _prefill(llm, config, params, prefill_len, repeats, rng) if prefill_len else {}
     return {
         "shape": "llama3-8b" if config.hidden_size == 4096 else "small", "layers": layers,
-        "temperature": temperature,
+        "temperature": temperature, "quantization": quantization,
         "dtype": config.dtype, "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "compile_and_first_run_s": compile_s,
         "generate_s": total, "ttft_s": ttft, "decode_s": decode_s,

@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--xla-batches", type=int, nargs="*", default=None,
                         help="batches that also run the XLA path (default: all)")
+    parser.add_argument("--int8-batches", type=int, nargs="*", default=[],
+                        help="batches to run again with int8 weight-only quantization (Pallas attention)")
+    parser.add_argument("--prefill-len", type=int, default=None, help="also time one prefill of this length")
     parser.add_argument("--out", default="results_decode_backends.json")
     args = parser.parse_args(argv)
     config = llama3_8b()
@@ -60,12 +63,15 @@ def main(argv=None) -> int:
             if backend == "xla" and args.xla_batches is not None and batch not in args.xla_batches:
                 continue
             row = decode.run(batch=batch, config=config.replace(attention_backend=backend), params=params,
-                             layers="unrolled", prefill_len=None, repeats=args.repeats)
+                             layers="unrolled", prefill_len=args.prefill_len if batch == 1 else None,
+                             repeats=args.repeats)
             tokens[(batch, backend)] = row.pop("greedy_tokens")
             row["backend"] = backend
             rows.append(row)
             print(f"batch {batch:3d} {backend:7s} {row['decode_tokens_per_s']:9.1f} tok/s "
-                  f"{row['ms_per_step']:.3f} ms/step {row['fraction_of_copy_ceiling']:.3f} of copy bw", flush=True)
+                  f"{row['ms_per_step']:.3f} ms/step {row['fraction_of_copy_ceiling']:.3f} of copy bw"
+                  + (f"; prefill {row['prefill_len']}: {row['prefill_s'] * 1e3:.1f} ms, "
+                     f"{row['prefill_TFLOPs']:.0f} TFLOP/s" if "prefill_s" in row else ""), flush=True)
         same = [tokens[(batch, b)] for b in args.backends if (batch, b) in tokens]
         if len(same) < 2:
             continue
@@ -73,6 +79,13 @@ def main(argv=None) -> int:
         print(f"batch {batch}: greedy tokens of row 0 equal across backends: {first_diff is None} "
               f"(first difference at step {first_diff})", flush=True)
         rows.append(dict(batch=batch, greedy_equal=first_diff is None, first_difference=first_diff))
+    for batch in args.int8_batches:
+        row = decode.run(batch=batch, config=config.replace(attention_backend="auto"), params=params,
+                         layers="unrolled", prefill_len=None, repeats=args.repeats, quantization="int8")
+        row.pop("greedy_tokens")
+        rows.append(dict(row, backend="auto+int8"))
+        print(f"batch {batch:3d} int8    {row['decode_tokens_per_s']:9.1f} tok/s {row['ms_per_step']:.3f} ms/step "
+              f"{row['fraction_of_copy_ceiling']:.3f} of copy bw (int8 bytes)", flush=True)
     agreement = compare_logprobs(config, params, args.backends)
     print("logprob agreement:", json.dumps(agreement), flush=True)
     with open(args.out, "w") as f:

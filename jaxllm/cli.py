@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jaxllm
-from jaxllm.config import DTYPES
+from jaxllm.config import ATTENTION_BACKENDS, DTYPES
 from jaxllm.engine.engine import EngineConfig
 from jaxllm.llm import LLM
 from jaxllm.outputs import CompletionOutput
+from jaxllm.quantization import METHODS as QUANTIZATION_METHODS
 from jaxllm.sampling_params import SamplingParams
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
@@ -106,6 +107,10 @@ def _add_model_args(parser: argparse.ArgumentParser, longest: str) -> None:
                         help="devices to split each layer over (default: 1)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="load pickle .bin checkpoints (they can run code: only for files you trust)")
+    parser.add_argument("--quantization", choices=QUANTIZATION_METHODS, default=None,
+                        help="weight-only quantization at load (default: none)")
+    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                        help="auto: our Pallas kernels on GPUs where they apply (default); xla; pallas")
 
 
 _BENCH_DEFAULTS = {"num_prompts": 100, "input_len": 128, "output_len": 128, "range_ratio": 0.0}
@@ -154,7 +159,7 @@ def _load_llm(args: argparse.Namespace, **kwargs) -> LLM:
     model = args.model if args.model is not None else _default_model()
     return LLM(model, dtype=args.dtype, max_model_len=args.max_model_len,
                tensor_parallel_size=args.tensor_parallel_size, progress=False, allow_pickle=args.allow_pickle,
-               **kwargs)
+               quantization=args.quantization, attention_backend=args.attention_backend, **kwargs)
 
 
 def _default_model() -> Path:

@@ -20,10 +20,12 @@ from jaxllm.completion import build_completion, logprob_dict
 from jaxllm.kv_cache import contiguous_page_table, init_cache, pages_for
 from jaxllm.ops.kv_quant import check_kv_cache_dtype
 from jaxllm.outputs import CompletionOutput, RequestOutput
+from jaxllm.quantization import check_method as check_quantization, quantize_params
 from jaxllm.requests import Request, make_requests
 from jaxllm.sampling import make_sampling_tensors
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.sharding import ParallelConfig, cache_sharding, check_divisible, make_mesh
+from models import get_model_spec
 
 STOP_STRING_CHECK_STEPS = 16  # decode steps between host checks, only when stop strings are set
 _FINISH = {runner.FINISHED_LENGTH: "length", runner.FINISHED_STOP: "stop"}
@@ -63,6 +65,12 @@ def _resolve_max_model_len(max_model_len: int | None, config: ModelConfig) -> in
     return max_model_len
 
 
+def _quantized(params: dict, config: ModelConfig, method: str | None) -> dict:
+    if method is None:
+        return params
+    return quantize_params(params, get_model_spec(config.architecture).model.INPUT_AXES, method)
+
+
 def _with_backend(config: ModelConfig, backend: str, tensor_parallel_size: int) -> ModelConfig:
     """The config with its attention backend; the kernels run on one device per model for now."""
     if backend not in ATTENTION_BACKENDS:
@@ -96,8 +104,10 @@ class LLM:
         layers: "unrolled" (each layer its own weights; fastest decode) or "scan" (stacked weights
             under lax.scan; compiles faster).
         kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8_e4m3" (per token and head scales).
-        attention_backend: "auto" (our Pallas decode-attention kernel on a GPU where it applies),
-            "xla" (the jnp reference through XLA) or "pallas" (the kernel, or an error saying why not).
+        attention_backend: "auto" (our Pallas attention kernels on a GPU where they apply),
+            "xla" (the jnp reference through XLA) or "pallas" (the kernels, or an error saying why not).
+        quantization: None, or "int8" (weight-only, one scale per output channel; the embedding
+            table stays dense).
     """
 
     def __init__(
@@ -117,6 +127,7 @@ class LLM:
         layers: str = "unrolled",
         kv_cache_dtype: str = "auto",
         attention_backend: str = "auto",
+        quantization: str | None = None,
     ):
         if model is None:
             from jaxllm.default_model import default_model_dir
@@ -128,6 +139,7 @@ class LLM:
         _check_positive(page_size=page_size, max_num_seqs=max_num_seqs)
         enable_compilation_cache()
         check_kv_cache_dtype(kv_cache_dtype)
+        check_quantization(quantization)
         self.kv_cache_dtype = kv_cache_dtype
         self.config = _with_backend(load_config(self.model_dir, dtype), attention_backend,
                                     tensor_parallel_size)
@@ -139,6 +151,8 @@ class LLM:
         self.mesh = make_mesh(parallel)
         self.params = load_params(self.model_dir, self.config, self.mesh, allow_pickle=allow_pickle,
                                   progress=progress, layers=layers)
+        self.params = _quantized(self.params, self.config, quantization)
+        self.quantization = quantization
         self.tokenizer = None
         if not skip_tokenizer_init:
             from transformers import AutoTokenizer
@@ -161,6 +175,7 @@ class LLM:
         max_num_seqs: int = 64,
         kv_cache_dtype: str = "auto",
         attention_backend: str | None = None,
+        quantization: str | None = None,
     ) -> "LLM":
         """An LLM over params already on `mesh` (random weights for benchmarks, or your own)."""
         _check_positive(page_size=page_size, max_num_seqs=max_num_seqs)
@@ -168,7 +183,10 @@ class LLM:
         enable_compilation_cache()
         config = _with_backend(config, attention_backend or config.attention_backend,
                                dict(mesh.shape).get("tensor", 1))
+        check_quantization(quantization)
         llm = cls.__new__(cls)
+        llm.quantization = quantization
+        params = _quantized(params, config, quantization)
         llm.kv_cache_dtype = kv_cache_dtype
         llm.model_dir, llm.config, llm.params, llm.mesh, llm.tokenizer = None, config, params, mesh, tokenizer
         llm.max_model_len = _resolve_max_model_len(max_model_len, config)

@@ -46,6 +46,11 @@ def param_axes(config: ModelConfig) -> dict:
     return axes
 
 
+# Input (contracted) axes of each matrix, not counting the layer axis: weight quantization keeps
+# one scale per output channel, so these are the axes a scale spans.
+INPUT_AXES = {"wqkv": (0,), "wo": (0, 1, 2), "w_gate_up": (0,), "w_down": (0,), "lm_head": (0,)}
+
+
 def param_shapes(config: ModelConfig) -> dict:
     """Shape of every parameter, mirroring the param pytree."""
     c = config

@@ -1,6 +1,6 @@
 """Held-out perplexity of the demo model beside a unigram baseline on the same tokens.
 
-    python scripts/eval_demo_model.py [--model DIR] [--out result.json]
+    python scripts/eval_demo_model.py [--model DIR] [--quantization int8] [--out result.json]
 
 The held-out files are the ones the model's `training.json` lists, read from this interpreter's
 standard library (the split is by a hash of each file's relative path, so the same Python version
@@ -41,6 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default=None, help="e.g. int8 (weight-only)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -54,7 +55,8 @@ def main(argv=None) -> dict:
         print(f"note: this Python's held-out split differs from training's ({len(found & listed)} of "
               f"{len(listed)} files in common); scoring this machine's held-out files", file=sys.stderr)
 
-    llm = LLM(model_dir, dtype=args.dtype, max_model_len=args.window, progress=False)
+    llm = LLM(model_dir, dtype=args.dtype, max_model_len=args.window, progress=False,
+              quantization=args.quantization)
     texts = [f.read_text(encoding="utf-8") for f in heldout_files]
     model = perplexity(llm, texts, window=args.window, stride=args.stride)
 
