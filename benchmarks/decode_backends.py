@@ -62,9 +62,14 @@ def main(argv=None) -> int:
         for backend in args.backends:
             if backend == "xla" and args.xla_batches is not None and batch not in args.xla_batches:
                 continue
-            row = decode.run(batch=batch, config=config.replace(attention_backend=backend), params=params,
-                             layers="unrolled", prefill_len=args.prefill_len if batch == 1 else None,
-                             repeats=args.repeats)
+            try:
+                row = decode.run(batch=batch, config=config.replace(attention_backend=backend), params=params,
+                                 layers="unrolled", prefill_len=args.prefill_len if batch == 1 else None,
+                                 repeats=args.repeats)
+            except Exception as e:  # a failing path is reported, and the others still run
+                print(f"batch {batch:3d} {backend:7s} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+                rows.append(dict(batch=batch, backend=backend, error=f"{type(e).__name__}: {str(e)[:2000]}"))
+                continue
             tokens[(batch, backend)] = row.pop("greedy_tokens")
             row["backend"] = backend
             rows.append(row)
@@ -86,7 +91,10 @@ def main(argv=None) -> int:
         rows.append(dict(row, backend="auto+int8"))
         print(f"batch {batch:3d} int8    {row['decode_tokens_per_s']:9.1f} tok/s {row['ms_per_step']:.3f} ms/step "
               f"{row['fraction_of_copy_ceiling']:.3f} of copy bw (int8 bytes)", flush=True)
-    agreement = compare_logprobs(config, params, args.backends)
+    try:
+        agreement = compare_logprobs(config, params, args.backends)
+    except Exception as e:
+        agreement = dict(error=f"{type(e).__name__}: {str(e)[:2000]}")
     print("logprob agreement:", json.dumps(agreement), flush=True)
     with open(args.out, "w") as f:
         json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, rows=rows,

@@ -67,7 +67,7 @@ def einsum(subscripts: str, x: Array, w: QuantizedWeight) -> Array:
     """`x` contracted with a quantized weight: the int8 values in x's dtype, then the scales."""
     inputs, out = subscripts.split("->")
     _, w_sub = inputs.split(",")
-    y = jnp.einsum(subscripts, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = jnp.einsum(subscripts, x, w.q.astype(x.dtype)).astype(jnp.float32)
     kept = "".join(c for c in w_sub if c in out)
     squeeze = tuple(i for i, c in enumerate(w_sub) if c not in out)
     scale = jnp.squeeze(w.scale, axis=squeeze).astype(jnp.float32)
