@@ -117,10 +117,12 @@ def test_options_reach_llm_and_sampling_params(capsys, monkeypatch, tmp_path):
     code, out, err = run(capsys, "generate", "--model", tmp_path, "--prompt", "a", "--prompt", "b",
                          "--max-tokens", 7, "--temperature", 0.7, "--top-p", 0.8, "--top-k", 9, "--min-p", 0.05,
                          "--seed", 42, "--stop", "x", "yz", "--dtype", "bfloat16", "--max-model-len", 128,
-                         "--tensor-parallel-size", 2, "--logprobs", 3, "--allow-pickle")
+                         "--tensor-parallel-size", 2, "--logprobs", 3, "--allow-pickle", "--quantization", "int8",
+                         "--attention-backend", "xla")
     assert code == 0, err
     assert calls["init"] == (str(tmp_path), dict(dtype="bfloat16", max_model_len=128, tensor_parallel_size=2,
-                                                 seed=42, progress=False, allow_pickle=True))
+                                                 seed=42, progress=False, allow_pickle=True, quantization="int8",
+                                                 attention_backend="xla"))
     # flags win over the model's defaults; the defaults fill in the rest (repetition_penalty)
     assert calls["generate"] == (["a", "b"], SamplingParams(max_tokens=7, temperature=0.7, top_p=0.8, top_k=9,
                                                             min_p=0.05, stop=["x", "yz"], logprobs=3,
