@@ -16,7 +16,7 @@ from jaxllm.config import ATTENTION_BACKENDS, DTYPES
 from jaxllm.engine.engine import EngineConfig
 from jaxllm.llm import LLM
 from jaxllm.outputs import CompletionOutput
-from jaxllm.quantization import METHODS as QUANTIZATION_METHODS
+from jaxllm.quantization import GROUP_SIZE, METHODS as QUANTIZATION_METHODS
 from jaxllm.sampling_params import SamplingParams
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
@@ -86,6 +86,21 @@ def _build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--request-rate", type=float, default=math.inf, metavar="R",
                      help="requests per second, arriving as a seeded Poisson process; inf: all at once (default: inf)")
     _add_bench_args(lat)
+
+    quant = sub.add_parser("quantize", help="write a quantized checkpoint that loads without recalibrating")
+    quant.add_argument("--model", help="Hugging Face checkpoint directory (default: the bundled demo model)")
+    quant.add_argument("--method", required=True, choices=QUANTIZATION_METHODS,
+                       help="int8: per output channel; int4: groups, round-to-nearest; awq: int4 with "
+                            "activation-aware scales from --calib")
+    quant.add_argument("--calib", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files (awq)")
+    quant.add_argument("--calib-rows", type=int, default=32, metavar="N",
+                       help="most calibration rows of --calib-len tokens (default: 32)")
+    quant.add_argument("--calib-len", type=int, default=512, metavar="N", help="tokens a row (default: 512)")
+    quant.add_argument("--group-size", type=int, default=GROUP_SIZE, metavar="G",
+                       help=f"int4: inputs sharing a scale and zero point (default: {GROUP_SIZE})")
+    quant.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="of the unquantized tensors")
+    quant.add_argument("--out", type=Path, required=True, help="directory to write")
+    quant.set_defaults(run=_quantize)
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight HF checkpoint")
     tiny.add_argument("path", type=Path)
@@ -160,6 +175,49 @@ def _load_llm(args: argparse.Namespace, **kwargs) -> LLM:
     return LLM(model, dtype=args.dtype, max_model_len=args.max_model_len,
                tensor_parallel_size=args.tensor_parallel_size, progress=False, allow_pickle=args.allow_pickle,
                quantization=args.quantization, attention_backend=args.attention_backend, **kwargs)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from jaxllm.calibration import awq_scales
+    from jaxllm.quantization import CALIBRATED, quantize_params
+    from jaxllm.quantized_checkpoint import save_quantized
+    from models import get_model_spec
+
+    if args.method in CALIBRATED and not args.calib:
+        raise _UsageError(f"quantize --method {args.method} needs --calib FILE [FILE ...]")
+    for name in ("calib_rows", "calib_len", "group_size"):
+        if getattr(args, name) < 1:
+            raise _UsageError(f"quantize --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    model = Path(args.model) if args.model is not None else _default_model()
+    llm = LLM(model, dtype=args.dtype, progress=True)
+    axes = get_model_spec(llm.config.architecture).model.INPUT_AXES
+    scales, extra = None, {}
+    if args.method in CALIBRATED:
+        rows = _calibration_rows(llm, args.calib, args.calib_rows, args.calib_len)
+        scales, report = awq_scales(llm.params, llm.config, rows, axes, args.group_size, progress=True)
+        alphas = [r["alpha"] for r in report.values()]
+        extra = {"calibration_rows": len(rows), "calibration_tokens": sum(map(len, rows)),
+                 "mean_alpha": float(sum(alphas) / len(alphas))}
+    params = quantize_params(llm.params, axes, args.method, group_size=args.group_size, input_scales=scales)
+    out = save_quantized(params, model, args.out, args.method, args.group_size, extra)
+    print(f"wrote {args.method} checkpoint to {out}" + (f" ({extra})" if extra else ""))
+    return 0
+
+
+def _calibration_rows(llm: LLM, files: Sequence[Path], max_rows: int, length: int) -> list[list[int]]:
+    """Token rows of `length` (the last of a file may be shorter, at least 16) from the files."""
+    if llm.tokenizer is None:
+        raise _UsageError("quantize: calibration needs the model's tokenizer")
+    rows = []
+    for path in files:
+        try:
+            ids = llm.tokenizer.encode(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise _UsageError(f"quantize: cannot read {path}: {err}") from None
+        rows += [ids[i:i + length] for i in range(0, len(ids), length) if len(ids[i:i + length]) >= 16]
+    if not rows:
+        raise _UsageError("quantize: the --calib files hold no row of at least 16 tokens")
+    return rows[:max_rows]
 
 
 def _default_model() -> Path:

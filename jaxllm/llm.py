@@ -21,6 +21,7 @@ from jaxllm.kv_cache import contiguous_page_table, init_cache, pages_for
 from jaxllm.ops.kv_quant import check_kv_cache_dtype
 from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.quantization import check_method as check_quantization, quantize_params
+from jaxllm.quantized_checkpoint import checkpoint_quantization, load_quantized
 from jaxllm.requests import Request, make_requests
 from jaxllm.sampling import make_sampling_tensors
 from jaxllm.sampling_params import SamplingParams
@@ -106,8 +107,9 @@ class LLM:
         kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8_e4m3" (per token and head scales).
         attention_backend: "auto" (our Pallas attention kernels on a GPU where they apply),
             "xla" (the jnp reference through XLA) or "pallas" (the kernels, or an error saying why not).
-        quantization: None, or "int8" (weight-only, one scale per output channel; the embedding
-            table stays dense).
+        quantization: None; "int8" (weight-only, one scale per output channel) or "int4" (groups of
+            128 inputs with zero points, round-to-nearest), applied at load; the embedding table
+            stays dense. A checkpoint written by `jaxllm quantize` (also "awq") loads as stored.
     """
 
     def __init__(
@@ -139,7 +141,7 @@ class LLM:
         _check_positive(page_size=page_size, max_num_seqs=max_num_seqs)
         enable_compilation_cache()
         check_kv_cache_dtype(kv_cache_dtype)
-        check_quantization(quantization)
+        check_quantization(quantization, calibrated_ok=True)  # a calibrated method must be stored
         self.kv_cache_dtype = kv_cache_dtype
         self.config = _with_backend(load_config(self.model_dir, dtype), attention_backend,
                                     tensor_parallel_size)
@@ -149,9 +151,20 @@ class LLM:
         parallel = ParallelConfig(tensor_parallel_size)
         check_divisible(self.config, parallel)
         self.mesh = make_mesh(parallel)
-        self.params = load_params(self.model_dir, self.config, self.mesh, allow_pickle=allow_pickle,
-                                  progress=progress, layers=layers)
-        self.params = _quantized(self.params, self.config, quantization)
+        stored = checkpoint_quantization(self.model_dir)
+        if stored is None:
+            check_quantization(quantization)  # before reading weights: awq needs a stored checkpoint
+            self.params = load_params(self.model_dir, self.config, self.mesh, allow_pickle=allow_pickle,
+                                      progress=progress, layers=layers)
+            self.params = _quantized(self.params, self.config, quantization)
+        else:
+            if quantization not in (None, stored["method"]):
+                raise ValueError(f"{self.model_dir} is already quantized with {stored['method']!r}; "
+                                 f"quantization={quantization!r} cannot apply on top")
+            if layers != "unrolled":
+                raise ValueError(f"quantized checkpoints load with layers='unrolled', not {layers!r}")
+            self.params = load_quantized(self.model_dir, self.config, self.mesh, stored)
+            quantization = stored["method"]
         self.quantization = quantization
         self.tokenizer = None
         if not skip_tokenizer_init:

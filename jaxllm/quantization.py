@@ -1,20 +1,31 @@
 """Weight-only quantization: quantized weights are small pytrees swapped in for the dense ones.
 
-A `QuantizedWeight` holds int8 values and one scale per output channel (the weight's shape with its
-input axes of size 1), so `x @ W = (x @ Q) * scale` exactly; `jaxllm.ops.einsum` does that product
-for every model, with no per-model code. Which axes of a weight are inputs is model data
-(`models.registry.ModelSpec.input_axes`).
+- `QuantizedWeight` (int8): int8 values and one float32 scale per output channel (the weight's
+  shape with its input axes of size 1), so `x @ W = (x @ Q) * scale`.
+- `Int4Weight` (int4, AWQ): 4-bit values packed two to a byte along the input dimension, with an
+  asymmetric scale and zero point per group of `group_size` inputs and output channel (AutoAWQ's
+  scheme), and a per-input-channel `input_scale` (AWQ's activation-aware scale; ones for plain
+  round-to-nearest): W ~ diag(1/input_scale) ((Q - zero) * scale).
+
+`jaxllm.ops.einsum` multiplies by either, for every model, with no per-model code. Which axes of a
+weight are inputs is model data (`INPUT_AXES` in the model module); they lead the weight's shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int8
+import numpy as np
+from jaxtyping import Array, Float, Int8, UInt8
 
-METHODS = ("int8",)  # weight-only, symmetric, per output channel
+METHODS = ("int8", "int4", "awq")
+CALIBRATED = ("awq",)  # methods that need calibration data (`jaxllm quantize --calib`)
+GROUP_SIZE = 128
 
 
 class QuantizedWeight(NamedTuple):
@@ -22,9 +33,29 @@ class QuantizedWeight(NamedTuple):
     scale: Float[Array, "..."]  # the weight's shape, input axes of size 1
 
 
-def check_method(method: str | None) -> None:
-    if method is not None and method not in METHODS:
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "scale", "zero", "input_scale"],
+                   meta_fields=["shape", "group_size"])
+@dataclasses.dataclass(frozen=True)
+class Int4Weight:
+    packed: UInt8[Array, "K/2 N"]  # input k = 2i in the low nibble, 2i + 1 in the high one
+    scale: Float[Array, "K/g N"]
+    zero: UInt8[Array, "K/g N"]
+    input_scale: Float[Array, "K"]
+    shape: tuple[int, ...]  # the dense weight's shape: its input axes flatten to K, the rest to N
+    group_size: int
+
+
+def check_method(method: str | None, *, calibrated_ok: bool = False) -> None:
+    if method is None:
+        return
+    if method not in METHODS:
         raise ValueError(f"quantization {method!r} not supported; choose one of {METHODS} or None")
+    if method in CALIBRATED and not calibrated_ok:
+        raise ValueError(f"quantization {method!r} needs calibration data: write a quantized checkpoint "
+                         f"with `jaxllm quantize --method {method} --calib FILES --out DIR` and load DIR")
+
+
+# -- int8 ------------------------------------------------------------------------------------
 
 
 def quantize_int8(w: Float[Array, "..."], input_axes: tuple[int, ...]) -> QuantizedWeight:
@@ -41,30 +72,103 @@ def quantize_int8(w: Float[Array, "..."], input_axes: tuple[int, ...]) -> Quanti
     return run(w)
 
 
-def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> Array:
+# -- int4 ------------------------------------------------------------------------------------
+
+
+def _as_matrix_shape(shape: tuple[int, ...], input_axes: tuple[int, ...]) -> tuple[int, int]:
+    if tuple(input_axes) != tuple(range(len(input_axes))):
+        raise ValueError(f"input axes {input_axes} must lead the weight's shape {shape} for int4")
+    k = math.prod(shape[: len(input_axes)])
+    return k, math.prod(shape) // k
+
+
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def _int4_groups(w2: Float[Array, "K N"], group_size: int):
+    """Asymmetric 4-bit codes, scales and zero points per (group of inputs, output channel)."""
+    k, n = w2.shape
+    g = w2.reshape(k // group_size, group_size, n)
+    lo, hi = g.min(axis=1), g.max(axis=1)
+    scale = jnp.maximum(hi - lo, 1e-5) / 15.0
+    zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
+    q = jnp.clip(jnp.round(g / scale[:, None]) + zero[:, None], 0, 15).reshape(k, n).astype(jnp.uint8)
+    return q, scale, zero.astype(jnp.uint8)
+
+
+def _pack(q: UInt8[Array, "K N"]) -> UInt8[Array, "K/2 N"]:
+    return q[0::2] | (q[1::2] << 4)
+
+
+def _unpack(packed: UInt8[Array, "K/2 N"]) -> UInt8[Array, "K N"]:
+    k2, n = packed.shape
+    return jnp.stack([packed & 15, packed >> 4], axis=1).reshape(2 * k2, n)
+
+
+def quantize_int4(w: Float[Array, "..."], input_axes: tuple[int, ...], group_size: int = GROUP_SIZE,
+                  input_scale: Float[Array, "K"] | None = None) -> Int4Weight:
+    """Round-to-nearest int4 in groups of `group_size` inputs; with `input_scale` s (AWQ), the
+    quantized matrix is diag(s) W, and the product divides the inputs' share back out."""
+    k, n = _as_matrix_shape(w.shape, input_axes)
+    if k % group_size or group_size % 2:
+        raise ValueError(f"group size {group_size} must be even and divide the input dimension {k} "
+                         f"of a weight of shape {tuple(w.shape)}")
+    s = jnp.ones((k,), jnp.float32) if input_scale is None else jnp.asarray(input_scale, jnp.float32)
+    w2 = w.astype(jnp.float32).reshape(k, n) * s[:, None]
+    q, scale, zero = _int4_groups(w2, group_size)
+    return Int4Weight(_pack(q), scale, zero, s, tuple(w.shape), group_size)
+
+
+def dequantize_int4(w: Int4Weight, dtype=jnp.float32) -> Array:
+    q = _unpack(w.packed).astype(jnp.float32)
+    repeat = lambda a: jnp.repeat(a.astype(jnp.float32), w.group_size, axis=0)
+    w2 = (q - repeat(w.zero)) * repeat(w.scale) / w.input_scale[:, None]
+    return w2.reshape(w.shape).astype(dtype)
+
+
+def dequantize(w, dtype=jnp.float32) -> Array:
+    """The dense weight a quantized one stands for."""
+    if isinstance(w, Int4Weight):
+        return dequantize_int4(w, dtype)
     return (w.q.astype(jnp.float32) * w.scale.astype(jnp.float32)).astype(dtype)
 
 
-def quantize_params(params: dict, input_axes: Mapping[str, tuple[int, ...]], method: str = "int8") -> dict:
-    """The params with each weight named in `input_axes` quantized; layers may be a list of
-    per-layer dicts or one stacked dict (whose arrays carry a leading layer axis)."""
-    check_method(method)
+# -- applying it to a model's params -----------------------------------------------------------
+
+
+def quantize_params(params: dict, input_axes: Mapping[str, tuple[int, ...]], method: str = "int8", *,
+                    group_size: int = GROUP_SIZE, input_scales: Mapping | None = None) -> dict:
+    """The params with each weight named in `input_axes` quantized. Layers may be a list of
+    per-layer dicts or one stacked dict (arrays with a leading layer axis; int8 only). For "awq",
+    `input_scales[(layer, name)]` (layer None for top-level weights) are the calibrated scales."""
+    check_method(method, calibrated_ok=input_scales is not None)
     if method is None:
         return params
 
-    def convert(tree: dict, offset: int) -> dict:
-        return {name: (quantize_int8(w, tuple(a + offset for a in input_axes[name]))
-                       if name in input_axes and not isinstance(w, QuantizedWeight) else w)
+    def one(w, axes, key):
+        if method == "int8":
+            return quantize_int8(w, axes)
+        scale = None if input_scales is None else input_scales.get(key)
+        return quantize_int4(w, axes, group_size, scale)
+
+    def convert(tree: dict, offset: int, layer) -> dict:
+        return {name: (one(w, tuple(a + offset for a in input_axes[name]), (layer, name))
+                       if name in input_axes and isinstance(w, (jax.Array, np.ndarray)) else w)
                 for name, w in tree.items()}
 
-    out = convert({k: v for k, v in params.items() if k != "layers"}, 0)
+    out = convert({k: v for k, v in params.items() if k != "layers"}, 0, None)
     layers = params["layers"]
-    out["layers"] = [convert(layer, 0) for layer in layers] if isinstance(layers, list) else convert(layers, 1)
+    if isinstance(layers, list):
+        out["layers"] = [convert(layer, 0, i) for i, layer in enumerate(layers)]
+    elif method == "int8":
+        out["layers"] = convert(layers, 1, None)
+    else:
+        raise ValueError(f"{method} quantizes unrolled layers only (LLM(..., layers='unrolled'))")
     return out
 
 
-def einsum(subscripts: str, x: Array, w: QuantizedWeight) -> Array:
-    """`x` contracted with a quantized weight: the int8 values in x's dtype, then the scales."""
+def einsum(subscripts: str, x: Array, w) -> Array:
+    """`x` contracted with a quantized weight, in x's dtype."""
+    if isinstance(w, Int4Weight):
+        return jnp.einsum(subscripts, x, dequantize_int4(w, x.dtype))
     inputs, out = subscripts.split("->")
     _, w_sub = inputs.split(",")
     y = jnp.einsum(subscripts, x, w.q.astype(x.dtype)).astype(jnp.float32)
@@ -74,3 +178,7 @@ def einsum(subscripts: str, x: Array, w: QuantizedWeight) -> Array:
     out_sub = out.replace("...", "")
     lead = "..." if "..." in out else ""
     return jnp.einsum(f"{kept},{lead}{out_sub}->{lead}{out_sub}", scale, y).astype(x.dtype)
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, (QuantizedWeight, Int4Weight))

@@ -1,5 +1,6 @@
-"""int8 weight-only quantization: the pytree swap, its error bound, the quantized matmul, and the
-bundled model's perplexity against bf16."""
+"""Weight-only quantization (int8, int4, AWQ): the pytree swap, error bounds, the quantized matmul,
+calibration, checkpoints that load back without recalibrating, and the bundled model's perplexity
+against bf16 (this interpreter's stdlib as text: a stand-in for the training run's held-out files)."""
 
 import glob
 import sys
@@ -12,7 +13,9 @@ import pytest
 from jaxllm import LLM, SamplingParams
 from jaxllm.evaluate import perplexity
 from jaxllm.ops import einsum
-from jaxllm.quantization import QuantizedWeight, dequantize, quantize_int8, quantize_params
+from jaxllm.calibration import InputStats, awq_input_scale, awq_scales
+from jaxllm.quantization import (Int4Weight, QuantizedWeight, dequantize, quantize_int4, quantize_int8,
+                                 quantize_params)
 from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 from models.llama import INPUT_AXES
 
@@ -75,16 +78,133 @@ def test_int8_llm_close_to_dense_and_tp_consistent(tmp_path):
         assert abs(a.outputs[0].logprobs[0][first].logprob - d.outputs[0].logprobs[0][first].logprob) < 0.3  # random weights, std 0.3: sharp logits
 
 
-def test_bundled_model_int8_perplexity_within_one_percent():
-    files = sorted(glob.glob(f"{sys.base_prefix}/lib/python3.*/json/*.py"))[:4]
-    assert files, "the interpreter's stdlib json package is the scored text"
-    texts = [open(f, encoding="utf-8").read() for f in files]
-    ppl = {q: perplexity(LLM(dtype="bfloat16", quantization=q, progress=False), texts, window=512).perplexity
-           for q in (None, "int8")}
-    assert ppl[None] < 30  # the bundled model knows Python
-    assert abs(ppl["int8"] / ppl[None] - 1) < 0.01
+def _stdlib(package: str, n: int) -> list[str]:
+    files = sorted(glob.glob(f"{sys.base_prefix}/lib/python3.*/{package}/*.py"))[:n]
+    assert files, f"the interpreter's stdlib {package} package is the text"
+    return [open(f, encoding="utf-8").read() for f in files]
+
+
+def test_bundled_model_perplexity_int8_int4_awq():
+    """Issue 6's accuracy targets on the bundled model: int8 within 1 %, int4 AWQ within 5 % and
+    better than int4 round-to-nearest (calibrated on other files than those scored)."""
+    texts = _stdlib("json", 4)
+    llm = LLM(dtype="bfloat16", progress=False)
+    dense = llm.params
+    tok = llm.get_tokenizer()
+    rows = [ids[i:i + 512] for t in _stdlib("email", 6) for ids in [tok.encode(t)] for i in range(0, 2048, 512)
+            if len(ids[i:i + 512]) > 64][:16]
+    scales, report = awq_scales(dense, llm.config, rows, INPUT_AXES)
+    assert all(r["loss"] <= r["rtn_loss"] for r in report.values())
+    ppl = {"bf16": perplexity(llm, texts, window=512).perplexity}
+    for name, kw in (("int8", {}), ("int4", {}), ("awq", dict(input_scales=scales))):
+        llm.params = quantize_params(dense, INPUT_AXES, name, **kw)
+        ppl[name] = perplexity(llm, texts, window=512).perplexity
+    rel = {k: ppl[k] / ppl["bf16"] - 1 for k in ("int8", "int4", "awq")}
+    assert ppl["bf16"] < 30  # the bundled model knows Python
+    assert abs(rel["int8"]) < 0.01
+    assert rel["awq"] < 0.05 and ppl["awq"] < ppl["int4"], ppl
+    assert rel["int4"] > 0.005  # 4 bits cost something: the comparison is not vacuous
 
 
 def test_unknown_method_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="quantization 'int3' not supported; choose one of"):
         LLM(str(write_tiny_checkpoint(tmp_path)), skip_tokenizer_init=True, quantization="int3", progress=False)
+
+
+def test_int4_packing_groups_and_error_bound():
+    w = jax.random.normal(jax.random.PRNGKey(2), (256, 3, 8)) * jnp.arange(1, 9)
+    qw = quantize_int4(w, (0,), group_size=64)
+    assert isinstance(qw, Int4Weight) and qw.packed.dtype == jnp.uint8
+    assert qw.packed.shape == (128, 24) and qw.scale.shape == (4, 24) and qw.zero.shape == (4, 24)
+    deq = np.asarray(dequantize(qw)).reshape(256, 24)
+    step = np.repeat(np.asarray(qw.scale), 64, axis=0)
+    assert np.all(np.abs(deq - np.asarray(w).reshape(256, 24)) <= step / 2 + 1e-5)
+    # the 4-bit codes survive packing: re-quantizing the dequantized weight gives the same bytes
+    np.testing.assert_array_equal(quantize_int4(jnp.asarray(deq).reshape(w.shape), (0,), 64).packed, qw.packed)
+    with pytest.raises(ValueError, match="group size 100 must be even and divide the input dimension 256"):
+        quantize_int4(w, (0,), group_size=100)
+    with pytest.raises(ValueError, match="input axes"):
+        quantize_int4(w, (1,))
+
+
+@pytest.mark.parametrize("subscripts,x_shape,w_shape,axes", [
+    ("btd,dhgk->bthgk", (2, 3, 128), (128, 2, 6, 8), (0,)),
+    ("bthgk,hgkd->btd", (2, 3, 2, 4, 16), (2, 4, 16, 32), (0, 1, 2)),
+])
+def test_int4_einsum_with_input_scales(subscripts, x_shape, w_shape, axes):
+    kx, kw, ks = jax.random.split(jax.random.PRNGKey(3), 3)
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+    k = int(np.prod([w_shape[a] for a in axes]))
+    s = jnp.exp(0.3 * jax.random.normal(ks, (k,)))  # mild: random scales only hurt RTN
+    qw = quantize_int4(w, axes, group_size=64, input_scale=s)
+    got = einsum(subscripts, x, qw)
+    np.testing.assert_allclose(got, jnp.einsum(subscripts, x, dequantize(qw)), rtol=1e-5, atol=1e-5)
+    rel = float(jnp.linalg.norm(got - jnp.einsum(subscripts, x, w)) / jnp.linalg.norm(jnp.einsum(subscripts, x, w)))
+    assert 1e-3 < rel < 0.2
+
+
+def test_awq_protects_salient_input_channels():
+    """Inputs with a few large channels: AWQ's scale search beats plain round-to-nearest."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 128)).astype(np.float32)
+    x[:, :4] *= 30.0  # salient channels
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    stats = InputStats(np.abs(x).sum(0), x.shape[0], [x])
+    scale, report = awq_input_scale(jnp.asarray(w), (0,), stats, group_size=64)
+    assert report["alpha"] > 0 and report["loss"] < 0.8 * report["rtn_loss"]
+    assert scale[:4].min() > scale[4:].max()  # the salient channels are scaled up
+
+
+def test_quantize_cli_writes_a_checkpoint_that_loads_without_calibration(tmp_path, monkeypatch):
+    from jaxllm import calibration, cli
+
+    calib = tmp_path / "calib.py"
+    calib.write_text("\n".join(_stdlib("email", 2)))
+    out = tmp_path / "awq"
+    assert cli.main(["quantize", "--method", "awq", "--calib", str(calib), "--calib-rows", "4",
+                     "--out", str(out)]) == 0
+    assert json_config(out)["quantization_config"]["method"] == "awq"
+    monkeypatch.setattr(calibration, "collect_inputs", lambda *a, **k: pytest.fail("recalibrated on load"))
+    llm = LLM(str(out), progress=False)
+    assert llm.quantization == "awq"
+    layer = llm.params["layers"][0]
+    assert isinstance(layer["wqkv"], Int4Weight) and not np.allclose(layer["wqkv"].input_scale, 1.0)
+    sp = SamplingParams(max_tokens=12, temperature=0.0)
+    text = llm.generate(["def fibonacci(n):"], sp, use_tqdm=False)[0].outputs[0].text
+    assert len(text) > 0
+    # int8 and int4 need no calibration
+    assert cli.main(["quantize", "--method", "int8", "--out", str(tmp_path / "q8")]) == 0
+    q8 = LLM(str(tmp_path / "q8"), progress=False)
+    direct = LLM(quantization="int8", progress=False)
+    for a, b in zip(jax.tree.leaves(q8.params), jax.tree.leaves(direct.params)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def json_config(path):
+    import json
+
+    return json.loads((path / "config.json").read_text())
+
+
+def test_quantization_bad_input(tmp_path, capsys):
+    import json
+
+    from jaxllm import cli
+
+    with pytest.raises(ValueError, match="'awq' needs calibration data: write a quantized checkpoint"):
+        LLM(quantization="awq", progress=False)
+    assert cli.main(["quantize", "--method", "awq", "--out", str(tmp_path / "x")]) == 2
+    assert "quantize --method awq needs --calib" in capsys.readouterr().err
+    assert cli.main(["quantize", "--method", "int4", "--group-size", "100", "--out", str(tmp_path / "x")]) == 2
+    assert "group size 100 must be even and divide the input dimension" in capsys.readouterr().err
+    # a checkpoint quantized in a format we do not read: the error names what is supported
+    path = write_tiny_checkpoint(tmp_path / "hf_awq")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quantized as 'awq', which jaxllm cannot load yet; supported"):
+        LLM(str(path), skip_tokenizer_init=True, progress=False)
+    # a jaxllm checkpoint cannot be quantized again with another method
+    assert cli.main(["quantize", "--method", "int4", "--group-size", "64", "--out", str(tmp_path / "q4")]) == 0
+    with pytest.raises(ValueError, match="already quantized with 'int4'"):
+        LLM(str(tmp_path / "q4"), quantization="int8", progress=False)

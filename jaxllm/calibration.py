@@ -1,0 +1,128 @@
+"""Calibration for activation-aware quantization (AWQ, Lin et al. 2023).
+
+An eager forward over calibration tokens records, for every weight matrix, the inputs that reach
+it; AWQ then picks per-input-channel scales s = mean|x|^alpha, alpha on a grid, that minimise the
+output error || X W - X Q(diag(s) W) / s ||^2 on those inputs, group-wise int4 round-to-nearest.
+
+Why not qwix (a JAX quantization library with AWQ and GPTQ): its model-level API intercepts Flax
+modules (patching jax's primitive binding) and brings Flax as a dependency, while our models are
+plain functions over dicts; its AWQ core scores a weight error weighted by activation magnitude,
+not the output error on calibration inputs, and its quantized arrays are not AutoAWQ's int4 +
+zero point layout that pre-quantized checkpoints use. The search itself is a few lines, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from jaxllm.kv_cache import AttentionMeta
+from jaxllm.ops.matmul import observe_inputs
+from jaxllm.quantization import GROUP_SIZE, dequantize_int4, quantize_int4
+from models import get_model_spec
+
+
+@dataclasses.dataclass
+class InputStats:
+    """What reached one weight: mean |x| per input channel, and a sample of input rows."""
+
+    abs_sum: np.ndarray
+    count: int
+    rows: list[np.ndarray]
+
+    @property
+    def act_scale(self) -> np.ndarray:
+        return self.abs_sum / max(self.count, 1)
+
+    def sample(self) -> np.ndarray:
+        return np.concatenate(self.rows, axis=0)
+
+
+def _as_rows(subscripts: str, x: Array, input_count: int) -> np.ndarray:
+    """x with the dims the weight contracts (in the weight's order) flattened last: [rows, K]."""
+    inputs, out = subscripts.split("->")
+    x_sub, w_sub = inputs.split(",")
+    x_sub = x_sub.replace("...", "")
+    contracted = w_sub[:input_count]
+    rest = [c for c in x_sub if c not in contracted]
+    x = np.asarray(x, np.float32)
+    x = x.reshape(-1, *x.shape[x.ndim - len(x_sub):])  # fold a leading "..." into one axis
+    order = [1 + x_sub.index(c) for c in rest] + [1 + x_sub.index(c) for c in contracted]
+    x = np.transpose(x, [0, *order])
+    k = int(np.prod([x.shape[-len(contracted) + i] for i in range(len(contracted))]))
+    return x.reshape(-1, k)
+
+
+def collect_inputs(params: dict, config, token_rows: Sequence[Sequence[int]], input_axes,
+                   max_rows: int = 512, seed: int = 0) -> dict:
+    """{(layer, name): InputStats} over an eager forward of each token row (layers unrolled)."""
+    if not isinstance(params["layers"], list):
+        raise ValueError("calibration needs unrolled layers (a list of per-layer dicts)")
+    model = get_model_spec(config.architecture).model
+    where = {id(w): (i, name) for i, layer in enumerate(params["layers"]) for name, w in layer.items()}
+    where.update({id(w): (None, name) for name, w in params.items() if name != "layers"})
+    stats: dict = {}
+    rng = np.random.default_rng(seed)
+
+    def observe(subscripts, x, w):
+        key = where.get(id(w))
+        if key is None or key[1] not in input_axes:
+            return
+        rows = _as_rows(subscripts, x, len(input_axes[key[1]]))
+        s = stats.setdefault(key, InputStats(np.zeros(rows.shape[1]), 0, []))
+        s.abs_sum += np.abs(rows).sum(axis=0)
+        s.count += rows.shape[0]
+        take = rng.choice(rows.shape[0], min(rows.shape[0], max_rows), replace=False)
+        s.rows.append(rows[take])
+
+    with observe_inputs(observe):
+        for ids in token_rows:
+            tokens = jnp.asarray([list(ids)], jnp.int32)
+            positions = jnp.arange(tokens.shape[1])[None]
+            meta = AttentionMeta(positions, jnp.zeros((1, 1), jnp.int32), jnp.asarray([tokens.shape[1]]))
+            hidden, _ = model.forward_hidden(params, tokens, meta, None, config)
+            model.logits(params, hidden[:, -1:])
+    for s in stats.values():  # keep at most max_rows rows, drawn over all calibration rows
+        sample = s.sample()
+        s.rows = [sample[rng.choice(sample.shape[0], min(sample.shape[0], max_rows), replace=False)]]
+    return stats
+
+
+def awq_input_scale(w: Float[Array, "..."], input_axes: tuple[int, ...], stats: InputStats,
+                    group_size: int = GROUP_SIZE, grid: int = 20) -> tuple[np.ndarray, dict]:
+    """The per-input-channel scale of the best alpha on the grid (alpha = 0 is plain RTN)."""
+    x = jnp.asarray(stats.sample())
+    k = x.shape[1]
+    w2 = jnp.asarray(w, jnp.float32).reshape(k, -1)
+    ref = x @ w2
+    act = jnp.asarray(stats.act_scale, jnp.float32)
+    act = jnp.maximum(act / jnp.maximum(act.max(), 1e-8), 1e-4)
+    losses, scales = [], []
+    for alpha in np.linspace(0.0, 1.0, grid):
+        s = act**alpha
+        s = s / jnp.sqrt(s.max() * s.min())
+        q = quantize_int4(w2, (0,), group_size, s)
+        losses.append(float(jnp.mean((x @ dequantize_int4(q) - ref) ** 2)))
+        scales.append(np.asarray(s))
+    best = int(np.argmin(losses))
+    return scales[best], dict(alpha=float(np.linspace(0.0, 1.0, grid)[best]), loss=losses[best],
+                              rtn_loss=losses[0])
+
+
+def awq_scales(params: dict, config, token_rows, input_axes, group_size: int = GROUP_SIZE,
+               progress: bool = False) -> tuple[dict, dict]:
+    """Calibrated input scales {(layer, name): scale} and per-weight search reports."""
+    from tqdm.auto import tqdm
+
+    stats = collect_inputs(params, config, token_rows, input_axes)
+    scales, report = {}, {}
+    for (layer, name), s in tqdm(sorted(stats.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1])),
+                                 desc="awq search", disable=not progress, leave=False):
+        w = params[name] if layer is None else params["layers"][layer][name]
+        scales[layer, name], report[layer, name] = awq_input_scale(w, input_axes[name], s, group_size)
+    return scales, report
