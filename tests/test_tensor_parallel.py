@@ -1,4 +1,6 @@
-"""Tensor parallelism on 8 fake CPU devices gives the same greedy tokens as one device."""
+"""Tensor parallelism on 8 fake CPU devices gives the same greedy tokens as one device.
+
+Each test runs in its own process (`isolated`, see conftest.py: a jax 0.10.2 CPU compiler crash)."""
 
 import jax
 import numpy as np
@@ -6,6 +8,8 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.tiny_checkpoint import write_tiny_checkpoint
+
+pytestmark = pytest.mark.isolated
 
 ARCHS = {
     # vocab 384 splits evenly, so the embedding and lm_head are vocab-parallel too
