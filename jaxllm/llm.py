@@ -158,13 +158,14 @@ class LLM:
                                       progress=progress, layers=layers)
             self.params = _quantized(self.params, self.config, quantization)
         else:
-            if quantization not in (None, stored["method"]):
-                raise ValueError(f"{self.model_dir} is already quantized with {stored['method']!r}; "
+            method = stored.get("method", stored["quant_method"])  # ours name the method; awq, gptq
+            if quantization not in (None, method):
+                raise ValueError(f"{self.model_dir} is already quantized with {method!r}; "
                                  f"quantization={quantization!r} cannot apply on top")
             if layers != "unrolled":
                 raise ValueError(f"quantized checkpoints load with layers='unrolled', not {layers!r}")
             self.params = load_quantized(self.model_dir, self.config, self.mesh, stored)
-            quantization = stored["method"]
+            quantization = method
         self.quantization = quantization
         self.tokenizer = None
         if not skip_tokenizer_init:

@@ -17,29 +17,32 @@ from safetensors.flax import load_file, save_file
 
 from jaxllm.checkpoint import CheckpointError, read_hf_config
 from jaxllm.config import ModelConfig
+from jaxllm.hf_quantized import FORMATS as HF_FORMATS, check_config as check_hf_config
 from jaxllm.quantization import GROUP_SIZE, METHODS, Int4Weight, QuantizedWeight
 from models import get_model_spec
 
 FORMAT = "jaxllm"
 FORMAT_VERSION = 1
-# Other quantized HF formats a config may name, for the error message.
-_KNOWN_ELSEWHERE = ("awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes", "modelopt")
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
            "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "training.json")
 
 
 def checkpoint_quantization(model_dir: str | Path) -> dict | None:
-    """The checkpoint's quantization_config if it is ours; None if it has none; a ValueError
-    naming what is supported for any other."""
+    """The checkpoint's quantization_config if we read it (ours, AWQ, GPTQ); None if it has none;
+    a ValueError naming what is supported for any other."""
     cfg = read_hf_config(model_dir).get("quantization_config")
     if cfg is None:
         return None
     method = cfg.get("quant_method")
+    if method in HF_FORMATS:
+        check_hf_config(model_dir, cfg)
+        return cfg
     if method != FORMAT:
         raise ValueError(
             f"{model_dir}: checkpoint quantized as {method!r}, which jaxllm cannot load yet; supported: "
-            f"unquantized checkpoints (quantize at load with quantization={METHODS[0]!r} or 'int4') and "
-            f"checkpoints written by `jaxllm quantize` (quant_method {FORMAT!r})")
+            f"unquantized checkpoints (quantize at load with quantization={METHODS[0]!r} or 'int4'), "
+            f"4-bit AWQ (GEMM) and GPTQ (no act-order) checkpoints, and checkpoints written by "
+            f"`jaxllm quantize` (quant_method {FORMAT!r})")
     if cfg.get("format_version") != FORMAT_VERSION or cfg.get("method") not in METHODS:
         raise ValueError(f"{model_dir}: unsupported jaxllm quantization_config {cfg}; this version reads "
                          f"format_version {FORMAT_VERSION} with a method in {METHODS}")
@@ -86,7 +89,11 @@ def save_quantized(params: dict, src_dir: str | Path, out_dir: str | Path, metho
 
 
 def load_quantized(model_dir: str | Path, config: ModelConfig, mesh: Mesh, quant: dict) -> dict:
-    """The params of a `jaxllm quantize` checkpoint, unrolled, replicated on `mesh`."""
+    """The params of a quantized checkpoint (ours, AWQ or GPTQ), unrolled, replicated on `mesh`."""
+    if quant["quant_method"] in HF_FORMATS:
+        from jaxllm.hf_quantized import load_hf_int4
+
+        return load_hf_int4(model_dir, config, mesh, quant)
     if mesh.devices.size > 1:
         raise ValueError("quantized checkpoints load on one device for now (tensor_parallel_size=1)")
     path = Path(model_dir) / "model.safetensors"

@@ -463,3 +463,80 @@ def write_tiny_checkpoint(
     if with_tokenizer:
         tokenizer.save_pretrained(out)
     return out
+
+
+# -- 4-bit AWQ / GPTQ checkpoints in the exact Hugging Face layouts ----------------------------
+
+_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_INT4_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _pack_nibbles(values: np.ndarray, axis: int, order=tuple(range(8))) -> np.ndarray:
+    """int32 words of 8 four-bit values along `axis`: word w holds value 8w + order[i] in nibble i."""
+    v = np.moveaxis(values.astype(np.uint32), axis, -1)
+    v = v.reshape(*v.shape[:-1], -1, 8)
+    words = np.zeros(v.shape[:-1], np.uint32)
+    for i, j in enumerate(order):
+        words |= v[..., j] << np.uint32(4 * i)
+    return np.ascontiguousarray(np.moveaxis(words.view(np.int32), -1, axis))
+
+
+def write_tiny_int4_checkpoint(
+    path: str | os.PathLike[str],
+    method: str,
+    dense_path: str | os.PathLike[str],
+    *,
+    group_size: int = 32,
+    seed: int = 0,
+    **kwargs: Any,
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """A tiny 4-bit checkpoint in AutoAWQ's GEMM layout (`method="awq"`) or AutoGPTQ's
+    (`"gptq"`, no act-order) at `path`, and at `dense_path` the same model with every projection
+    dequantized from the same integers: ((code - zero) * scale), the reference to compare with.
+    Other keyword arguments go to `write_tiny_checkpoint` (architecture, sizes, dtype="float16")."""
+    if method not in ("awq", "gptq"):
+        raise ValueError(f"method must be 'awq' or 'gptq', got {method!r}")
+    kwargs.setdefault("dtype", "float16")
+    dense_dir = write_tiny_checkpoint(dense_path, seed=seed, **kwargs)
+    tensors = safetensors.numpy.load_file(str(dense_dir / "model.safetensors"))
+    rng = np.random.default_rng(seed + 1)
+    quantized = {}
+    for name in list(tensors):
+        if not (name.endswith(".weight") and any(f".{p}.weight" in name for p in _INT4_PROJECTIONS)):
+            quantized[name] = tensors[name]
+            continue
+        out_f, in_f = tensors[name].shape
+        if in_f % group_size or in_f % 8 or out_f % 8:
+            raise ValueError(f"{name} {tensors[name].shape}: sizes must be multiples of 8 and of group_size")
+        codes = rng.integers(0, 16, (in_f, out_f))
+        zeros = rng.integers(1 if method == "gptq" else 0, 16, (in_f // group_size, out_f))
+        scales = (rng.uniform(0.5, 1.5, (in_f // group_size, out_f)) * 0.02).astype(np.float16)
+        dense = (codes - np.repeat(zeros, group_size, 0)) * np.repeat(scales.astype(np.float32), group_size, 0)
+        # the reference, [out, in]; contiguous, since safetensors writes an array's memory as is
+        tensors[name] = np.ascontiguousarray(dense.T.astype(tensors[name].dtype))
+        stem = name[: -len(".weight")]
+        if method == "awq":
+            quantized[stem + ".qweight"] = _pack_nibbles(codes, 1, _AWQ_ORDER)
+            quantized[stem + ".qzeros"] = _pack_nibbles(zeros, 1, _AWQ_ORDER)
+        else:
+            quantized[stem + ".qweight"] = _pack_nibbles(codes, 0)
+            quantized[stem + ".qzeros"] = _pack_nibbles(zeros - 1, 1)  # AutoGPTQ stores zero - 1
+            quantized[stem + ".g_idx"] = (np.arange(in_f) // group_size).astype(np.int32)
+        quantized[stem + ".scales"] = scales
+    safetensors.numpy.save_file(tensors, str(dense_dir / "model.safetensors"), metadata={"format": "pt"})
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_old_weights(out)
+    for f in dense_dir.iterdir():
+        if f.is_file() and not f.name.startswith("model"):
+            (out / f.name).write_bytes(f.read_bytes())
+    config = json.loads((dense_dir / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+        if method == "awq" else
+        {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": False,
+         "checkpoint_format": "gptq"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    safetensors.numpy.save_file(quantized, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out, dense_dir

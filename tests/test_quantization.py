@@ -200,11 +200,52 @@ def test_quantization_bad_input(tmp_path, capsys):
     # a checkpoint quantized in a format we do not read: the error names what is supported
     path = write_tiny_checkpoint(tmp_path / "hf_awq")
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="quantized as 'awq', which jaxllm cannot load yet; supported"):
+    with pytest.raises(ValueError, match="quantized as 'fp8', which jaxllm cannot load yet; supported"):
         LLM(str(path), skip_tokenizer_init=True, progress=False)
     # a jaxllm checkpoint cannot be quantized again with another method
     assert cli.main(["quantize", "--method", "int4", "--group-size", "64", "--out", str(tmp_path / "q4")]) == 0
     with pytest.raises(ValueError, match="already quantized with 'int4'"):
         LLM(str(tmp_path / "q4"), quantization="int8", progress=False)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_hf_int4_checkpoint_matches_dense_reference_from_same_integers(tmp_path, method):
+    from jaxllm.tiny_checkpoint import write_tiny_int4_checkpoint
+
+    qdir, ddir = write_tiny_int4_checkpoint(tmp_path / method, method, tmp_path / "dense", hidden_size=64,
+                                            intermediate_size=128, num_heads=4, num_kv_heads=2, with_tokenizer=False)
+    quant = LLM(str(qdir), dtype="float32", skip_tokenizer_init=True, progress=False)
+    dense = LLM(str(ddir), dtype="float32", skip_tokenizer_init=True, progress=False)
+    assert quant.quantization == method and isinstance(quant.params["layers"][1]["w_down"], Int4Weight)
+    for a, b in zip(quant.params["layers"], dense.params["layers"]):
+        for name in INPUT_AXES:
+            if name in a:  # the same weights, up to the float16 rounding of the dense reference
+                np.testing.assert_allclose(dequantize(a[name]), b[name], atol=5e-4, rtol=1e-3)
+    prompt = [{"prompt_token_ids": [1, 5, 9, 33, 2, 17, 250, 3, 8]}]
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
+    pa, pb = (llm.generate(prompt, sp, use_tqdm=False)[0].prompt_logprobs[1:] for llm in (quant, dense))
+    got = [lp[t].logprob for lp, t in zip(pa, prompt[0]["prompt_token_ids"][1:])]
+    want = [lp[t].logprob for lp, t in zip(pb, prompt[0]["prompt_token_ids"][1:])]
+    np.testing.assert_allclose(got, want, atol=5e-3)
+    assert np.std(want) > 0.05  # the scored tokens differ in likelihood: not a flat comparison
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(desc_act=True), "act-order"),
+    (dict(bits=8), "bits=8"),
+    (dict(checkpoint_format="gptq_v2"), "checkpoint_format"),
+])
+def test_hf_int4_unsupported_configs_are_named(tmp_path, change, match):
+    import json
+
+    from jaxllm.tiny_checkpoint import write_tiny_int4_checkpoint
+
+    qdir, _ = write_tiny_int4_checkpoint(tmp_path / "q", "gptq", tmp_path / "d", hidden_size=64,
+                                         intermediate_size=128, num_heads=4, num_kv_heads=2, with_tokenizer=False)
+    cfg = json.loads((qdir / "config.json").read_text())
+    cfg["quantization_config"].update(change)
+    (qdir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        LLM(str(qdir), skip_tokenizer_init=True, progress=False)
