@@ -29,11 +29,13 @@ from models import get_model_spec
 
 @dataclasses.dataclass
 class InputStats:
-    """What reached one weight: mean |x| per input channel, and a sample of input rows."""
+    """What reached one weight: mean |x| per input channel, a sample of input rows, and (for
+    GPTQ) the sum of x x^T over every row."""
 
     abs_sum: np.ndarray
     count: int
     rows: list[np.ndarray]
+    xtx: np.ndarray | None = None
 
     @property
     def act_scale(self) -> np.ndarray:
@@ -59,7 +61,7 @@ def _as_rows(subscripts: str, x: Array, input_count: int) -> np.ndarray:
 
 
 def collect_inputs(params: dict, config, token_rows: Sequence[Sequence[int]], input_axes,
-                   max_rows: int = 512, seed: int = 0) -> dict:
+                   max_rows: int = 512, seed: int = 0, second_moment: bool = False) -> dict:
     """{(layer, name): InputStats} over an eager forward of each token row (layers unrolled)."""
     if not isinstance(params["layers"], list):
         raise ValueError("calibration needs unrolled layers (a list of per-layer dicts)")
@@ -74,8 +76,11 @@ def collect_inputs(params: dict, config, token_rows: Sequence[Sequence[int]], in
         if key is None or key[1] not in input_axes:
             return
         rows = _as_rows(subscripts, x, len(input_axes[key[1]]))
-        s = stats.setdefault(key, InputStats(np.zeros(rows.shape[1]), 0, []))
+        k = rows.shape[1]
+        s = stats.setdefault(key, InputStats(np.zeros(k), 0, [], np.zeros((k, k)) if second_moment else None))
         s.abs_sum += np.abs(rows).sum(axis=0)
+        if s.xtx is not None:
+            s.xtx += rows.T.astype(np.float64) @ rows
         s.count += rows.shape[0]
         take = rng.choice(rows.shape[0], min(rows.shape[0], max_rows), replace=False)
         s.rows.append(rows[take])
@@ -126,3 +131,60 @@ def awq_scales(params: dict, config, token_rows, input_axes, group_size: int = G
         w = params[name] if layer is None else params["layers"][layer][name]
         scales[layer, name], report[layer, name] = awq_input_scale(w, input_axes[name], s, group_size)
     return scales, report
+
+
+def gptq_quantize(w: Float[Array, "..."], input_axes: tuple[int, ...], stats: InputStats,
+                  group_size: int = GROUP_SIZE, damp: float = 0.01):
+    """GPTQ (Frantar et al. 2022) into our int4 format: inputs quantized one at a time in order
+    (no act-order), each one's rounding error spread over the inputs not yet quantized through the
+    inverse Hessian of the layer's inputs, H = X^T X; each group's scale and zero point are taken
+    from its weights as updated when the group starts."""
+    from jaxllm.quantization import Int4Weight, _int4_groups, _pack
+
+    if stats.xtx is None:
+        raise ValueError("GPTQ needs the inputs' second moment: collect_inputs(..., second_moment=True)")
+    shape = tuple(w.shape)
+    k = stats.xtx.shape[0]
+    W = np.asarray(w, np.float64).reshape(k, -1).T.copy()  # [N, K]: rows are outputs
+    if k % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input dimension {k}")
+    H = stats.xtx / max(stats.count, 1)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * np.mean(np.diag(H)) * np.eye(k)
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper triangular
+    codes = np.zeros_like(W, dtype=np.uint8)
+    scales = np.zeros((k // group_size, W.shape[0]))
+    zeros = np.zeros((k // group_size, W.shape[0]), np.uint8)
+    for g0 in range(0, k, group_size):  # one block per group
+        g1 = g0 + group_size
+        _, scale, zero = (np.asarray(a) for a in _int4_groups(jnp.asarray(W[:, g0:g1].T, jnp.float32), group_size))
+        scale, zero = scale[0].astype(np.float64), zero[0].astype(np.float64)
+        scales[g0 // group_size], zeros[g0 // group_size] = scale, zero
+        block, err = W[:, g0:g1].copy(), np.zeros((W.shape[0], group_size))
+        Hb = Hinv[g0:g1, g0:g1]
+        for i in range(group_size):
+            col = block[:, i]
+            q = np.clip(np.round(col / scale) + zero, 0, 15)
+            codes[:, g0 + i] = q
+            e = (col - (q - zero) * scale) / Hb[i, i]
+            block[:, i:] -= np.outer(e, Hb[i, i:])
+            err[:, i] = e
+        W[:, g1:] -= err @ Hinv[g0:g1, g1:]
+    return Int4Weight(_pack(jnp.asarray(codes.T)), jnp.asarray(scales, jnp.float32), jnp.asarray(zeros),
+                      jnp.ones((k,), jnp.float32), shape, group_size)
+
+
+def gptq_params(params: dict, config, token_rows, input_axes, group_size: int = GROUP_SIZE,
+                progress: bool = False) -> dict:
+    """The params with every weight in `input_axes` GPTQ-quantized from one calibration pass."""
+    from tqdm.auto import tqdm
+
+    stats = collect_inputs(params, config, token_rows, input_axes, second_moment=True)
+    out = {**params, "layers": [dict(layer) for layer in params["layers"]]}
+    for (layer, name), s in tqdm(sorted(stats.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1])),
+                                 desc="gptq", disable=not progress, leave=False):
+        tree = out if layer is None else out["layers"][layer]
+        tree[name] = gptq_quantize(tree[name], input_axes[name], s, group_size)
+    return out

@@ -91,8 +91,9 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--model", help="Hugging Face checkpoint directory (default: the bundled demo model)")
     quant.add_argument("--method", required=True, choices=QUANTIZATION_METHODS,
                        help="int8: per output channel; int4: groups, round-to-nearest; awq: int4 with "
-                            "activation-aware scales from --calib")
-    quant.add_argument("--calib", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files (awq)")
+                            "activation-aware scales from --calib; gptq: int4 with GPTQ's error feedback "
+                            "from --calib")
+    quant.add_argument("--calib", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files (awq, gptq)")
     quant.add_argument("--calib-rows", type=int, default=32, metavar="N",
                        help="most calibration rows of --calib-len tokens (default: 32)")
     quant.add_argument("--calib-len", type=int, default=512, metavar="N", help="tokens a row (default: 512)")
@@ -178,7 +179,7 @@ def _load_llm(args: argparse.Namespace, **kwargs) -> LLM:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from jaxllm.calibration import awq_scales
+    from jaxllm.calibration import awq_scales, gptq_params
     from jaxllm.quantization import CALIBRATED, quantize_params
     from jaxllm.quantized_checkpoint import save_quantized
     from models import get_model_spec
@@ -194,11 +195,14 @@ def _quantize(args: argparse.Namespace) -> int:
     scales, extra = None, {}
     if args.method in CALIBRATED:
         rows = _calibration_rows(llm, args.calib, args.calib_rows, args.calib_len)
-        scales, report = awq_scales(llm.params, llm.config, rows, axes, args.group_size, progress=True)
-        alphas = [r["alpha"] for r in report.values()]
-        extra = {"calibration_rows": len(rows), "calibration_tokens": sum(map(len, rows)),
-                 "mean_alpha": float(sum(alphas) / len(alphas))}
-    params = quantize_params(llm.params, axes, args.method, group_size=args.group_size, input_scales=scales)
+        extra = {"calibration_rows": len(rows), "calibration_tokens": sum(map(len, rows))}
+    if args.method == "gptq":
+        params = gptq_params(llm.params, llm.config, rows, axes, args.group_size, progress=True)
+    else:
+        if args.method == "awq":
+            scales, report = awq_scales(llm.params, llm.config, rows, axes, args.group_size, progress=True)
+            extra["mean_alpha"] = float(sum(r["alpha"] for r in report.values()) / len(report))
+        params = quantize_params(llm.params, axes, args.method, group_size=args.group_size, input_scales=scales)
     out = save_quantized(params, model, args.out, args.method, args.group_size, extra)
     print(f"wrote {args.method} checkpoint to {out}" + (f" ({extra})" if extra else ""))
     return 0

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int8, UInt8
 
-METHODS = ("int8", "int4", "awq")
-CALIBRATED = ("awq",)  # methods that need calibration data (`jaxllm quantize --calib`)
+METHODS = ("int8", "int4", "awq", "gptq")
+CALIBRATED = ("awq", "gptq")  # methods that need calibration data (`jaxllm quantize --calib`)
 GROUP_SIZE = 128
 
 

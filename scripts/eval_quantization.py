@@ -3,7 +3,7 @@
     python scripts/eval_quantization.py [--out result.json]
 
 The held-out files are those of `scripts/eval_demo_model.py` (this interpreter's standard library,
-split by path hash); AWQ calibrates on rows of the *train* files, so nothing scored is calibrated on.
+split by path hash); AWQ and GPTQ calibrate on rows of the *train* files, so nothing scored is calibrated on.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_demo_model import split_corpus  # noqa: E402
 
 from jaxllm import LLM  # noqa: E402
-from jaxllm.calibration import awq_scales  # noqa: E402
+from jaxllm.calibration import awq_scales, gptq_params  # noqa: E402
 from jaxllm.default_model import bundled_model_dir  # noqa: E402
 from jaxllm.evaluate import perplexity  # noqa: E402
 from jaxllm.quantization import quantize_params  # noqa: E402
@@ -54,8 +54,14 @@ def main(argv=None) -> dict:
     scales, report = awq_scales(dense, llm.config, rows, INPUT_AXES)
     calib_s = time.perf_counter() - start
     results = {}
-    for name, kw in (("bf16", None), ("int8", {}), ("int4", {}), ("awq", dict(input_scales=scales))):
-        llm.params = dense if kw is None else quantize_params(dense, INPUT_AXES, name, **kw)
+    start = time.perf_counter()
+    gptq = gptq_params(dense, llm.config, rows, INPUT_AXES)
+    gptq_s = time.perf_counter() - start
+    for name, kw in (("bf16", None), ("int8", {}), ("int4", {}), ("awq", dict(input_scales=scales)), ("gptq", None)):
+        if name == "gptq":
+            llm.params = gptq
+        else:
+            llm.params = dense if kw is None else quantize_params(dense, INPUT_AXES, name, **kw)
         r = perplexity(llm, texts, window=args.window, stride=args.stride)
         results[name] = dict(perplexity=r.perplexity, tokens=r.num_tokens)
         print(name, f"{r.perplexity:.4f}", flush=True)
@@ -64,7 +70,7 @@ def main(argv=None) -> dict:
         v["vs_bf16_percent"] = 100 * (v["perplexity"] / base - 1)
     out = dict(date=time.strftime("%Y-%m-%d"), python_stdlib=str(args.stdlib), heldout_files=len(texts),
                window=args.window, stride=args.stride, dtype=args.dtype, calibration_rows=len(rows),
-               calibration_tokens=sum(map(len, rows)), awq_search_s=calib_s,
+               calibration_tokens=sum(map(len, rows)), awq_search_s=calib_s, gptq_s=gptq_s,
                mean_awq_alpha=sum(r["alpha"] for r in report.values()) / len(report), results=results)
     print(json.dumps(out, indent=1))
     if args.out:
