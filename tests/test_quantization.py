@@ -167,6 +167,8 @@ def test_quantize_cli_writes_a_checkpoint_that_loads_without_calibration(tmp_pat
     assert cli.main(["quantize", "--method", "awq", "--calib", str(calib), "--calib-rows", "4",
                      "--out", str(out)]) == 0
     assert json_config(out)["quantization_config"]["method"] == "awq"
+    assert cli.main(["quantize", "--method", "gptq", "--calib", str(calib), "--calib-rows", "2",
+                     "--out", str(tmp_path / "gptq")]) == 0
     monkeypatch.setattr(calibration, "collect_inputs", lambda *a, **k: pytest.fail("recalibrated on load"))
     llm = LLM(str(out), progress=False)
     assert llm.quantization == "awq"
@@ -175,8 +177,6 @@ def test_quantize_cli_writes_a_checkpoint_that_loads_without_calibration(tmp_pat
     sp = SamplingParams(max_tokens=12, temperature=0.0)
     text = llm.generate(["def fibonacci(n):"], sp, use_tqdm=False)[0].outputs[0].text
     assert len(text) > 0
-    assert cli.main(["quantize", "--method", "gptq", "--calib", str(calib), "--calib-rows", "2",
-                     "--out", str(tmp_path / "gptq")]) == 0
     gptq = LLM(str(tmp_path / "gptq"), progress=False)
     assert gptq.quantization == "gptq" and isinstance(gptq.params["layers"][0]["w_down"], Int4Weight)
     # int8 and int4 need no calibration
