@@ -36,6 +36,7 @@ class InputStats:
     count: int
     rows: list[np.ndarray]
     xtx: np.ndarray | None = None
+    abs_max: np.ndarray | None = None
 
     @property
     def act_scale(self) -> np.ndarray:
@@ -79,6 +80,7 @@ def collect_inputs(params: dict, config, token_rows: Sequence[Sequence[int]], in
         k = rows.shape[1]
         s = stats.setdefault(key, InputStats(np.zeros(k), 0, [], np.zeros((k, k)) if second_moment else None))
         s.abs_sum += np.abs(rows).sum(axis=0)
+        s.abs_max = np.maximum(np.abs(rows).max(axis=0), 0 if s.abs_max is None else s.abs_max)
         if s.xtx is not None:
             s.xtx += rows.T.astype(np.float64) @ rows
         s.count += rows.shape[0]
@@ -188,3 +190,50 @@ def gptq_params(params: dict, config, token_rows, input_axes, group_size: int = 
         tree = out if layer is None else out["layers"][layer]
         tree[name] = gptq_quantize(tree[name], input_axes[name], s, group_size)
     return out
+
+
+def _fake_w8a8(x, w2, s, kind: str):
+    """x @ w2 with x / s quantized per row and diag(s) w2 per column, as the runtime does."""
+    from jaxllm.quantization import QMAX, _to_codes
+
+    xs, ws = x / s, w2 * s[:, None]
+    sx = jnp.maximum(jnp.max(jnp.abs(xs), axis=1, keepdims=True), 1e-12) / QMAX[kind]
+    sw = jnp.maximum(jnp.max(jnp.abs(ws), axis=0, keepdims=True), 1e-12) / QMAX[kind]
+    qx = _to_codes(xs / sx, kind).astype(jnp.float32) * sx
+    qw = _to_codes(ws / sw, kind).astype(jnp.float32) * sw
+    return qx @ qw
+
+
+def smoothquant_input_scale(w: Float[Array, "..."], stats: InputStats, kind: str = "int8",
+                            grid: int = 11) -> tuple[np.ndarray, dict]:
+    """SmoothQuant's s_j = max|x_j|^a / max|w_j|^(1-a), with the migration strength a calibrated:
+    the grid point with the least output error of the 8-bit product on the calibration rows."""
+    x = jnp.asarray(stats.sample())
+    k = x.shape[1]
+    w2 = jnp.asarray(w, jnp.float32).reshape(k, -1)
+    ref = x @ w2
+    x_max = jnp.maximum(jnp.asarray(stats.abs_max, jnp.float32), 1e-5)
+    w_max = jnp.maximum(jnp.max(jnp.abs(w2), axis=1), 1e-5)
+    losses, scales = [], []
+    for alpha in np.linspace(0.0, 1.0, grid):
+        s = jnp.clip(x_max**alpha / w_max ** (1 - alpha), 1e-5, 1e5)
+        losses.append(float(jnp.mean((_fake_w8a8(x, w2, s, kind) - ref) ** 2)))
+        scales.append(np.asarray(s))
+    best = int(np.argmin(losses))
+    no_smoothing = float(jnp.mean((_fake_w8a8(x, w2, jnp.ones((k,)), kind) - ref) ** 2))
+    return scales[best], dict(alpha=float(np.linspace(0.0, 1.0, grid)[best]), loss=losses[best],
+                              unsmoothed_loss=no_smoothing)
+
+
+def smoothquant_scales(params: dict, config, token_rows, input_axes, kind: str = "int8",
+                       progress: bool = False) -> tuple[dict, dict]:
+    """Calibrated SmoothQuant scales {(layer, name): s} and per-weight reports."""
+    from tqdm.auto import tqdm
+
+    stats = collect_inputs(params, config, token_rows, input_axes)
+    scales, report = {}, {}
+    for (layer, name), s in tqdm(sorted(stats.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1])),
+                                 desc="smoothquant", disable=not progress, leave=False):
+        w = params[name] if layer is None else params["layers"][layer][name]
+        scales[layer, name], report[layer, name] = smoothquant_input_scale(w, s, kind)
+    return scales, report

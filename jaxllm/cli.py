@@ -92,8 +92,9 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--method", required=True, choices=QUANTIZATION_METHODS,
                        help="int8: per output channel; int4: groups, round-to-nearest; awq: int4 with "
                             "activation-aware scales from --calib; gptq: int4 with GPTQ's error feedback "
-                            "from --calib")
-    quant.add_argument("--calib", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files (awq, gptq)")
+                            "from --calib; fp8: W8A8 e4m3, dynamic per-token activation scales; "
+                            "smoothquant: int8 W8A8 with migration strength calibrated on --calib")
+    quant.add_argument("--calib", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files (awq, gptq, smoothquant)")
     quant.add_argument("--calib-rows", type=int, default=32, metavar="N",
                        help="most calibration rows of --calib-len tokens (default: 32)")
     quant.add_argument("--calib-len", type=int, default=512, metavar="N", help="tokens a row (default: 512)")
@@ -179,7 +180,7 @@ def _load_llm(args: argparse.Namespace, **kwargs) -> LLM:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from jaxllm.calibration import awq_scales, gptq_params
+    from jaxllm.calibration import awq_scales, gptq_params, smoothquant_scales
     from jaxllm.quantization import CALIBRATED, quantize_params
     from jaxllm.quantized_checkpoint import save_quantized
     from models import get_model_spec
@@ -202,6 +203,9 @@ def _quantize(args: argparse.Namespace) -> int:
         if args.method == "awq":
             scales, report = awq_scales(llm.params, llm.config, rows, axes, args.group_size, progress=True)
             extra["mean_alpha"] = float(sum(r["alpha"] for r in report.values()) / len(report))
+        if args.method == "smoothquant":
+            scales, report = smoothquant_scales(llm.params, llm.config, rows, axes, progress=True)
+            extra["mean_migration_strength"] = float(sum(r["alpha"] for r in report.values()) / len(report))
         params = quantize_params(llm.params, axes, args.method, group_size=args.group_size, input_scales=scales)
     out = save_quantized(params, model, args.out, args.method, args.group_size, extra)
     print(f"wrote {args.method} checkpoint to {out}" + (f" ({extra})" if extra else ""))

@@ -2,7 +2,10 @@
 
 - `QuantizedWeight` (int8): int8 values and one float32 scale per output channel (the weight's
   shape with its input axes of size 1), so `x @ W = (x @ Q) * scale`.
-- `Int4Weight` (int4, AWQ): 4-bit values packed two to a byte along the input dimension, with an
+- `W8A8Weight` (fp8, smoothquant): int8 or fp8 (e4m3) weights with a scale per output channel,
+  and activations quantized per token at run time (dynamic scales), so the product itself runs in
+  8 bits; SmoothQuant's per-input-channel `input_scale` moves activation outliers into the weights.
+- `Int4Weight` (int4, AWQ, GPTQ): 4-bit values packed two to a byte along the input dimension, with an
   asymmetric scale and zero point per group of `group_size` inputs and output channel (AutoAWQ's
   scheme), and a per-input-channel `input_scale` (AWQ's activation-aware scale; ones for plain
   round-to-nearest): W ~ diag(1/input_scale) ((Q - zero) * scale).
@@ -23,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int8, UInt8
 
-METHODS = ("int8", "int4", "awq", "gptq")
-CALIBRATED = ("awq", "gptq")  # methods that need calibration data (`jaxllm quantize --calib`)
+METHODS = ("int8", "int4", "awq", "gptq", "fp8", "smoothquant")
+CALIBRATED = ("awq", "gptq", "smoothquant")  # need calibration data (`jaxllm quantize --calib`)
+QMAX = {"int8": 127.0, "fp8": 448.0}  # largest code: int8, float8 e4m3
 GROUP_SIZE = 128
 
 
@@ -43,6 +47,16 @@ class Int4Weight:
     input_scale: Float[Array, "K"]
     shape: tuple[int, ...]  # the dense weight's shape: its input axes flatten to K, the rest to N
     group_size: int
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q", "scale", "input_scale"],
+                   meta_fields=["kind"])
+@dataclasses.dataclass(frozen=True)
+class W8A8Weight:
+    q: Array  # int8 or float8_e4m3fn, the weight's shape
+    scale: Float[Array, "..."]  # the weight's shape, input axes of size 1
+    input_scale: Float[Array, "K"]  # SmoothQuant's s: W is stored as diag(s) W, x enters as x / s
+    kind: str  # "int8" or "fp8"
 
 
 def check_method(method: str | None, *, calibrated_ok: bool = False) -> None:
@@ -70,6 +84,61 @@ def quantize_int8(w: Float[Array, "..."], input_axes: tuple[int, ...]) -> Quanti
         return QuantizedWeight(q, scale)  # float32: a bf16 scale would bias whole channels
 
     return run(w)
+
+
+# -- 8-bit weights and activations ------------------------------------------------------------
+
+
+def _to_codes(x, kind: str):
+    if kind == "int8":
+        return jnp.clip(jnp.round(x), -127, 127).astype(jnp.int8)
+    return jnp.clip(x, -448.0, 448.0).astype(jnp.float8_e4m3fn)
+
+
+def quantize_w8a8(w: Float[Array, "..."], input_axes: tuple[int, ...], kind: str = "fp8",
+                  input_scale: Float[Array, "K"] | None = None) -> W8A8Weight:
+    """Per-output-channel 8-bit weights of diag(input_scale) W (input axes lead the shape)."""
+    k, _ = _as_matrix_shape(w.shape, input_axes)
+    s = jnp.ones((k,), jnp.float32) if input_scale is None else jnp.asarray(input_scale, jnp.float32)
+    wf = w.astype(jnp.float32) * s.reshape(w.shape[:len(input_axes)] + (1,) * (w.ndim - len(input_axes)))
+    scale = jnp.max(jnp.abs(wf), axis=input_axes, keepdims=True) / QMAX[kind]
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return W8A8Weight(_to_codes(wf / scale, kind), scale, s, kind)
+
+
+def _explicit(subscripts: str, x_ndim: int) -> str:
+    """The subscripts with a leading "..." spelled out in letters they do not use."""
+    if "..." not in subscripts:
+        return subscripts
+    inputs, out = subscripts.split("->")
+    x_sub, w_sub = inputs.split(",")
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in subscripts]
+    lead = "".join(free[: x_ndim - (len(x_sub) - 3)])
+    return f"{x_sub.replace('...', lead)},{w_sub}->{out.replace('...', lead)}"
+
+
+def _w8a8_einsum(subscripts: str, x: Array, w: W8A8Weight) -> Array:
+    x_sub, w_sub, out = _split(_explicit(subscripts, x.ndim))
+    contracted = "".join(c for c in w_sub if c not in out)
+    xf = x.astype(jnp.float32)
+    xf = jnp.einsum(f"{contracted},{x_sub}->{x_sub}", 1.0 / w.input_scale.reshape(w.q.shape[:len(contracted)]), xf)
+    axes = tuple(x_sub.index(c) for c in contracted)
+    sx = jnp.max(jnp.abs(xf), axis=axes, keepdims=True) / QMAX[w.kind]  # per token
+    sx = jnp.where(sx > 0, sx, 1.0)
+    acc = jnp.int32 if w.kind == "int8" else jnp.float32
+    y = jnp.einsum(f"{x_sub},{w_sub}->{out}", _to_codes(xf / sx, w.kind), w.q, preferred_element_type=acc)
+    x_kept = "".join(c for c in x_sub if c not in contracted)
+    w_kept = "".join(c for c in w_sub if c not in contracted)
+    sx = jnp.squeeze(sx, axis=axes)
+    sw = jnp.squeeze(w.scale, axis=tuple(range(len(contracted))))
+    y = jnp.einsum(f"{x_kept},{w_kept},{out}->{out}", sx, sw, y.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+def _split(subscripts: str) -> tuple[str, str, str]:
+    inputs, out = subscripts.split("->")
+    x_sub, w_sub = inputs.split(",")
+    return x_sub, w_sub, out
 
 
 # -- int4 ------------------------------------------------------------------------------------
@@ -128,6 +197,10 @@ def dequantize(w, dtype=jnp.float32) -> Array:
     """The dense weight a quantized one stands for."""
     if isinstance(w, Int4Weight):
         return dequantize_int4(w, dtype)
+    if isinstance(w, W8A8Weight):
+        k_axes = next(i for i in range(w.q.ndim + 1) if math.prod(w.q.shape[:i]) == w.input_scale.size)
+        s = w.input_scale.reshape(w.q.shape[:k_axes] + (1,) * (w.q.ndim - k_axes))
+        return (w.q.astype(jnp.float32) * w.scale / s).astype(dtype)
     return (w.q.astype(jnp.float32) * w.scale.astype(jnp.float32)).astype(dtype)
 
 
@@ -144,9 +217,11 @@ def quantize_params(params: dict, input_axes: Mapping[str, tuple[int, ...]], met
         return params
 
     def one(w, axes, key):
+        scale = None if input_scales is None else input_scales.get(key)
         if method == "int8":
             return quantize_int8(w, axes)
-        scale = None if input_scales is None else input_scales.get(key)
+        if method in ("fp8", "smoothquant"):
+            return quantize_w8a8(w, axes, "fp8" if method == "fp8" else "int8", scale)
         return quantize_int4(w, axes, group_size, scale)
 
     def convert(tree: dict, offset: int, layer) -> dict:
@@ -169,6 +244,8 @@ def einsum(subscripts: str, x: Array, w) -> Array:
     """`x` contracted with a quantized weight, in x's dtype."""
     if isinstance(w, Int4Weight):
         return jnp.einsum(subscripts, x, dequantize_int4(w, x.dtype))
+    if isinstance(w, W8A8Weight):
+        return _w8a8_einsum(subscripts, x, w)
     inputs, out = subscripts.split("->")
     _, w_sub = inputs.split(",")
     y = jnp.einsum(subscripts, x, w.q.astype(x.dtype)).astype(jnp.float32)
@@ -181,4 +258,4 @@ def einsum(subscripts: str, x: Array, w) -> Array:
 
 
 def is_quantized(w) -> bool:
-    return isinstance(w, (QuantizedWeight, Int4Weight))
+    return isinstance(w, (QuantizedWeight, Int4Weight, W8A8Weight))

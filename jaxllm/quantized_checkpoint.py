@@ -18,7 +18,7 @@ from safetensors.flax import load_file, save_file
 from jaxllm.checkpoint import CheckpointError, read_hf_config
 from jaxllm.config import ModelConfig
 from jaxllm.hf_quantized import FORMATS as HF_FORMATS, check_config as check_hf_config
-from jaxllm.quantization import GROUP_SIZE, METHODS, Int4Weight, QuantizedWeight
+from jaxllm.quantization import GROUP_SIZE, METHODS, Int4Weight, QuantizedWeight, W8A8Weight
 from models import get_model_spec
 
 FORMAT = "jaxllm"
@@ -58,6 +58,10 @@ def _flatten(params: dict) -> dict[str, jax.Array]:
         elif isinstance(w, Int4Weight):
             for field in ("packed", "scale", "zero", "input_scale"):
                 flat[f"{prefix}.{field}"] = getattr(w, field)
+        elif isinstance(w, W8A8Weight):
+            # fp8 codes go in as their bytes: safetensors' numpy side has no float8 type
+            flat[f"{prefix}.q"] = jax.lax.bitcast_convert_type(w.q, jnp.uint8) if w.kind == "fp8" else w.q
+            flat[f"{prefix}.scale"], flat[f"{prefix}.input_scale"] = w.scale, w.input_scale
         else:
             flat[prefix] = w
 
@@ -115,6 +119,11 @@ def load_quantized(model_dir: str | Path, config: ModelConfig, mesh: Mesh, quant
             return take(prefix).astype(dtype)
         if quant["method"] == "int8":
             return QuantizedWeight(take(f"{prefix}.q"), take(f"{prefix}.scale"))
+        if quant["method"] in ("fp8", "smoothquant"):
+            kind = "fp8" if quant["method"] == "fp8" else "int8"
+            q = take(f"{prefix}.q")
+            q = jax.lax.bitcast_convert_type(q, jnp.float8_e4m3fn) if kind == "fp8" else q
+            return W8A8Weight(q, take(f"{prefix}.scale"), take(f"{prefix}.input_scale"), kind)
         fields = {f: take(f"{prefix}.{f}") for f in ("packed", "scale", "zero", "input_scale")}
         return Int4Weight(**fields, shape=tuple(shape), group_size=int(quant["group_size"]))
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_demo_model import split_corpus  # noqa: E402
 
 from jaxllm import LLM  # noqa: E402
-from jaxllm.calibration import awq_scales, gptq_params  # noqa: E402
+from jaxllm.calibration import awq_scales, gptq_params, smoothquant_scales  # noqa: E402
 from jaxllm.default_model import bundled_model_dir  # noqa: E402
 from jaxllm.evaluate import perplexity  # noqa: E402
 from jaxllm.quantization import quantize_params  # noqa: E402
@@ -57,7 +57,10 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     gptq = gptq_params(dense, llm.config, rows, INPUT_AXES)
     gptq_s = time.perf_counter() - start
-    for name, kw in (("bf16", None), ("int8", {}), ("int4", {}), ("awq", dict(input_scales=scales)), ("gptq", None)):
+    sq_scales, sq_report = smoothquant_scales(dense, llm.config, rows, INPUT_AXES)
+    methods = (("bf16", None), ("int8", {}), ("fp8", {}), ("smoothquant", dict(input_scales=sq_scales)),
+               ("int4", {}), ("awq", dict(input_scales=scales)), ("gptq", None))
+    for name, kw in methods:
         if name == "gptq":
             llm.params = gptq
         else:
@@ -71,7 +74,9 @@ def main(argv=None) -> dict:
     out = dict(date=time.strftime("%Y-%m-%d"), python_stdlib=str(args.stdlib), heldout_files=len(texts),
                window=args.window, stride=args.stride, dtype=args.dtype, calibration_rows=len(rows),
                calibration_tokens=sum(map(len, rows)), awq_search_s=calib_s, gptq_s=gptq_s,
-               mean_awq_alpha=sum(r["alpha"] for r in report.values()) / len(report), results=results)
+               mean_awq_alpha=sum(r["alpha"] for r in report.values()) / len(report),
+               mean_smoothquant_alpha=sum(r["alpha"] for r in sq_report.values()) / len(sq_report),
+               results=results)
     print(json.dumps(out, indent=1))
     if args.out:
         args.out.write_text(json.dumps(out, indent=1))
