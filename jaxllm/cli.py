@@ -93,7 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="int8: per output channel; int4: groups, round-to-nearest; awq: int4 with "
                             "activation-aware scales from --calib; gptq: int4 with GPTQ's error feedback "
                             "from --calib; fp8: W8A8 e4m3, dynamic per-token activation scales; "
-                            "smoothquant: int8 W8A8 with migration strength calibrated on --calib")
+                            "smoothquant: int8 W8A8 with migration strength calibrated on --calib; "
+                            "mxfp4/nvfp4: fp4 (e2m1) block storage, dequantized before the product")
     quant.add_argument("--calib", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files (awq, gptq, smoothquant)")
     quant.add_argument("--calib-rows", type=int, default=32, metavar="N",
                        help="most calibration rows of --calib-len tokens (default: 32)")

@@ -107,9 +107,11 @@ class LLM:
         kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8_e4m3" (per token and head scales).
         attention_backend: "auto" (our Pallas attention kernels on a GPU where they apply),
             "xla" (the jnp reference through XLA) or "pallas" (the kernels, or an error saying why not).
-        quantization: None; "int8" (weight-only, one scale per output channel) or "int4" (groups of
-            128 inputs with zero points, round-to-nearest), applied at load; the embedding table
-            stays dense. A checkpoint written by `jaxllm quantize` (also "awq") loads as stored.
+        quantization: None, or a method applied at load: "int8" (weight-only, per output channel),
+            "int4" (groups of 128 inputs with zero points, round-to-nearest), "fp8" (W8A8 e4m3,
+            dynamic per-token activation scales), "mxfp4" / "nvfp4" (fp4 block storage); the
+            embedding table stays dense. Calibrated methods ("awq", "gptq", "smoothquant") come
+            from `jaxllm quantize` checkpoints, which load as stored, as do 4-bit AWQ/GPTQ HF ones.
     """
 
     def __init__(

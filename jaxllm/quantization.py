@@ -5,6 +5,10 @@
 - `W8A8Weight` (fp8, smoothquant): int8 or fp8 (e4m3) weights with a scale per output channel,
   and activations quantized per token at run time (dynamic scales), so the product itself runs in
   8 bits; SmoothQuant's per-input-channel `input_scale` moves activation outliers into the weights.
+- `FP4Weight` (mxfp4, nvfp4): 4-bit floats (e2m1) in blocks along the input dimension, MXFP4's
+  32-element blocks with a power-of-two scale or NVFP4's 16-element blocks with an e4m3 scale and a
+  per-tensor float32 scale. Storage only: Hopper has no fp4 tensor cores, so the weights are
+  dequantized before the product (in a kernel, eventually; through XLA for now).
 - `Int4Weight` (int4, AWQ, GPTQ): 4-bit values packed two to a byte along the input dimension, with an
   asymmetric scale and zero point per group of `group_size` inputs and output channel (AutoAWQ's
   scheme), and a per-input-channel `input_scale` (AWQ's activation-aware scale; ones for plain
@@ -26,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int8, UInt8
 
-METHODS = ("int8", "int4", "awq", "gptq", "fp8", "smoothquant")
+METHODS = ("int8", "int4", "awq", "gptq", "fp8", "smoothquant", "mxfp4", "nvfp4")
 CALIBRATED = ("awq", "gptq", "smoothquant")  # need calibration data (`jaxllm quantize --calib`)
 QMAX = {"int8": 127.0, "fp8": 448.0}  # largest code: int8, float8 e4m3
 GROUP_SIZE = 128
@@ -141,6 +145,59 @@ def _split(subscripts: str) -> tuple[str, str, str]:
     return x_sub, w_sub, out
 
 
+# -- fp4 storage ---------------------------------------------------------------------------------
+
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                      np.float32)  # e2m1 codes 0..15
+FP4_BLOCK = {"mxfp4": 32, "nvfp4": 16}
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "block_scale", "global_scale"],
+                   meta_fields=["shape", "fmt"])
+@dataclasses.dataclass(frozen=True)
+class FP4Weight:
+    packed: UInt8[Array, "K/2 N"]  # e2m1 codes, input k = 2i in the low nibble
+    block_scale: Float[Array, "K/B N"]  # a power of two (mxfp4) or an e4m3 value (nvfp4), as float32
+    global_scale: Float[Array, ""]  # nvfp4's per-tensor scale; 1 for mxfp4
+    shape: tuple[int, ...]
+    fmt: str  # "mxfp4" or "nvfp4"
+
+
+def _e2m1_codes(x):
+    """Nearest e2m1 code of each value (already divided by its block scale, so |x| <= 6)."""
+    table = jnp.asarray(FP4_VALUES[:8])
+    mag = jnp.argmin(jnp.abs(jnp.abs(x)[..., None] - table), axis=-1)
+    return (mag + 8 * (x < 0)).astype(jnp.uint8)
+
+
+def quantize_fp4(w: Float[Array, "..."], input_axes: tuple[int, ...], fmt: str = "nvfp4") -> FP4Weight:
+    """Blocks of FP4_BLOCK[fmt] inputs per output channel, scaled so the block's largest magnitude
+    lands at or below e2m1's 6 (MX: the shared exponent of the OCP spec; NV: amax/6 in e4m3)."""
+    k, n = _as_matrix_shape(w.shape, input_axes)
+    block = FP4_BLOCK[fmt]
+    if k % block:
+        raise ValueError(f"{fmt} needs the input dimension {k} of a weight of shape {tuple(w.shape)} to be a "
+                         f"multiple of its block of {block}")
+    w2 = w.astype(jnp.float32).reshape(k // block, block, n)
+    amax = jnp.max(jnp.abs(w2), axis=1)
+    if fmt == "mxfp4":
+        glob = jnp.float32(1.0)
+        scale = jnp.exp2(jnp.floor(jnp.log2(jnp.maximum(amax, 2.0**-126))) - 2)
+    else:
+        glob = jnp.maximum(jnp.max(amax), 1e-30) / (6.0 * 448.0)
+        scale = (amax / 6.0 / glob).astype(jnp.float8_e4m3fn).astype(jnp.float32) * glob
+        scale = jnp.where(scale > 0, scale, glob)
+    codes = _e2m1_codes(jnp.clip(w2 / scale[:, None], -6.0, 6.0)).reshape(k, n)
+    return FP4Weight(_pack(codes), scale / glob, jnp.asarray(glob, jnp.float32), tuple(w.shape), fmt)
+
+
+def dequantize_fp4(w: FP4Weight, dtype=jnp.float32) -> Array:
+    values = jnp.asarray(FP4_VALUES)[_unpack(w.packed)]
+    block = FP4_BLOCK[w.fmt]
+    w2 = values * jnp.repeat(w.block_scale, block, axis=0) * w.global_scale
+    return w2.reshape(w.shape).astype(dtype)
+
+
 # -- int4 ------------------------------------------------------------------------------------
 
 
@@ -197,6 +254,8 @@ def dequantize(w, dtype=jnp.float32) -> Array:
     """The dense weight a quantized one stands for."""
     if isinstance(w, Int4Weight):
         return dequantize_int4(w, dtype)
+    if isinstance(w, FP4Weight):
+        return dequantize_fp4(w, dtype)
     if isinstance(w, W8A8Weight):
         k_axes = next(i for i in range(w.q.ndim + 1) if math.prod(w.q.shape[:i]) == w.input_scale.size)
         s = w.input_scale.reshape(w.q.shape[:k_axes] + (1,) * (w.q.ndim - k_axes))
@@ -222,6 +281,8 @@ def quantize_params(params: dict, input_axes: Mapping[str, tuple[int, ...]], met
             return quantize_int8(w, axes)
         if method in ("fp8", "smoothquant"):
             return quantize_w8a8(w, axes, "fp8" if method == "fp8" else "int8", scale)
+        if method in FP4_BLOCK:
+            return quantize_fp4(w, axes, method)
         return quantize_int4(w, axes, group_size, scale)
 
     def convert(tree: dict, offset: int, layer) -> dict:
@@ -246,6 +307,8 @@ def einsum(subscripts: str, x: Array, w) -> Array:
         return jnp.einsum(subscripts, x, dequantize_int4(w, x.dtype))
     if isinstance(w, W8A8Weight):
         return _w8a8_einsum(subscripts, x, w)
+    if isinstance(w, FP4Weight):
+        return jnp.einsum(subscripts, x, dequantize_fp4(w, x.dtype))
     inputs, out = subscripts.split("->")
     _, w_sub = inputs.split(",")
     y = jnp.einsum(subscripts, x, w.q.astype(x.dtype)).astype(jnp.float32)
@@ -258,4 +321,4 @@ def einsum(subscripts: str, x: Array, w) -> Array:
 
 
 def is_quantized(w) -> bool:
-    return isinstance(w, (QuantizedWeight, Int4Weight, W8A8Weight))
+    return isinstance(w, (QuantizedWeight, Int4Weight, W8A8Weight, FP4Weight))

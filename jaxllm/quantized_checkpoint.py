@@ -18,7 +18,7 @@ from safetensors.flax import load_file, save_file
 from jaxllm.checkpoint import CheckpointError, read_hf_config
 from jaxllm.config import ModelConfig
 from jaxllm.hf_quantized import FORMATS as HF_FORMATS, check_config as check_hf_config
-from jaxllm.quantization import GROUP_SIZE, METHODS, Int4Weight, QuantizedWeight, W8A8Weight
+from jaxllm.quantization import FP4_BLOCK, GROUP_SIZE, METHODS, FP4Weight, Int4Weight, QuantizedWeight, W8A8Weight
 from models import get_model_spec
 
 FORMAT = "jaxllm"
@@ -57,6 +57,9 @@ def _flatten(params: dict) -> dict[str, jax.Array]:
             flat[f"{prefix}.q"], flat[f"{prefix}.scale"] = w.q, w.scale
         elif isinstance(w, Int4Weight):
             for field in ("packed", "scale", "zero", "input_scale"):
+                flat[f"{prefix}.{field}"] = getattr(w, field)
+        elif isinstance(w, FP4Weight):
+            for field in ("packed", "block_scale", "global_scale"):
                 flat[f"{prefix}.{field}"] = getattr(w, field)
         elif isinstance(w, W8A8Weight):
             # fp8 codes go in as their bytes: safetensors' numpy side has no float8 type
@@ -119,6 +122,9 @@ def load_quantized(model_dir: str | Path, config: ModelConfig, mesh: Mesh, quant
             return take(prefix).astype(dtype)
         if quant["method"] == "int8":
             return QuantizedWeight(take(f"{prefix}.q"), take(f"{prefix}.scale"))
+        if quant["method"] in FP4_BLOCK:
+            return FP4Weight(take(f"{prefix}.packed"), take(f"{prefix}.block_scale"), take(f"{prefix}.global_scale"),
+                             tuple(shape), quant["method"])
         if quant["method"] in ("fp8", "smoothquant"):
             kind = "fp8" if quant["method"] == "fp8" else "int8"
             q = take(f"{prefix}.q")

@@ -360,3 +360,39 @@ def test_fp8_and_smoothquant_checkpoints_round_trip(tmp_path):
             np.testing.assert_array_equal(np.asarray(w.q, np.float32), np.asarray(direct.q, np.float32))
         out = llm.generate(["def add(a, b):"], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_fp4_blocks_round_trip_and_error():
+    from jaxllm.quantization import FP4_VALUES, FP4Weight, quantize_fp4
+
+    # values exactly representable (an e2m1 value times a power of two per block) come back exactly
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 16, (64, 6))
+    codes[0] = 7  # each block of 32 holds a 6, so the MX shared exponent is that of the table
+    codes[32] = 7
+    exact = FP4_VALUES[codes] * np.repeat(2.0 ** rng.integers(-3, 3, (2, 6)), 32, axis=0)
+    q = quantize_fp4(jnp.asarray(exact), (0,), "mxfp4")
+    np.testing.assert_array_equal(np.asarray(dequantize(q)), exact)
+    w = jax.random.normal(jax.random.PRNGKey(6), (128, 5, 8))
+    errs = {}
+    for fmt in ("mxfp4", "nvfp4"):
+        qw = quantize_fp4(w, (0,), fmt)
+        assert isinstance(qw, FP4Weight) and qw.packed.shape == (64, 40)
+        errs[fmt] = float(jnp.linalg.norm(dequantize(qw) - w) / jnp.linalg.norm(w))
+    assert 0.02 < errs["nvfp4"] < errs["mxfp4"] < 0.15  # NV's finer blocks and scales win
+    with pytest.raises(ValueError, match="multiple of its block of 32"):
+        quantize_fp4(jax.random.normal(jax.random.PRNGKey(0), (48, 4)), (0,), "mxfp4")
+
+
+def test_fp4_llm_perplexity_and_checkpoint(tmp_path):
+    from jaxllm import cli
+    from jaxllm.quantization import FP4Weight
+
+    texts = _stdlib("json", 4)
+    ppl = {m: perplexity(LLM(dtype="bfloat16", quantization=m, progress=False), texts, window=512).perplexity
+           for m in (None, "mxfp4", "nvfp4")}
+    assert ppl[None] < ppl["nvfp4"] < ppl["mxfp4"] < 1.1 * ppl[None], ppl
+    assert cli.main(["quantize", "--method", "nvfp4", "--out", str(tmp_path / "nv")]) == 0
+    llm = LLM(str(tmp_path / "nv"), dtype="bfloat16", progress=False)
+    assert isinstance(llm.params["layers"][0]["wo"], FP4Weight) and llm.quantization == "nvfp4"
+    assert perplexity(llm, texts, window=512).perplexity == pytest.approx(ppl["nvfp4"], rel=1e-6)
