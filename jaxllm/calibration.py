@@ -46,6 +46,11 @@ class InputStats:
         return np.concatenate(self.rows, axis=0)
 
 
+def _in_order(stats: dict) -> list:
+    """(key, stats) pairs by layer, then name; top-level weights (layer None) last."""
+    return sorted(stats.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1]))
+
+
 def _as_rows(subscripts: str, x: Array, input_count: int) -> np.ndarray:
     """x with the dims the weight contracts (in the weight's order) flattened last: [rows, K]."""
     inputs, out = subscripts.split("->")
@@ -128,7 +133,7 @@ def awq_scales(params: dict, config, token_rows, input_axes, group_size: int = G
 
     stats = collect_inputs(params, config, token_rows, input_axes)
     scales, report = {}, {}
-    for (layer, name), s in tqdm(sorted(stats.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1])),
+    for (layer, name), s in tqdm(_in_order(stats),
                                  desc="awq search", disable=not progress, leave=False):
         w = params[name] if layer is None else params["layers"][layer][name]
         scales[layer, name], report[layer, name] = awq_input_scale(w, input_axes[name], s, group_size)
@@ -185,7 +190,7 @@ def gptq_params(params: dict, config, token_rows, input_axes, group_size: int = 
 
     stats = collect_inputs(params, config, token_rows, input_axes, second_moment=True)
     out = {**params, "layers": [dict(layer) for layer in params["layers"]]}
-    for (layer, name), s in tqdm(sorted(stats.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1])),
+    for (layer, name), s in tqdm(_in_order(stats),
                                  desc="gptq", disable=not progress, leave=False):
         tree = out if layer is None else out["layers"][layer]
         tree[name] = gptq_quantize(tree[name], input_axes[name], s, group_size)
@@ -232,7 +237,7 @@ def smoothquant_scales(params: dict, config, token_rows, input_axes, kind: str =
 
     stats = collect_inputs(params, config, token_rows, input_axes)
     scales, report = {}, {}
-    for (layer, name), s in tqdm(sorted(stats.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1])),
+    for (layer, name), s in tqdm(_in_order(stats),
                                  desc="smoothquant", disable=not progress, leave=False):
         w = params[name] if layer is None else params["layers"][layer][name]
         scales[layer, name], report[layer, name] = smoothquant_input_scale(w, s, kind)

@@ -98,6 +98,22 @@ def copy_kv_pages(src_ref, dst, barrier, *, layer, table_ref, b, h, token, page_
         plgpu.copy_gmem_to_smem(src_ref.at[layer, page, :, h], dst.at[pl.ds(i * page_size, page_size)], barrier)
 
 
+def check_pages(kv_heads: int, head_dim: int, k_pages, v_pages, block_kv: int) -> None:
+    """ValueError unless the pages fit the kernels: shapes matching q, head_dim a multiple of 64,
+    bf16/fp16, pages of a multiple of 8 tokens that divide or are divided by a K/V tile."""
+    _, _, page_size, kv_heads_c, head_dim_c = k_pages.shape
+    if (kv_heads_c, head_dim_c) != (kv_heads, head_dim) or v_pages.shape != k_pages.shape:
+        raise ValueError(f"q with {kv_heads} KV heads of {head_dim} does not match pages k {k_pages.shape} "
+                         f"/ v {v_pages.shape}")
+    if head_dim % 64:
+        raise ValueError(f"head_dim={head_dim} must be a multiple of 64 for the kernel")
+    if k_pages.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"pages of {k_pages.dtype}: the kernel takes bfloat16 or float16")
+    if page_size % 8 or (block_kv % page_size and page_size % block_kv):
+        raise ValueError(f"page_size={page_size} must be a multiple of 8 that divides or is "
+                         f"divided by block_kv={block_kv}")
+
+
 def copies_per_tile(page_size: int, block_kv: int) -> int:
     return max(block_kv // page_size, 1)
 

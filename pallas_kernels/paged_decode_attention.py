@@ -20,8 +20,8 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import compat
-from pallas_kernels.attention_tiles import (ROWS, Tiles, copies_per_tile, memory_loop, online_softmax,
-                                            smem_tile)
+from pallas_kernels.attention_tiles import (ROWS, Tiles, check_pages, copies_per_tile, memory_loop,
+                                            online_softmax, smem_tile)
 
 MIN_STEPS_PER_SPLIT = 4
 
@@ -102,20 +102,10 @@ def paged_decode_attention(
 ) -> Float[Array, "B Hkv G D"]:
     """The Mosaic GPU kernel; same contract as `paged_decode_attention_reference`."""
     batch, kv_heads, groups, head_dim = q.shape
-    _, _, page_size, kv_heads_c, head_dim_c = k_pages.shape
-    pmax = page_table.shape[1]
-    block_kv = config.block_kv
-    if (kv_heads_c, head_dim_c) != (kv_heads, head_dim) or v_pages.shape != k_pages.shape:
-        raise ValueError(f"q {q.shape} does not match pages k {k_pages.shape} / v {v_pages.shape}")
-    if head_dim % 64:
-        raise ValueError(f"head_dim={head_dim} must be a multiple of 64 for the kernel")
+    page_size, pmax, block_kv = k_pages.shape[2], page_table.shape[1], config.block_kv
+    check_pages(kv_heads, head_dim, k_pages, v_pages, block_kv)
     if groups > ROWS:
         raise ValueError(f"{groups} query heads per KV head: the kernel takes at most {ROWS}")
-    if k_pages.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"pages of {k_pages.dtype}: the kernel takes bfloat16 or float16")
-    if page_size % 8 or (block_kv % page_size and page_size % block_kv):
-        raise ValueError(f"page_size={page_size} must be a multiple of 8 that divides or is "
-                         f"divided by block_kv={block_kv}")
     dtype = k_pages.dtype
     max_steps = pl_cdiv(pmax * page_size, block_kv)
     # Splits fill the GPU, but each keeps at least MIN_STEPS_PER_SPLIT steps: below that, the
