@@ -16,6 +16,8 @@ from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 from pallas_kernels.paged_decode_attention import (DecodeConfig, choose_splits, paged_decode_attention,
                                                    paged_decode_attention_reference)
 
+pytestmark = pytest.mark.isolated_module  # see conftest.py
+
 
 def _inputs(seed, batch, kv_heads, groups, head_dim, page_size, pmax, lens, layers=2):
     rng = np.random.default_rng(seed)

@@ -364,6 +364,7 @@ def test_fp8_and_smoothquant_checkpoints_round_trip(tmp_path):
         assert len(out[0].outputs[0].token_ids) == 8
 
 
+@pytest.mark.isolated  # NVFP4 scales are e4m3: fp8 compiles (conftest.py)
 def test_fp4_blocks_round_trip_and_error():
     from jaxllm.quantization import FP4_VALUES, FP4Weight, quantize_fp4
 
@@ -386,6 +387,7 @@ def test_fp4_blocks_round_trip_and_error():
         quantize_fp4(jax.random.normal(jax.random.PRNGKey(0), (48, 4)), (0,), "mxfp4")
 
 
+@pytest.mark.isolated
 def test_fp4_llm_perplexity_and_checkpoint(tmp_path):
     from jaxllm import cli
     from jaxllm.quantization import FP4Weight
