@@ -1,0 +1,43 @@
+"""Batch-1 decode and 2048-token prefill of the 8B shape per quantization method, bf16 first, one
+process, same random weights (Pallas attention kernels on).
+
+    PYTHONPATH=. python -m benchmarks.quant_decode --methods none fp8 int4 --out results_quant_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+
+from benchmarks import decode
+from benchmarks.shapes import llama3_8b
+from jaxllm.checkpoint import random_params
+from jaxllm.sharding import ParallelConfig, make_mesh
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--methods", nargs="+", default=["none", "fp8", "int4"])
+    parser.add_argument("--out", default="results_quant_decode.json")
+    args = parser.parse_args(argv)
+    config = llama3_8b()
+    params = random_params(config, make_mesh(ParallelConfig(1)))
+    rows = []
+    for method in args.methods:
+        q = None if method == "none" else method
+        row = decode.run(batch=1, config=config, params=params, layers="unrolled", prefill_len=2048,
+                         repeats=1, quantization=q)
+        row.pop("greedy_tokens")
+        rows.append(row)
+        print(f"{method:6s} decode {row['decode_tokens_per_s']:7.1f} tok/s ({row['ms_per_step']:.2f} ms/step, "
+              f"{row['weight_bytes'] / 1e9:.2f} GB) prefill 2048 {row['prefill_s'] * 1e3:.1f} ms", flush=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
