@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -146,7 +145,7 @@ def gptq_quantize(w: Float[Array, "..."], input_axes: tuple[int, ...], stats: In
     (no act-order), each one's rounding error spread over the inputs not yet quantized through the
     inverse Hessian of the layer's inputs, H = X^T X; each group's scale and zero point are taken
     from its weights as updated when the group starts."""
-    from jaxllm.quantization import Int4Weight, _int4_groups, _pack
+    from jaxllm.quantization import Int4Weight, int4_groups, pack_nibbles
 
     if stats.xtx is None:
         raise ValueError("GPTQ needs the inputs' second moment: collect_inputs(..., second_moment=True)")
@@ -166,7 +165,7 @@ def gptq_quantize(w: Float[Array, "..."], input_axes: tuple[int, ...], stats: In
     zeros = np.zeros((k // group_size, W.shape[0]), np.uint8)
     for g0 in range(0, k, group_size):  # one block per group
         g1 = g0 + group_size
-        _, scale, zero = (np.asarray(a) for a in _int4_groups(jnp.asarray(W[:, g0:g1].T, jnp.float32), group_size))
+        _, scale, zero = (np.asarray(a) for a in int4_groups(jnp.asarray(W[:, g0:g1].T, jnp.float32), group_size))
         scale, zero = scale[0].astype(np.float64), zero[0].astype(np.float64)
         scales[g0 // group_size], zeros[g0 // group_size] = scale, zero
         block, err = W[:, g0:g1].copy(), np.zeros((W.shape[0], group_size))
@@ -179,7 +178,7 @@ def gptq_quantize(w: Float[Array, "..."], input_axes: tuple[int, ...], stats: In
             block[:, i:] -= np.outer(e, Hb[i, i:])
             err[:, i] = e
         W[:, g1:] -= err @ Hinv[g0:g1, g1:]
-    return Int4Weight(_pack(jnp.asarray(codes.T)), jnp.asarray(scales, jnp.float32), jnp.asarray(zeros),
+    return Int4Weight(pack_nibbles(jnp.asarray(codes.T)), jnp.asarray(scales, jnp.float32), jnp.asarray(zeros),
                       jnp.ones((k,), jnp.float32), shape, group_size)
 
 
@@ -199,13 +198,13 @@ def gptq_params(params: dict, config, token_rows, input_axes, group_size: int = 
 
 def _fake_w8a8(x, w2, s, kind: str):
     """x @ w2 with x / s quantized per row and diag(s) w2 per column, as the runtime does."""
-    from jaxllm.quantization import QMAX, _to_codes
+    from jaxllm.quantization import QMAX, to_codes
 
     xs, ws = x / s, w2 * s[:, None]
     sx = jnp.maximum(jnp.max(jnp.abs(xs), axis=1, keepdims=True), 1e-12) / QMAX[kind]
     sw = jnp.maximum(jnp.max(jnp.abs(ws), axis=0, keepdims=True), 1e-12) / QMAX[kind]
-    qx = _to_codes(xs / sx, kind).astype(jnp.float32) * sx
-    qw = _to_codes(ws / sw, kind).astype(jnp.float32) * sw
+    qx = to_codes(xs / sx, kind).astype(jnp.float32) * sx
+    qw = to_codes(ws / sw, kind).astype(jnp.float32) * sw
     return qx @ qw
 
 

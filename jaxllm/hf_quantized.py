@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from jaxllm.checkpoint import CheckpointError
 from jaxllm.config import ModelConfig
-from jaxllm.quantization import Int4Weight, _pack
+from jaxllm.quantization import Int4Weight, pack_nibbles
 from models import get_model_spec
 
 FORMATS = ("awq", "gptq")
@@ -133,7 +133,7 @@ def load_hf_int4(model_dir: str | Path, config: ModelConfig, mesh: Mesh, quant: 
             k = int(np.prod(shape[:len(axes)]))
             as_matrix = lambda a: a.reshape(k, -1)
             layer[name] = Int4Weight(
-                packed=_pack(as_matrix(codes[name]).astype(np.uint8)),
+                packed=pack_nibbles(as_matrix(codes[name]).astype(np.uint8)),
                 scale=as_matrix(scales[name])[::group].astype(np.float32),
                 zero=as_matrix(zeros[name])[::group].astype(np.uint8),
                 input_scale=np.ones((k,), np.float32), shape=shape, group_size=group)

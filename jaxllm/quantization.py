@@ -93,7 +93,8 @@ def quantize_int8(w: Float[Array, "..."], input_axes: tuple[int, ...]) -> Quanti
 # -- 8-bit weights and activations ------------------------------------------------------------
 
 
-def _to_codes(x, kind: str):
+def to_codes(x, kind: str):
+    """8-bit codes of values already divided by their scale: int8 (rounded) or float8 e4m3."""
     if kind == "int8":
         return jnp.clip(jnp.round(x), -127, 127).astype(jnp.int8)
     return jnp.clip(x, -448.0, 448.0).astype(jnp.float8_e4m3fn)
@@ -107,7 +108,7 @@ def quantize_w8a8(w: Float[Array, "..."], input_axes: tuple[int, ...], kind: str
     wf = w.astype(jnp.float32) * s.reshape(w.shape[:len(input_axes)] + (1,) * (w.ndim - len(input_axes)))
     scale = jnp.max(jnp.abs(wf), axis=input_axes, keepdims=True) / QMAX[kind]
     scale = jnp.where(scale > 0, scale, 1.0)
-    return W8A8Weight(_to_codes(wf / scale, kind), scale, s, kind)
+    return W8A8Weight(to_codes(wf / scale, kind), scale, s, kind)
 
 
 def _explicit(subscripts: str, x_ndim: int) -> str:
@@ -130,7 +131,7 @@ def _w8a8_einsum(subscripts: str, x: Array, w: W8A8Weight) -> Array:
     sx = jnp.max(jnp.abs(xf), axis=axes, keepdims=True) / QMAX[w.kind]  # per token
     sx = jnp.where(sx > 0, sx, 1.0)
     acc = jnp.int32 if w.kind == "int8" else jnp.float32
-    y = jnp.einsum(f"{x_sub},{w_sub}->{out}", _to_codes(xf / sx, w.kind), w.q, preferred_element_type=acc)
+    y = jnp.einsum(f"{x_sub},{w_sub}->{out}", to_codes(xf / sx, w.kind), w.q, preferred_element_type=acc)
     x_kept = "".join(c for c in x_sub if c not in contracted)
     w_kept = "".join(c for c in w_sub if c not in contracted)
     sx = jnp.squeeze(sx, axis=axes)
@@ -188,11 +189,11 @@ def quantize_fp4(w: Float[Array, "..."], input_axes: tuple[int, ...], fmt: str =
         scale = (amax / 6.0 / glob).astype(jnp.float8_e4m3fn).astype(jnp.float32) * glob
         scale = jnp.where(scale > 0, scale, glob)
     codes = _e2m1_codes(jnp.clip(w2 / scale[:, None], -6.0, 6.0)).reshape(k, n)
-    return FP4Weight(_pack(codes), scale / glob, jnp.asarray(glob, jnp.float32), tuple(w.shape), fmt)
+    return FP4Weight(pack_nibbles(codes), scale / glob, jnp.asarray(glob, jnp.float32), tuple(w.shape), fmt)
 
 
 def dequantize_fp4(w: FP4Weight, dtype=jnp.float32) -> Array:
-    values = jnp.asarray(FP4_VALUES)[_unpack(w.packed)]
+    values = jnp.asarray(FP4_VALUES)[unpack_nibbles(w.packed)]
     block = FP4_BLOCK[w.fmt]
     w2 = values * jnp.repeat(w.block_scale, block, axis=0) * w.global_scale
     return w2.reshape(w.shape).astype(dtype)
@@ -209,7 +210,7 @@ def _as_matrix_shape(shape: tuple[int, ...], input_axes: tuple[int, ...]) -> tup
 
 
 @functools.partial(jax.jit, static_argnames=("group_size",))
-def _int4_groups(w2: Float[Array, "K N"], group_size: int):
+def int4_groups(w2: Float[Array, "K N"], group_size: int):
     """Asymmetric 4-bit codes, scales and zero points per (group of inputs, output channel)."""
     k, n = w2.shape
     g = w2.reshape(k // group_size, group_size, n)
@@ -220,11 +221,13 @@ def _int4_groups(w2: Float[Array, "K N"], group_size: int):
     return q, scale, zero.astype(jnp.uint8)
 
 
-def _pack(q: UInt8[Array, "K N"]) -> UInt8[Array, "K/2 N"]:
+def pack_nibbles(q: UInt8[Array, "K N"]) -> UInt8[Array, "K/2 N"]:
+    """Two 4-bit codes a byte along K: row 2i in the low nibble, 2i + 1 in the high one."""
     return q[0::2] | (q[1::2] << 4)
 
 
-def _unpack(packed: UInt8[Array, "K/2 N"]) -> UInt8[Array, "K N"]:
+def unpack_nibbles(packed: UInt8[Array, "K/2 N"]) -> UInt8[Array, "K N"]:
+    """The inverse of `pack_nibbles`."""
     k2, n = packed.shape
     return jnp.stack([packed & 15, packed >> 4], axis=1).reshape(2 * k2, n)
 
@@ -239,12 +242,12 @@ def quantize_int4(w: Float[Array, "..."], input_axes: tuple[int, ...], group_siz
                          f"of a weight of shape {tuple(w.shape)}")
     s = jnp.ones((k,), jnp.float32) if input_scale is None else jnp.asarray(input_scale, jnp.float32)
     w2 = w.astype(jnp.float32).reshape(k, n) * s[:, None]
-    q, scale, zero = _int4_groups(w2, group_size)
-    return Int4Weight(_pack(q), scale, zero, s, tuple(w.shape), group_size)
+    q, scale, zero = int4_groups(w2, group_size)
+    return Int4Weight(pack_nibbles(q), scale, zero, s, tuple(w.shape), group_size)
 
 
 def dequantize_int4(w: Int4Weight, dtype=jnp.float32) -> Array:
-    q = _unpack(w.packed).astype(jnp.float32)
+    q = unpack_nibbles(w.packed).astype(jnp.float32)
     repeat = lambda a: jnp.repeat(a.astype(jnp.float32), w.group_size, axis=0)
     w2 = (q - repeat(w.zero)) * repeat(w.scale) / w.input_scale[:, None]
     return w2.reshape(w.shape).astype(dtype)

@@ -279,14 +279,14 @@ def test_gptq_beats_round_to_nearest_on_the_calibration_inputs():
 
 def _w8a8_reference(subscripts, x, w, s, kind):
     """Per-token quantized x / s times per-channel quantized diag(s) W, spelled out in numpy."""
-    from jaxllm.quantization import QMAX, _to_codes
+    from jaxllm.quantization import QMAX, to_codes
 
     x2 = np.asarray(x, np.float32).reshape(-1, np.asarray(s).size) / np.asarray(s)
     w2 = np.asarray(w, np.float32).reshape(np.asarray(s).size, -1) * np.asarray(s)[:, None]
     sx = np.abs(x2).max(1, keepdims=True) / QMAX[kind]
     sw = np.abs(w2).max(0, keepdims=True) / QMAX[kind]
-    qx = np.asarray(_to_codes(jnp.asarray(x2 / sx), kind), np.float32)
-    qw = np.asarray(_to_codes(jnp.asarray(w2 / sw), kind), np.float32)
+    qx = np.asarray(to_codes(jnp.asarray(x2 / sx), kind), np.float32)
+    qw = np.asarray(to_codes(jnp.asarray(w2 / sw), kind), np.float32)
     return (qx @ qw) * sx * sw
 
 
