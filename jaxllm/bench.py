@@ -354,8 +354,20 @@ def _metrics_delta(before: EngineMetrics, after: EngineMetrics) -> dict:
     return delta
 
 
+class _Rates:
+    """Requests and output tokens per second of `elapsed_s`."""
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+
 @dataclasses.dataclass(frozen=True)
-class ThroughputResult:
+class ThroughputResult(_Rates):
     """Totals of one throughput run; rates are per second of `elapsed_s`."""
 
     backend: str
@@ -366,13 +378,6 @@ class ThroughputResult:
     engine_config: EngineConfig | None = None  # as run (num_pages resolved); None for the llm backend
     engine_metrics: dict | None = None  # counter changes over the timed run
 
-    @property
-    def requests_per_s(self) -> float:
-        return self.num_requests / self.elapsed_s
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.output_tokens / self.elapsed_s
 
     @property
     def total_tokens_per_s(self) -> float:
@@ -387,7 +392,7 @@ class ThroughputResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class LatencyResult:
+class LatencyResult(_Rates):
     """Per-request timelines of one latency run and their statistics."""
 
     request_rate: float
@@ -408,13 +413,6 @@ class LatencyResult:
     def output_tokens(self) -> int:
         return sum(t.output_len for t in self.traces)
 
-    @property
-    def requests_per_s(self) -> float:
-        return self.num_requests / self.elapsed_s
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.output_tokens / self.elapsed_s
 
     @property
     def ttft_ms(self) -> Summary:

@@ -78,16 +78,16 @@ def check_method(method: str | None, *, calibrated_ok: bool = False) -> None:
 
 def quantize_int8(w: Float[Array, "..."], input_axes: tuple[int, ...]) -> QuantizedWeight:
     """Symmetric int8 with one scale per output channel: max |w| over the input axes maps to 127."""
+    return _int8(w, tuple(input_axes))
 
-    @jax.jit
-    def run(w):
-        wf = w.astype(jnp.float32)
-        scale = jnp.max(jnp.abs(wf), axis=input_axes, keepdims=True) / 127.0
-        scale = jnp.where(scale > 0, scale, 1.0)
-        q = jnp.clip(jnp.round(wf / scale), -127, 127).astype(jnp.int8)
-        return QuantizedWeight(q, scale)  # float32: a bf16 scale would bias whole channels
 
-    return run(w)
+@functools.partial(jax.jit, static_argnames=("input_axes",))  # one compile per weight shape, not per call
+def _int8(w, input_axes):
+    wf = w.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(wf), axis=input_axes, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(wf / scale), -127, 127).astype(jnp.int8)
+    return QuantizedWeight(q, scale)  # float32: a bf16 scale would bias whole channels
 
 
 # -- 8-bit weights and activations ------------------------------------------------------------
@@ -103,6 +103,8 @@ def to_codes(x, kind: str):
 def quantize_w8a8(w: Float[Array, "..."], input_axes: tuple[int, ...], kind: str = "fp8",
                   input_scale: Float[Array, "K"] | None = None) -> W8A8Weight:
     """Per-output-channel 8-bit weights of diag(input_scale) W (input axes lead the shape)."""
+    if kind not in QMAX:
+        raise ValueError(f"W8A8 kind {kind!r} not supported; choose one of {tuple(QMAX)}")
     k, _ = _as_matrix_shape(w.shape, input_axes)
     s = jnp.ones((k,), jnp.float32) if input_scale is None else jnp.asarray(input_scale, jnp.float32)
     wf = w.astype(jnp.float32) * s.reshape(w.shape[:len(input_axes)] + (1,) * (w.ndim - len(input_axes)))

@@ -131,7 +131,7 @@ def test_attention_backend_bad_values(tiny_hd64):
     # float32 pages: the kernel says why it cannot run instead of silently falling back
     llm = LLM(str(tiny_hd64), dtype="float32", skip_tokenizer_init=True, attention_backend="pallas",
               max_model_len=64, progress=False)
-    with pytest.raises(ValueError, match="float32 pages"):
+    with pytest.raises(ValueError, match="pages of float32: the kernel takes bfloat16 or float16"):
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
 
 

@@ -310,6 +310,10 @@ def test_w8a8_einsum_quantizes_tokens_and_channels(kind):
     np.testing.assert_allclose(einsum("bthgk,hgkd->btd", x3, q3), jnp.einsum("bthgk,hgkd->btd", x3, w3),
                                rtol=0.15, atol=0.15 * float(jnp.abs(jnp.einsum("bthgk,hgkd->btd", x3, w3)).mean()))
     assert einsum("...d,dv->...v", x, qw).shape == (2, 3, 40)
+    with pytest.raises(ValueError, match="W8A8 kind 'int4' not supported; choose one of"):
+        quantize_w8a8(w, (0,), "int4")
+    with pytest.raises(ValueError, match="input axes"):
+        quantize_w8a8(w, (1,), kind)
 
 
 def test_smoothquant_moves_activation_outliers_into_the_weights():

@@ -122,22 +122,19 @@ def paged_attention(
 def kernel_limits(q_shape, cache: KVCache) -> str | None:
     """Why no Pallas attention kernel can take this call, or None when one can (the decode kernel
     for one query token per sequence, the prefill kernel for more)."""
-    from pallas_kernels.attention_tiles import ROWS
+    from pallas_kernels.attention_tiles import ROWS, check_pages
 
-    _, tokens, _, groups, head_dim = q_shape
-    page_size = cache.k.shape[2]
+    _, tokens, kv_heads, groups, head_dim = q_shape
     if cache.k_scale is not None:
         return f"quantized pages ({cache.k.dtype})"
-    if cache.k.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"{cache.k.dtype} pages (bfloat16 or float16 only)"
-    if head_dim % 64:
-        return f"head_dim {head_dim} (a multiple of 64 only)"
+    try:  # the kernels' own checks, with their default 64-key tiles
+        check_pages(kv_heads, head_dim, cache.k, cache.v, 64)
+    except ValueError as err:
+        return str(err)
     if tokens == 1 and groups > ROWS:
         return f"{groups} query heads per KV head (at most {ROWS})"
     if tokens > 1 and ROWS % groups:
         return f"{groups} query heads per KV head (a divisor of {ROWS} for prefill)"
-    if page_size % 8 or (64 % page_size and page_size % 64):
-        return f"page_size {page_size} (a multiple of 8 dividing 64, or a multiple of 64)"
     return None
 
 
