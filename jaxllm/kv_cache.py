@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxllm.config import ModelConfig
 
@@ -32,6 +32,10 @@ class AttentionMeta(NamedTuple):
     positions: Int[Array, "B T"]  # token position in its sequence, -1 for padding
     page_table: Int[Array, "B Pmax"]  # page ids of each sequence, in order
     kv_lens: Int[Array, "B"]  # tokens cached per sequence once this batch is written
+    # Token trees (speculative verification): row b's T tokens occupy slots tree_start[b] + t and
+    # see the prefix plus the tokens tree_mask[t] allows; None for ordinary chunks (slot = position).
+    tree_start: Int[Array, "B"] | None = None
+    tree_mask: Bool[Array, "T T"] | None = None
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:

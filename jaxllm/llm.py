@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from jaxllm.requests import Request, make_requests
 from jaxllm.sampling import make_sampling_tensors
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.sharding import ParallelConfig, cache_sharding, check_divisible, make_mesh
+from jaxllm.speculative.config import SpeculativeConfig
 from models import get_model_spec
 
 STOP_STRING_CHECK_STEPS = 16  # decode steps between host checks, only when stop strings are set
@@ -112,6 +114,11 @@ class LLM:
             dynamic per-token activation scales), "mxfp4" / "nvfp4" (fp4 block storage); the
             embedding table stays dense. Calibrated methods ("awq", "gptq", "smoothquant") come
             from `jaxllm quantize` checkpoints, which load as stored, as do 4-bit AWQ/GPTQ HF ones.
+        speculative_config: None, or a `SpeculativeConfig` / dict of its fields (as vLLM takes), e.g.
+            {"method": "ngram", "num_speculative_tokens": 4}, {"method": "draft_model", "model": DIR}
+            or {"method": "medusa", "model": HEADS_DIR}. Outputs are those of plain decoding (greedy:
+            the same tokens; sampled: the same distribution); each CompletionOutput's `spec_decode`
+            says how many proposals were kept.
     """
 
     def __init__(
@@ -132,7 +139,9 @@ class LLM:
         kv_cache_dtype: str = "auto",
         attention_backend: str = "auto",
         quantization: str | None = None,
+        speculative_config: SpeculativeConfig | dict | None = None,
     ):
+        speculative_config = SpeculativeConfig.of(speculative_config)
         if model is None:
             from jaxllm.default_model import default_model_dir
 
@@ -176,6 +185,7 @@ class LLM:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.model_dir)
         self._rng = np.random.default_rng(seed)
         self._generation_defaults = generation_defaults(self.model_dir)
+        self.speculator = self._speculator(speculative_config, dtype, progress)
 
     @classmethod
     def from_params(
@@ -192,8 +202,10 @@ class LLM:
         kv_cache_dtype: str = "auto",
         attention_backend: str | None = None,
         quantization: str | None = None,
+        speculative_config: SpeculativeConfig | dict | None = None,
     ) -> "LLM":
         """An LLM over params already on `mesh` (random weights for benchmarks, or your own)."""
+        speculative_config = SpeculativeConfig.of(speculative_config)
         _check_positive(page_size=page_size, max_num_seqs=max_num_seqs)
         check_kv_cache_dtype(kv_cache_dtype)
         enable_compilation_cache()
@@ -209,7 +221,18 @@ class LLM:
         llm.page_size, llm.max_num_seqs = page_size, max_num_seqs
         llm._rng = np.random.default_rng(seed)
         llm._generation_defaults = {}
+        llm.speculator = llm._speculator(speculative_config, "auto", False)
         return llm
+
+    def _speculator(self, spec: SpeculativeConfig | None, dtype: str, progress: bool):
+        if spec is None:
+            return None
+        from jaxllm.speculative.speculator import Speculator
+
+        if dict(self.mesh.shape).get("tensor", 1) > 1:
+            raise ValueError("speculative decoding runs on one device per model for now; "
+                             "use tensor_parallel_size=1")
+        return Speculator(spec, self.config, self.mesh, tokenizer=self.tokenizer, dtype=dtype, progress=progress)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -312,7 +335,9 @@ class LLM:
         prompt_len = bucket(max(len(r.prompt_token_ids) for r in batch), 16)
         max_tokens = [min(r.params.max_tokens, self.max_model_len - len(r.prompt_token_ids)) for r in batch]
         max_new = bucket(max(max_tokens), 16)
-        pages_per_seq = pages_for(prompt_len + max_new, self.page_size)
+        speculator = self.speculator if self.speculator and self.speculator.applies(len(batch)) else None
+        extra = speculator.extra_tokens if speculator else 0
+        pages_per_seq = pages_for(prompt_len + max_new + extra, self.page_size)
 
         tokens = np.zeros((rows, prompt_len), np.int32)
         prompt_lens = np.zeros(rows, np.int32)
@@ -333,10 +358,17 @@ class LLM:
         cache = init_cache(cfg, rows * pages_per_seq + 1, self.page_size, cfg.dtype, cache_sharding(self.mesh),
                            self.kv_cache_dtype)
         page_table = contiguous_page_table(rows, pages_per_seq)
-        state, prompt_lp = runner.prefill(
+        medusa = speculator is not None and speculator.plan.method == "medusa"
+        state, prompt_lp, *hidden = runner.prefill(
             self.params, cache, tokens, prompt_lens, page_table, st, limits,
             config=cfg, max_new=max_new, logprobs_k=logprobs_k, prompt_logprobs_k=prompt_k,
+            return_hidden=medusa,
         )
+        spec = None
+        if speculator is not None:
+            spec = speculator.start(tokens, prompt_lens, state, hidden[0] if medusa else None, page_table,
+                                    rows * pages_per_seq + 1, self.page_size, cache_sharding(self.mesh),
+                                    prompt_len + max_new + extra)
         prompt_lp = jax.device_get(prompt_lp)
         steps = max(max_tokens) - 1
         check = interval is not None or any(r.params.stop for r in batch)  # look at text between slices
@@ -345,7 +377,9 @@ class LLM:
             host = jax.device_get(state._replace(cache=None, prompt_mask=None, output_counts=None))
             last = steps <= 0 or bool(host.done[:len(batch)].all())
             if check or last:
-                results = {(r.request_id, r.sample_index): self._completion(i, r, host, prompt_lp)
+                spec_host = None if spec is None else jax.device_get(spec._replace(
+                    history=None, draft_cache=None, hidden=None))
+                results = {(r.request_id, r.sample_index): self._completion(i, r, host, prompt_lp, spec_host)
                            for i, r in enumerate(batch)}
                 stopped = np.array([c.finish_reason is not None for c, _ in results.values()])
                 last = last or bool(stopped.all())
@@ -355,20 +389,26 @@ class LLM:
                 if stopped.any():  # stop strings found on the host end those rows on the device too
                     done = host.done | np.pad(stopped, (0, rows - len(batch)), constant_values=True)
                     state = state._replace(done=jax.numpy.asarray(done))
-            state = runner.decode(self.params, state, st, limits, np.int32(min(interval, steps)),
-                                  config=cfg, logprobs_k=logprobs_k)
+            if spec is None:
+                state = runner.decode(self.params, state, st, limits, np.int32(min(interval, steps)),
+                                      config=cfg, logprobs_k=logprobs_k)
+            else:
+                state, spec = speculator.decode(self.params, state, spec, st, limits,
+                                                np.int32(min(interval, steps)), config=cfg, logprobs_k=logprobs_k)
             steps -= interval
 
     def _stop_ids(self, params: SamplingParams) -> list[int]:
         eos = [] if params.ignore_eos else list(self.config.eos_token_ids)
         return sorted(set(eos) | set(params.stop_token_ids or ()))
 
-    def _completion(self, i: int, req: Request, host, prompt_lp) -> tuple[CompletionOutput, Any]:
+    def _completion(self, i: int, req: Request, host, prompt_lp, spec=None) -> tuple[CompletionOutput, Any]:
         n = int(host.num_generated[i])
         completion = build_completion(
             self.tokenizer, req, host.tokens[i, :n], _FINISH.get(int(host.finish[i])),
             host.logprob[i], host.rank[i], host.top_ids[i], host.top_lps[i],
         )
+        if spec is not None:
+            completion = dataclasses.replace(completion, spec_decode=self.speculator.stats(spec, i))
         prompt_logprobs = None
         if req.params.prompt_logprobs is not None:
             k, prompt = req.params.prompt_logprobs, req.prompt_token_ids

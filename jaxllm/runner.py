@@ -65,23 +65,38 @@ def _finish_reason(token, num_generated, prompt_lens, limits: Limits):
 
 def _record(state: DecodeState, logits, token, st, limits: Limits, logprobs_k: int | None) -> DecodeState:
     """Appends `token` to every running row and updates its stop state."""
+    logprobs = sampling.token_logprobs(logits, token, logprobs_k) if logprobs_k is not None else None
+    return record(state, token, limits, logprobs)
+
+
+def record(
+    state: DecodeState,
+    token: Int[Array, "B"],
+    limits: Limits,
+    logprobs: tuple | None = None,
+    active: Bool[Array, "B"] | None = None,
+) -> DecodeState:
+    """Appends `token` to every running row (of those `active`) and updates its stop state;
+    `logprobs` is `sampling.token_logprobs`' tuple for these tokens, or None."""
     rows = jnp.arange(token.shape[0])
-    live = ~state.done
+    live = ~state.done if active is None else ~state.done & active
     n = state.num_generated
-    if logprobs_k is not None:
-        lp, rank, top_ids, top_lps = sampling.token_logprobs(logits, token, logprobs_k)
-        # Rows already done write past their output; the host never reads there.
+    if logprobs is not None:
+        lp, rank, top_ids, top_lps = logprobs
+        # Rows not live write at an index no one reads (past the output, or overwritten next).
+        at = jnp.where(live, n, state.tokens.shape[1])
         state = state._replace(
-            logprob=state.logprob.at[rows, n].set(lp, mode="drop"),
-            rank=state.rank.at[rows, n].set(rank, mode="drop"),
-            top_ids=state.top_ids.at[rows, n].set(top_ids, mode="drop"),
-            top_lps=state.top_lps.at[rows, n].set(top_lps, mode="drop"),
+            logprob=state.logprob.at[rows, at].set(lp, mode="drop"),
+            rank=state.rank.at[rows, at].set(rank, mode="drop"),
+            top_ids=state.top_ids.at[rows, at].set(top_ids, mode="drop"),
+            top_lps=state.top_lps.at[rows, at].set(top_lps, mode="drop"),
         )
-    token = jnp.where(live, token, state.tokens[rows, n - 1])
+    token = jnp.where(live, token, state.tokens[rows, jnp.maximum(n - 1, 0)])
     num_generated = n + live.astype(n.dtype)
     reason = _finish_reason(token, num_generated, state.prompt_lens, limits)
+    at = jnp.where(live, n, state.tokens.shape[1])
     return state._replace(
-        tokens=state.tokens.at[rows, n].set(token, mode="drop"),
+        tokens=state.tokens.at[rows, at].set(token, mode="drop"),
         num_generated=num_generated,
         output_counts=state.output_counts.at[rows, token].add(live.astype(jnp.int32)),
         finish=jnp.where(live, reason, state.finish),
@@ -91,7 +106,7 @@ def _record(state: DecodeState, logits, token, st, limits: Limits, logprobs_k: i
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new", "logprobs_k", "prompt_logprobs_k"),
+    static_argnames=("config", "max_new", "logprobs_k", "prompt_logprobs_k", "return_hidden"),
     donate_argnames=("cache",),
 )
 def prefill(
@@ -107,8 +122,12 @@ def prefill(
     max_new: int,
     logprobs_k: int | None,
     prompt_logprobs_k: int | None,
-) -> tuple[DecodeState, PromptLogprobs | None]:
-    """Caches every prompt's K/V and samples each request's first token."""
+    return_hidden: bool = False,
+):
+    """Caches every prompt's K/V and samples each request's first token.
+
+    Returns (DecodeState, PromptLogprobs or None), plus each row's last hidden state [B, D] when
+    `return_hidden` (Medusa heads read it)."""
     model = get_model_spec(config.architecture).model
     batch, length = tokens.shape
     t = jnp.arange(length)[None, :]
@@ -148,7 +167,10 @@ def prefill(
         output_counts=jnp.zeros((batch, vocab), jnp.int32),
     )
     token = sampling.sample(logits, st, state.num_generated, prompt_mask, state.output_counts)
-    return _record(state, logits, token, st, limits, logprobs_k), prompt_lp
+    state = _record(state, logits, token, st, limits, logprobs_k)
+    if return_hidden:
+        return state, prompt_lp, hidden[rows, last]
+    return state, prompt_lp
 
 
 @functools.partial(jax.jit, static_argnames=("config", "logprobs_k"), donate_argnames=("state",))

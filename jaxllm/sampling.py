@@ -110,8 +110,9 @@ def apply_penalties(
     return logits - st.frequency_penalty.astype(jnp.float32)[:, None] * counts
 
 
-def _sample_row(logits, temperature, top_k, top_p, min_p, key, step):
-    """Draw one token from one row of already-penalised, non-greedy logits."""
+def _kept_sorted(logits, temperature, top_k, top_p, min_p):
+    """One row's logits / temperature sorted descending, their vocabulary ids, and which of them
+    top-k, top-p and min-p keep (the most likely token always)."""
     v = logits.shape[-1]
     scaled = logits / temperature
     order = jnp.argsort(-scaled)
@@ -126,10 +127,41 @@ def _sample_row(logits, temperature, top_k, top_p, min_p, key, step):
     keep &= (before < top_p) | (top_p >= 1.0)
     # min-p is a ratio to the max prob, so it is the same before or after renormalisation.
     keep &= srt >= srt[0] + jnp.log(min_p)
-    keep = keep.at[0].set(True)
-    row_key = jax.random.fold_in(jax.random.wrap_key_data(key, impl="threefry2x32"), step)
-    choice = jax.random.categorical(row_key, jnp.where(keep, srt, -jnp.inf))
+    return order, srt, keep.at[0].set(True)
+
+
+def _row_key(key, step):
+    return jax.random.fold_in(jax.random.wrap_key_data(key, impl="threefry2x32"), step)
+
+
+def _sample_row(logits, temperature, top_k, top_p, min_p, key, step):
+    """Draw one token from one row of already-penalised, non-greedy logits."""
+    order, srt, keep = _kept_sorted(logits, temperature, top_k, top_p, min_p)
+    choice = jax.random.categorical(_row_key(key, step), jnp.where(keep, srt, -jnp.inf))
     return order[choice]
+
+
+def _probs_row(logits, temperature, top_k, top_p, min_p):
+    order, srt, keep = _kept_sorted(logits, temperature, top_k, top_p, min_p)
+    probs = jax.nn.softmax(jnp.where(keep, srt, -jnp.inf))
+    return jnp.zeros_like(probs).at[order].set(probs)
+
+
+def target_probs(logits: Float[Array, "B V"], st: SamplingTensors) -> Float[Array, "B V"]:
+    """The distribution `sample` draws from, for already-penalised logits: one-hot on the argmax for
+    greedy rows, else softmax(logits / temperature) restricted by top-k, top-p and min-p."""
+    _check_batch(logits, st)
+    logits = logits.astype(jnp.float32)
+    temperature = st.temperature.astype(jnp.float32)
+    greedy = temperature < GREEDY_EPS
+    one_hot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+
+    def mixed():
+        probs = jax.vmap(_probs_row)(logits, jnp.where(greedy, 1.0, temperature), st.top_k.astype(jnp.int32),
+                                     st.top_p.astype(jnp.float32), st.min_p.astype(jnp.float32))
+        return jnp.where(greedy[:, None], one_hot, probs)
+
+    return jax.lax.cond(jnp.all(greedy), lambda: one_hot, mixed)
 
 
 def sample(

@@ -110,6 +110,11 @@ def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta
     scale = config.head_dim**-0.5
     if cache is None:
         out = ops.causal_attention(q, k, v, meta.positions, window, scale=scale)
+    elif meta.tree_mask is not None:
+        slots = jnp.where(meta.positions >= 0, meta.tree_start[:, None] + jnp.arange(x.shape[1]), -1)
+        cache = ops.store_kv(cache, index, k, v, meta.page_table, slots)
+        out = ops.paged_tree_attention(q, cache, index, meta.page_table, meta.positions, meta.tree_start,
+                                       meta.tree_mask, window, scale=scale)
     else:
         cache = ops.store_kv(cache, index, k, v, meta.page_table, meta.positions)
         out = ops.paged_attention(q, cache, index, meta.page_table, meta.positions, meta.kv_lens,

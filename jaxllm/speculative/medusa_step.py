@@ -1,0 +1,101 @@
+"""One Medusa step in the decode loop: heads propose a candidate tree from the last hidden state, the
+target verifies every node in one forward under a tree attention mask, the longest accepted path
+is kept and its K/V moved to the slots it now occupies."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+from jaxllm import runner, sampling
+from jaxllm.kv_cache import AttentionMeta, KVCache
+from jaxllm.speculative import acceptance
+from jaxllm.speculative.medusa import build_tree, medusa_logits, tree_candidates
+from models import get_model_spec
+
+
+@functools.lru_cache(maxsize=None)
+def _tree(choices, num_heads):
+    return build_tree(choices, num_heads)
+
+
+def move_kv(cache: KVCache, page_table: Int[Array, "B Pmax"], src: Int[Array, "B M"],
+            dst: Int[Array, "B M"]) -> KVCache:
+    """Copies every layer's K/V (and scales) at token slot src[b, m] to slot dst[b, m] of row b;
+    -1 entries touch only the scratch page."""
+    page_size = cache.k.shape[2]
+
+    def where(slot):
+        safe = jnp.maximum(slot, 0)
+        page = jnp.take_along_axis(page_table, safe // page_size, axis=1)
+        return jnp.where(slot >= 0, page, 0), jnp.where(slot >= 0, safe % page_size, 0)
+
+    (sp, so), (dp, do) = where(src), where(dst)
+    move = (lambda x: None if x is None else x.at[:, dp, do].set(x[:, sp, so]))
+    return KVCache(*(move(x) for x in cache))
+
+
+def _tree_probs(logits, state: runner.DecodeState, st, tokens, ancestor):
+    """The target distribution after each node, penalties counting the node's path as output."""
+    batch, n, vocab = logits.shape
+    tiled = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n, axis=0), st)
+    flat = logits.reshape(batch * n, vocab)
+
+    def penalised():
+        path = jnp.asarray(ancestor[:, 1:], jnp.int32)  # the root is already output
+        seen = jnp.einsum("nj,bjv->bnv", path, jax.nn.one_hot(tokens[:, 1:], vocab, dtype=jnp.int32))
+        counts = (state.output_counts[:, None] + seen).reshape(batch * n, vocab)
+        return sampling.apply_penalties(flat, jnp.repeat(state.prompt_mask, n, axis=0), counts, tiled)
+
+    neutral = ((st.repetition_penalty == 1.0) & (st.presence_penalty == 0.0) & (st.frequency_penalty == 0.0))
+    flat = jax.lax.cond(jnp.all(neutral), lambda: flat.astype(jnp.float32), penalised)
+    return sampling.target_probs(flat, tiled).reshape(batch, n, vocab)
+
+
+def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config, plan, logprobs_k):
+    from jaxllm.speculative.decode import _logprobs, _record_all
+
+    model = get_model_spec(config.architecture).model
+    tree = _tree(plan.tree, plan.k)
+    n_nodes, depth = tree.num_nodes, tree.max_depth
+    rows = jnp.arange(s.tokens.shape[0])
+    n = s.num_generated
+    live = ~s.done
+    p = s.prompt_lens + n - 1  # the root (last token) goes at slot p; node i at slot p + i
+    last = s.tokens[rows, jnp.maximum(n - 1, 0)]
+    candidates = tree_candidates(last, medusa_logits(heads, sp.hidden), tree)
+    positions = jnp.where(live[:, None], p[:, None] + jnp.asarray(tree.depth)[None], -1)
+    meta = AttentionMeta(positions, s.page_table, jnp.where(live, p + n_nodes, 0), jnp.where(live, p, -1),
+                         jnp.asarray(tree.ancestor_mask))
+    hidden, cache = model.forward_hidden(params, candidates, meta, s.cache, config)
+    logits = model.logits(params, hidden)  # [B, N, V]
+    probs = _tree_probs(logits, s, st, candidates, tree.ancestor_mask)
+    if plan.acceptance == "typical":
+        verdict = acceptance.accept_typical(probs, candidates, tree.parent, tree.paths, st.keys, n,
+                                            threshold=plan.typical_threshold, alpha=plan.typical_alpha)
+    else:
+        verdict = acceptance.accept_tree(probs, candidates, tree.parent, tree.rank, depth, st.keys, n)
+    path, accepted = verdict.path, verdict.num_accepted
+
+    kept = (jnp.arange(depth)[None] < accepted[:, None]) & live[:, None]
+    cache = move_kv(cache, s.page_table, jnp.where(kept, p[:, None] + path[:, 1:], -1),
+                    jnp.where(kept, p[:, None] + 1 + jnp.arange(depth), -1))
+    emitted = jnp.concatenate([jnp.take_along_axis(candidates, path[:, 1:], axis=1),
+                               jnp.zeros_like(last)[:, None]], axis=1)
+    emitted = emitted.at[rows, accepted].set(verdict.next_token)
+    lp = _logprobs(jnp.take_along_axis(logits, path[..., None], axis=1), emitted, logprobs_k)
+    s = _record_all(s._replace(cache=cache), emitted, accepted + 1, limits, lp)
+
+    at = jnp.where(live[:, None], p[:, None] + 1 + jnp.arange(depth + 1), sp.history.shape[1])
+    positions = jnp.arange(plan.k)[None]
+    sp = sp._replace(
+        history=sp.history.at[rows[:, None], at].set(emitted, mode="drop"),
+        steps=sp.steps + live,
+        proposed=sp.proposed + ((positions < depth) & live[:, None]),
+        accepted=sp.accepted + (positions < accepted[:, None]),
+        hidden=jnp.where(live[:, None], hidden[rows, path[rows, accepted]], sp.hidden),
+    )
+    return s, sp

@@ -1,0 +1,49 @@
+"""n-gram (prompt lookup) proposals: continue the sequence the way an earlier occurrence of its
+last n tokens continued, trying n from a maximum down to a minimum. Runs on the device."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+
+def propose_ngram(
+    history: Int[Array, "B H"],
+    length: Int[Array, "B"],
+    *,
+    k: int,
+    n_max: int,
+    n_min: int,
+) -> tuple[Int[Array, "B k"], Int[Array, "B"]]:
+    """Up to `k` tokens per row following the first earlier occurrence of the row's last n tokens.
+
+    `history[b, :length[b]]` is row b's prompt and output so far. The longest n in [n_min, n_max]
+    with a match wins; the proposal is cut where the history ends. Returns (tokens, how many are real).
+    """
+    if not 1 <= n_min <= n_max:
+        raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {n_min}, {n_max}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    batch, size = history.shape
+    rows = jnp.arange(batch)[:, None]
+    drafts = jnp.zeros((batch, k), jnp.int32)
+    count = jnp.zeros((batch,), jnp.int32)
+    found_any = jnp.zeros((batch,), bool)
+    for n in range(n_max, n_min - 1, -1):  # longest first: a later (shorter) match never overrides
+        if n >= size:
+            continue
+        suffix = history[rows, jnp.maximum(length[:, None] - n + jnp.arange(n), 0)]  # [B, n]
+        starts = jnp.arange(size - n + 1)
+        match = jnp.ones((batch, size - n + 1), bool)
+        for i in range(n):
+            match &= history[:, i:size - n + 1 + i] == suffix[:, i:i + 1]
+        # The continuation must start inside the history, so the suffix itself never matches.
+        match &= starts[None] + n < length[:, None]
+        match &= (length >= n + 1)[:, None]
+        found = jnp.any(match, axis=1) & ~found_any
+        begin = jnp.argmax(match, axis=1) + n  # first occurrence, as vLLM's prompt lookup
+        take = history[rows, jnp.minimum(begin[:, None] + jnp.arange(k), size - 1)]
+        drafts = jnp.where(found[:, None], take, drafts)
+        count = jnp.where(found, jnp.clip(length - begin, 0, k), count)
+        found_any |= found
+    return drafts.astype(jnp.int32), count.astype(jnp.int32)
