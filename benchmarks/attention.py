@@ -4,6 +4,10 @@ over its cached prefix.
 
     PYTHONPATH=. python -m benchmarks.attention --out results_attention.json
     PYTHONPATH=. python -m benchmarks.attention --prefill --out results_prefill_attention.json
+    PYTHONPATH=. python -m benchmarks.attention --kv-dtypes bf16,fp8,int8 --out results_quantized_kv.json
+
+`--kv-dtypes` runs only our decode kernel, over the same random K/V stored as bf16 pages and as
+int8 / fp8 (e4m3) pages with per-token scales, at the first two decode cases.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.shapes import COPY_BANDWIDTH
+from jaxllm.kv_cache import KVCache
+from jaxllm.ops.attention import paged_attention
+from jaxllm.ops.kv_quant import quantize
 from pallas_kernels.paged_decode_attention import (DecodeConfig, paged_decode_attention,
                                                    paged_decode_attention_reference)
 from pallas_kernels.paged_prefill_attention import (PrefillConfig, paged_prefill_attention,
@@ -38,6 +45,8 @@ CASES = [  # batch, context, page size
 ]
 CONFIGS = [DecodeConfig(64, 2), DecodeConfig(64, 3), DecodeConfig(64, 4), DecodeConfig(128, 2), DecodeConfig(128, 3)]
 HQ, HKV, D = 32, 8, 128
+KV_DTYPES = {"bf16": None, "fp8": "fp8_e4m3", "int8": "int8"}  # name -> kv_cache_dtype
+QUANTIZED_CONFIGS = [DecodeConfig(64, 4), DecodeConfig(64, 6)]
 
 
 def time_ms(fn, *args, iters: int = 20) -> float:
@@ -146,18 +155,95 @@ def run_prefill_case(batch: int, prefix: int, new: int, page_size: int = 16) -> 
     return row
 
 
+def run_kv_dtype_case(batch: int, context: int, page_size: int, kv_dtypes, configs) -> dict:
+    """Our decode kernel over one set of random K/V stored as each of `kv_dtypes`: time, bytes read
+    (values and scales) per second, and errors against the reference on the same pages."""
+    q, k, v, table, lens = make_inputs(batch, context, page_size)
+    scale = D**-0.5
+    row = dict(batch=batch, context=context, page_size=page_size)
+    exact = np.asarray(paged_decode_attention_reference(q, k, v, 0, table, lens, scale=scale), np.float32)
+    for name in kv_dtypes:
+        kind = KV_DTYPES[name]
+        if kind is None:
+            pages, scales, cfgs = (k, v), {}, [DecodeConfig(), DecodeConfig(128, 2)]
+            kv_bytes = 2 * batch * context * HKV * D * 2
+        else:
+            (k8, ks), (v8, vs) = quantize(k, kind), quantize(v, kind)
+            pages, scales, cfgs = (k8, v8), dict(k_scale=ks, v_scale=vs), configs
+            kv_bytes = 2 * batch * context * HKV * (D * k8.dtype.itemsize + 4)
+        ref = jax.jit(lambda q, k, v, t, n, s: paged_decode_attention_reference(q, k, v, 0, t, n, scale=scale, **s))
+        expect = np.asarray(ref(q, *pages, table, lens, scales), np.float32)
+        entry = dict(kv_bytes=kv_bytes, quantization_rel_err=_rel(expect, exact))
+        if kind is not None:  # the runtime's XLA path on the same cache, as a second reference
+            cache = KVCache(*pages, scales["k_scale"], scales["v_scale"])
+            xla = jax.jit(lambda q, c, t, n: paged_attention(q[:, None], c, 0, t, (n - 1)[:, None], n, scale=scale))
+            entry["xla_vs_reference_max_abs_err"] = float(np.max(np.abs(
+                np.asarray(xla(q, cache, table, lens), np.float32)[:, 0] - expect)))
+        for cfg in cfgs:
+            fn = jax.jit(lambda q, k, v, t, n, s, cfg=cfg: paged_decode_attention(
+                q, k, v, 0, t, n, scale=scale, config=cfg, **s))
+            key = f"ours_kv{cfg.block_kv}_st{cfg.num_stages}"
+            try:
+                ms = time_ms(fn, q, *pages, table, lens, scales)
+                got = np.asarray(fn(q, *pages, table, lens, scales), np.float32)
+                entry[key] = dict(ms=ms, tb_s=kv_bytes / ms / 1e9, fraction=kv_bytes / (ms / 1e3) / COPY_BANDWIDTH,
+                                  max_abs_err=float(np.max(np.abs(got - expect))), rel_err=_rel(got, expect),
+                                  all_finite=bool(np.all(np.isfinite(got))))
+            except Exception as e:  # a config that cannot run (shared memory) is reported, not fatal
+                entry[key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(batch, context, name, key, entry[key], flush=True)
+        row[name] = entry
+    bf16 = row.get("bf16", {}).get(f"ours_kv{DecodeConfig().block_kv}_st{DecodeConfig().num_stages}", {})
+    for name in kv_dtypes:  # speedup of each config over the bf16 kernel's default, same run
+        for key, r in row[name].items():
+            if isinstance(r, dict) and "ms" in r and "ms" in bf16:
+                r["speedup_vs_bf16_default"] = bf16["ms"] / r["ms"]
+    return row
+
+
+def _rel(got, want) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def summary(rows) -> str:
+    """One line per (case, dtype, config): the table the report quotes."""
+    lines = [f"{'case':>12} {'pages':>5} {'config':>11} {'ms':>7} {'TB/s':>6} {'of 4.27':>7} {'x bf16':>6} {'max err':>8}"]
+    for row in rows:
+        for name in KV_DTYPES:
+            for key, r in row.get(name, {}).items():
+                if isinstance(r, dict) and "ms" in r:
+                    lines.append(f"{row['batch']:>4}x{row['context']:<7} {name:>5} {key[5:]:>11} {r['ms']:7.3f} "
+                                 f"{r['tb_s']:6.2f} {r['fraction']:7.1%} {r.get('speedup_vs_bf16_default', 0):6.2f} "
+                                 f"{r['max_abs_err']:8.1e}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="results_attention.json")
     parser.add_argument("--quick", action="store_true", help="first two cases only")
     parser.add_argument("--prefill", action="store_true", help="the prefill kernel's cases instead")
+    parser.add_argument("--kv-dtypes", default=None,
+                        help=f"comma-separated subset of {','.join(KV_DTYPES)}: our decode kernel over those pages")
     args = parser.parse_args(argv)
+    result = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, device=str(jax.devices()[0]),
+                  copy_bandwidth=COPY_BANDWIDTH, heads=(HQ, HKV, D))
+    if args.kv_dtypes:
+        names = args.kv_dtypes.split(",")
+        if not names or any(n not in KV_DTYPES for n in names):
+            raise ValueError(f"--kv-dtypes {args.kv_dtypes!r}: choose from {','.join(KV_DTYPES)}")
+        rows = []
+        for case in CASES[:2]:
+            rows.append(run_kv_dtype_case(*case, names, QUANTIZED_CONFIGS))
+            with open(args.out, "w") as f:  # after each case: a run cut short keeps what it measured
+                json.dump({**result, "rows": rows}, f, indent=1)
+        print(summary(rows))
+        return 0
     if args.prefill:
         rows = [run_prefill_case(*case) for case in PREFILL_CASES]
     else:
         rows = [run_case(*case) for case in (CASES[:2] if args.quick else CASES)]
-    result = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, device=str(jax.devices()[0]),
-                  copy_bandwidth=COPY_BANDWIDTH, heads=(HQ, HKV, D), rows=rows)
+    result["rows"] = rows
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0

@@ -1,9 +1,11 @@
 """Building blocks shared by the paged attention kernels (Mosaic GPU, Lane semantics).
 
 A compute warpgroup owns a 64-row query tile (wgmma's M); K/V tiles of `block_kv` keys arrive in
-shared memory from a memory warpgroup that copies pages through the page table. Under Pallas' GPU
-interpreter (CPU tests) registers have no layouts and wgmma takes neither transposed nor register
-operands, so there the products are jnp dots on the tiles read from shared memory.
+shared memory from a memory warpgroup that copies pages through the page table. With int8 or fp8
+pages the memory warpgroup also dequantizes: it copies 8-bit tiles and their per-token scales,
+then writes each tile, times its scales, as a bf16/fp16 tile for wgmma (`dequantize_loop`). Under
+Pallas' GPU interpreter (CPU tests) registers have no layouts and wgmma takes neither transposed
+nor register operands, so there the products are jnp dots on the tiles read from shared memory.
 """
 
 from __future__ import annotations
@@ -16,12 +18,24 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import compat
+
 ROWS = 64  # wgmma's M for one warpgroup
+COMPUTE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+QUANTIZED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+DEQUANTIZED_SLOTS = 2  # bf16/fp16 tiles between the dequantizing and the compute warpgroup
+# Promising in-bounds copies of contiguous memory lets Mosaic use a plain bulk copy (no tensor map,
+# so no 256-element limit on a box side).
+_CONTIGUOUS = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
 
 
 def smem_tile(shape, dtype):
-    """A shared-memory tile in the layout wgmma reads: 8 x 64 tiles, 128-byte swizzle."""
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    """A shared-memory tile in the layout wgmma and TMA use: rows of the widest swizzle (128 bytes
+    for 16-bit tiles of 64 or more columns) that divides a row, in 8-row tiles."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = next(s for s in (128, 64, 32) if (shape[-1] * itemsize) % s == 0)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // itemsize)),
+                                                plgpu.SwizzleTransform(swizzle)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +79,22 @@ class Tiles:
 
         return pl.run_scoped(scope, plgpu.ACC((ROWS, self.block_kv), jnp.float32))
 
+    def dequantize(self, src_smem, scales_smem, head, dst_smem):
+        """dst = src * scale of each key (row), in the compute dtype: one 8-bit K/V tile made ready
+        for wgmma. `scales_smem` holds [block_kv * kv_heads] float32, token-major (a page's layout)."""
+        kv_heads = scales_smem.shape[-1] // self.block_kv
+        # The 8-bit layout moves 4 bytes a thread per load (WGMMA's would move 2); wgmma reads the
+        # result from shared memory, so the register layout is free.
+        layout = plgpu.Layout.WGMMA_8BIT
+        x = self._layout(src_smem[...], layout).astype(jnp.float32)  # fp8 via f16 on the GPU: exact
+        if self.interpret:
+            scale = scales_smem[...].reshape(self.block_kv, kv_heads)[:, head]
+        else:  # a strided column, which the optimized transfer planner cannot prove safe
+            scale = compat.mgpu_load(scales_smem.reshape(self.block_kv, kv_heads).at[:, head],
+                                     layout=layout.reduce(1), optimized=False)
+        scale = self._layout(lax.broadcast_in_dim(scale, x.shape, [0]), layout)
+        dst_smem[...] = (x * scale).astype(self.dtype)
+
     def accumulate_pv(self, acc, p, v_smem):
         """acc + P V, P in the input dtype."""
         p = p.astype(self.dtype)
@@ -98,20 +128,62 @@ def copy_kv_pages(src_ref, dst, barrier, *, layer, table_ref, b, h, token, page_
         plgpu.copy_gmem_to_smem(src_ref.at[layer, page, :, h], dst.at[pl.ds(i * page_size, page_size)], barrier)
 
 
-def check_pages(kv_heads: int, head_dim: int, k_pages, v_pages, block_kv: int) -> None:
+def check_pages(kv_heads: int, head_dim: int, k_pages, v_pages, block_kv: int, k_scale=None,
+                v_scale=None) -> None:
     """ValueError unless the pages fit the kernels: shapes matching q, head_dim a multiple of 64,
-    bf16/fp16, pages of a multiple of 8 tokens that divide or are divided by a K/V tile."""
+    bf16/fp16 (or, with both scales given, int8/fp8 e4m3 with float32 [L, P, S, Hkv] scales), pages
+    of a multiple of 8 tokens that divide or are divided by a K/V tile."""
     _, _, page_size, kv_heads_c, head_dim_c = k_pages.shape
     if (kv_heads_c, head_dim_c) != (kv_heads, head_dim) or v_pages.shape != k_pages.shape:
         raise ValueError(f"q with {kv_heads} KV heads of {head_dim} does not match pages k {k_pages.shape} "
                          f"/ v {v_pages.shape}")
     if head_dim % 64:
         raise ValueError(f"head_dim={head_dim} must be a multiple of 64 for the kernel")
-    if k_pages.dtype not in (jnp.bfloat16, jnp.float16):
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("k_scale and v_scale must be given together (or neither)")
+    if k_scale is None and k_pages.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"pages of {k_pages.dtype}: the kernel takes bfloat16 or float16")
     if page_size % 8 or (block_kv % page_size and page_size % block_kv):
         raise ValueError(f"page_size={page_size} must be a multiple of 8 that divides or is "
                          f"divided by block_kv={block_kv}")
+    if k_scale is not None:
+        _check_scales(k_pages, v_pages, k_scale, v_scale, block_kv)
+
+
+def _check_scales(k_pages, v_pages, k_scale, v_scale, block_kv: int) -> None:
+    if k_pages.dtype not in QUANTIZED_DTYPES or v_pages.dtype != k_pages.dtype:
+        raise ValueError(f"pages of {k_pages.dtype} / {v_pages.dtype} with scales: the kernel takes "
+                         "int8 or float8_e4m3fn pages (both alike) with scales")
+    for name, scales in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scales.shape != k_pages.shape[:4] or scales.dtype != jnp.float32:
+            raise ValueError(f"{name} of {scales.dtype} {scales.shape}: the kernel takes float32 "
+                             f"{k_pages.shape[:4]}, one scale per token and KV head")
+    _, _, page_size, kv_heads, _ = k_pages.shape
+    # Scales travel as whole rows of every head: copies of a multiple of 128 bytes.
+    if min(page_size, block_kv) * kv_heads % 32:
+        raise ValueError(f"page_size={page_size} x kv_heads={kv_heads} (at most block_kv={block_kv} "
+                         "tokens a copy) must be a multiple of 32 for quantized pages")
+
+
+def copy_quantized_pages(values_ref, scales_ref, dst, dst_scales, barrier, *, layer, table_ref, b, h,
+                         token, page_size: int, block_kv: int, pmax: int):
+    """`copy_kv_pages` for 8-bit pages, plus the scales of the same tokens for every head (a page's
+    scales, [page_size * kv_heads] float32 in `scales_ref`'s last axis, are contiguous). Those are
+    plain bulk copies, of any length but with no bounds check: page ids must index the pool."""
+    kv_heads = scales_ref.shape[-1] // page_size
+    if page_size >= block_kv:
+        page = table_ref[b, jnp.minimum(lax.div(token, page_size), pmax - 1)]
+        first = lax.rem(token, page_size)
+        plgpu.copy_gmem_to_smem(values_ref.at[layer, page, pl.ds(first, block_kv), h], dst, barrier)
+        plgpu.copy_gmem_to_smem(scales_ref.at[layer, page, pl.ds(first * kv_heads, block_kv * kv_heads)],
+                                dst_scales, barrier, oob_mode=_CONTIGUOUS)
+        return
+    for i in range(block_kv // page_size):
+        page = table_ref[b, jnp.minimum(lax.div(token, page_size) + i, pmax - 1)]
+        plgpu.copy_gmem_to_smem(values_ref.at[layer, page, :, h], dst.at[pl.ds(i * page_size, page_size)], barrier)
+        per_page = page_size * kv_heads
+        plgpu.copy_gmem_to_smem(scales_ref.at[layer, page], dst_scales.at[pl.ds(i * per_page, per_page)], barrier,
+                                oob_mode=_CONTIGUOUS)
 
 
 def copies_per_tile(page_size: int, block_kv: int) -> int:
@@ -140,3 +212,58 @@ def memory_loop(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, 
         return carry
 
     lax.fori_loop(0, steps, issue, None)
+
+
+def dequantize_loop(tiles: Tiles, src, staged, arrived, out, ready, free, *, begin, steps, num_stages: int,
+                    **page_args):
+    """The memory warpgroup over 8-bit pages: copies K/V tiles with their scales `num_stages` deep
+    (`src` = k, v, k_scale, v_scale refs into `staged` = k8, v8, k_scales, v_scales, on `arrived`),
+    and writes each, dequantized, into a free slot of `out` (DEQUANTIZED_SLOTS deep), marking it
+    `ready`; the compute warpgroup marks slots `free` as for `memory_loop`."""
+    k_ref, v_ref, ks_ref, vs_ref = src
+    k8, v8, k_scales, v_scales = staged
+    block_kv = page_args["block_kv"]
+
+    def issue(step):
+        slot = lax.rem(step, num_stages)
+        token = begin + step * block_kv
+        copy_quantized_pages(k_ref, ks_ref, k8.at[slot], k_scales.at[slot], arrived[0].at[slot], token=token,
+                             **page_args)
+        copy_quantized_pages(v_ref, vs_ref, v8.at[slot], v_scales.at[slot], arrived[1].at[slot], token=token,
+                             **page_args)
+
+    def prologue(step, carry):
+        issue(step)
+        return carry
+
+    lax.fori_loop(0, jnp.minimum(steps, num_stages), prologue, None)
+
+    def convert(step, carry):
+        slot, out_slot = lax.rem(step, num_stages), lax.rem(step, DEQUANTIZED_SLOTS)
+        for values, scales, i in ((k8, k_scales, 0), (v8, v_scales, 1)):
+            plgpu.barrier_wait(arrived[i].at[slot])
+
+            @pl.when(step >= DEQUANTIZED_SLOTS)
+            def _(i=i):
+                plgpu.barrier_wait(free[i].at[out_slot])
+
+            tiles.dequantize(values.at[slot], scales.at[slot], page_args["h"], out[i].at[out_slot])
+            plgpu.commit_smem()  # the generic-proxy stores, before wgmma reads them
+            plgpu.barrier_arrive(ready[i].at[out_slot])
+
+        @pl.when(step + num_stages < steps)
+        def _():  # the 8-bit slot is read: refill it (Pallas syncs the warpgroup before a copy)
+            issue(step + num_stages)
+
+        return carry
+
+    lax.fori_loop(0, steps, convert, None)
+    # Observe the last slots' releases too: the hardware does not care, the interpreter checks
+    # that a thread waiting on a barrier sees every phase of it.
+    for tail in range(DEQUANTIZED_SLOTS):
+        step = steps + tail
+
+        @pl.when(step >= DEQUANTIZED_SLOTS)
+        def _(step=step):
+            for i in range(2):
+                plgpu.barrier_wait(free[i].at[lax.rem(step, DEQUANTIZED_SLOTS)])

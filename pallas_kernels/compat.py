@@ -22,3 +22,14 @@ def num_sms(default: int = 132) -> int:
 
 def on_gpu() -> bool:
     return jax.devices()[0].platform == "gpu"
+
+
+def mgpu_load(ref, *, layout, optimized: bool = True):
+    """`plgpu.load` of a whole (indexed) ref: jax 0.10 needs an index argument, 0.11 deprecates it."""
+    import inspect
+
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), layout=layout, optimized=optimized)
+    return plgpu.load(ref, layout=layout, optimized=optimized)

@@ -6,6 +6,13 @@ split's keys: a memory warpgroup copies pages into shared memory through the pag
 in registers. The G query heads that share a KV head are the rows of one 64-row wgmma tile
 (zero rows pad it), so every K/V byte is read once for all of them. Splits of a long context
 are merged afterwards from their log-sum-exps.
+
+int8 / fp8 (e4m3) pages come with a float32 scale per token and KV head. The memory warpgroup
+copies the 8-bit tiles and their pages' scales, and dequantizes each tile (value x scale, rounded
+to q's dtype, exactly as `jaxllm.ops.kv_quant.dequantize`) into a bf16/fp16 tile for the same
+wgmma path, overlapping the conversion with the compute warpgroup's work on the previous tile.
+Blocks then run heads-fastest, so the heads of a sequence, which share each page's scale rows, read
+them from L2 at about the same time.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import compat
-from pallas_kernels.attention_tiles import (ROWS, Tiles, check_pages, copies_per_tile, memory_loop,
-                                            online_softmax, smem_tile)
+from pallas_kernels.attention_tiles import (COMPUTE_DTYPES, DEQUANTIZED_SLOTS, ROWS, Tiles, check_pages,
+                                            copies_per_tile, dequantize_loop, memory_loop, online_softmax,
+                                            smem_tile)
 
 MIN_STEPS_PER_SPLIT = 4
 
@@ -31,7 +39,7 @@ class DecodeConfig:
     """Tuning knobs. `num_splits=None` picks enough splits to fill the GPU's multiprocessors."""
 
     block_kv: int = 64  # keys per pipeline step
-    num_stages: int = 4  # K/V tiles in flight per block
+    num_stages: int = 4  # K/V tiles in flight per block (8-bit tiles, for quantized pages)
     num_splits: int | None = None
 
     def __post_init__(self):
@@ -59,15 +67,24 @@ def paged_decode_attention_reference(
     window: Int[Array, ""] | int = 0,
     *,
     scale: float,
+    k_scale: Float[Array, "L P S Hkv"] | None = None,
+    v_scale: Float[Array, "L P S Hkv"] | None = None,
     config: DecodeConfig = DecodeConfig(),
     interpret: bool = False,
 ) -> Float[Array, "B Hkv G D"]:
-    """softmax(q k^T * scale) v over keys [max(len - W, 0), len) of each sequence, in float32."""
+    """softmax(q k^T * scale) v over keys [max(len - W, 0), len) of each sequence, in float32.
+    With scales, the (int8 / fp8) pages hold value / scale: they are dequantized to q's dtype first."""
     del config, interpret
     batch, pmax = page_table.shape
     page_size = k_pages.shape[2]
-    k = k_pages[layer][page_table].reshape(batch, pmax * page_size, *k_pages.shape[3:])
-    v = v_pages[layer][page_table].reshape(batch, pmax * page_size, *v_pages.shape[3:])
+
+    def gather(pages, scales):
+        x = pages[layer][page_table]
+        if scales is not None:
+            x = (x.astype(jnp.float32) * scales[layer][page_table][..., None]).astype(q.dtype)
+        return x.reshape(batch, pmax * page_size, *pages.shape[3:])
+
+    k, v = gather(k_pages, k_scale), gather(v_pages, v_scale)
     scores = jnp.einsum("bhgd,bshd->bhgs", q, k, preferred_element_type=jnp.float32) * scale
     key = jnp.arange(pmax * page_size)[None, :]
     visible = (key < kv_lens[:, None]) & (key >= window_start(kv_lens, window)[:, None])
@@ -97,16 +114,23 @@ def paged_decode_attention(
     window: Int[Array, ""] | int = 0,
     *,
     scale: float,
+    k_scale: Float[Array, "L P S Hkv"] | None = None,
+    v_scale: Float[Array, "L P S Hkv"] | None = None,
     config: DecodeConfig = DecodeConfig(),
     interpret: bool = False,
 ) -> Float[Array, "B Hkv G D"]:
     """The Mosaic GPU kernel; same contract as `paged_decode_attention_reference`."""
     batch, kv_heads, groups, head_dim = q.shape
-    page_size, pmax, block_kv = k_pages.shape[2], page_table.shape[1], config.block_kv
-    check_pages(kv_heads, head_dim, k_pages, v_pages, block_kv)
+    layers, num_pages, page_size = k_pages.shape[:3]
+    pmax, block_kv = page_table.shape[1], config.block_kv
+    check_pages(kv_heads, head_dim, k_pages, v_pages, block_kv, k_scale, v_scale)
     if groups > ROWS:
         raise ValueError(f"{groups} query heads per KV head: the kernel takes at most {ROWS}")
-    dtype = k_pages.dtype
+    quantized = k_scale is not None
+    if quantized and q.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"q of {q.dtype} over {k_pages.dtype} pages: the kernel dequantizes to q's dtype, "
+                         "which must be bfloat16 or float16")
+    dtype = q.dtype if quantized else k_pages.dtype  # what the products take
     max_steps = pl_cdiv(pmax * page_size, block_kv)
     # Splits fill the GPU, but each keeps at least MIN_STEPS_PER_SPLIT steps: below that, the
     # merge's extra kernels cost more than the parallelism gains (short contexts at batch 1).
@@ -122,8 +146,11 @@ def paged_decode_attention(
     lens = kv_lens.astype(jnp.int32)
     starts = window_start(lens, window)
     kernel = _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, block_kv,
-                    config.num_stages, float(scale), interpret)
-    out, lse = kernel(q_rows, k_pages, v_pages, layer_arr, page_table.astype(jnp.int32), lens, starts)
+                    config.num_stages, float(scale), interpret, k_pages.dtype if quantized else None)
+    pages = (k_pages, v_pages)
+    if quantized:  # a page's scales, every head's, as one contiguous row: one copy a page
+        pages += tuple(s.reshape(layers, num_pages, page_size * kv_heads) for s in (k_scale, v_scale))
+    out, lse = kernel(q_rows, *pages, layer_arr, page_table.astype(jnp.int32), lens, starts)
     return _merge_splits(out[:, :, :, :groups], lse[:, :, :, :groups]).astype(q.dtype)
 
 
@@ -145,15 +172,18 @@ def _merge_splits(out, lse):
 
 @functools.lru_cache(maxsize=None)
 def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, block_kv, num_stages,
-           scale, interpret):
+           scale, interpret, page_dtype=None):
+    """`page_dtype`: the 8-bit type of quantized pages (then scales follow v), None for `dtype` pages."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
+    quantized = page_dtype is not None
+    ring = DEQUANTIZED_SLOTS if quantized else num_stages  # K/V tiles the compute warpgroup cycles through
     log2e_scale = scale * math.log2(math.e)
     tiles = Tiles(interpret, dtype, head_dim, block_kv)
 
-    def body(q_ref, k_ref, v_ref, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref, scoped):
-        (q_smem, k_smem, v_smem, lse_smem), (q_bar, k_bar, v_bar), (k_free, v_free) = scoped
+    def body(q_ref, page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref, scoped):
+        (q_smem, k_smem, v_smem, lse_smem, *staged), (q_bar, k_bar, v_bar, *arrived), (k_free, v_free) = scoped
         b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
         wg = lax.axis_index("wg")
         length = lens_ref[b]
@@ -176,7 +206,7 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
 
             def step_fn(step, carry):
                 acc, m_i, l_i = carry
-                slot = lax.rem(step, num_stages)
+                slot = lax.rem(step, ring)
                 plgpu.barrier_wait(k_bar.at[slot])
                 qk = tiles.scores(q_smem, k_smem.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
@@ -203,38 +233,52 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
 
         @pl.when(wg == 1)
         def _memory():
-            memory_loop(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, begin=begin,
-                        steps=steps, num_stages=num_stages, layer=layer_ref[0], table_ref=table_ref,
-                        b=b, h=h, page_size=page_size, block_kv=block_kv, pmax=pmax)
+            page_args = {"layer": layer_ref[0], "table_ref": table_ref, "b": b, "h": h,
+                         "page_size": page_size, "block_kv": block_kv, "pmax": pmax}
+            if quantized:
+                dequantize_loop(tiles, page_refs, staged, arrived, (k_smem, v_smem), (k_bar, v_bar),
+                                (k_free, v_free), begin=begin, steps=steps, num_stages=num_stages, **page_args)
+            else:
+                k_ref, v_ref = page_refs
+                memory_loop(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, begin=begin,
+                            steps=steps, num_stages=num_stages, **page_args)
 
-    def entry(q_ref, k_ref, v_ref, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref):
+    def entry(q_ref, *refs):
+        *page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref = refs
         copies = copies_per_tile(page_size, block_kv)
         smem = (
             smem_tile((ROWS, head_dim), dtype),
-            smem_tile((num_stages, block_kv, head_dim), dtype),
-            smem_tile((num_stages, block_kv, head_dim), dtype),
+            smem_tile((ring, block_kv, head_dim), dtype),
+            smem_tile((ring, block_kv, head_dim), dtype),
             plgpu.SMEM((ROWS,), jnp.float32),
         )
         ready = (
             plgpu.Barrier(),
-            plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
-            plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
+            plgpu.Barrier(num_arrivals=1 if quantized else copies, num_barriers=ring),
+            plgpu.Barrier(num_arrivals=1 if quantized else copies, num_barriers=ring),
         )
-        free = (plgpu.Barrier(num_barriers=num_stages),) * 2
+        if quantized:  # 8-bit tiles and their scales, num_stages deep; a value and a scale copy a page
+            smem += (smem_tile((num_stages, block_kv, head_dim), page_dtype),) * 2
+            smem += (plgpu.SMEM((num_stages, block_kv * kv_heads), jnp.float32),) * 2
+            ready += (plgpu.Barrier(num_arrivals=2 * copies, num_barriers=num_stages),) * 2
+        free = (plgpu.Barrier(num_barriers=ring),) * 2
         pl.run_scoped(
-            lambda *scoped: body(q_ref, k_ref, v_ref, layer_ref, table_ref, lens_ref, starts_ref,
-                                 o_ref, lse_ref, scoped),
+            lambda *scoped: body(q_ref, page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref,
+                                 scoped),
             smem, ready, free, collective_axes="wg")
 
     out_type = (
         jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), dtype),
         jax.ShapeDtypeStruct((batch, kv_heads, splits, ROWS), jnp.float32),
     )
+    # Quantized pages: heads fastest (grid axis 0 varies fastest), to share each page's scale rows in L2.
+    grid, names = ((kv_heads, batch, splits), ("h", "b", "s")) if quantized else \
+        ((batch, kv_heads, splits), ("b", "h", "s"))
     return plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(batch, kv_heads, splits),
-        grid_names=("b", "h", "s"),
+        grid=grid,
+        grid_names=names,
         num_threads=2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

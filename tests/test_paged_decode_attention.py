@@ -1,5 +1,6 @@
 """The Mosaic GPU paged decode-attention kernel against its jnp reference, in Pallas' GPU
-interpret mode (CPU): random page tables, ragged lengths, windows, splits and page sizes.
+interpret mode (CPU): random page tables, ragged lengths, windows, splits and page sizes, over
+bf16 pages and over int8 / fp8 (e4m3) pages with random per-token scales.
 
 The interpreter's wgmma takes neither transposed nor register operands, so under it the kernel's
 two products are jnp dots; the TMA page copies, barriers, pipeline, masking, online softmax and
@@ -12,6 +13,9 @@ import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
+from jaxllm.kv_cache import KVCache
+from jaxllm.ops.attention import kernel_limits, paged_attention, store_kv
+from jaxllm.ops.kv_quant import dequantize, quantize
 from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 from pallas_kernels.paged_decode_attention import (DecodeConfig, choose_splits, paged_decode_attention,
                                                    paged_decode_attention_reference)
@@ -56,6 +60,121 @@ def test_kernel_matches_reference(groups, page_size, pmax, lens, window, block_k
     assert not np.allclose(np.asarray(shorter, np.float32), want, atol=8e-3, rtol=1e-2)
     other = np.asarray(paged_decode_attention_reference(q, k, v, 0, table, lens, window, scale=0.125), np.float32)
     assert not np.allclose(other, want, atol=8e-3, rtol=1e-2)
+
+
+def _quantized(k, v, kind, seed):
+    """int8 / fp8 pages of k and v, with scales scattered by a random factor per token and head
+    (so a kernel that ignored or misplaced them would be far off)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for x in (k, v):
+        codes, scales = quantize(x, kind)
+        out += [codes, scales * jnp.asarray(rng.uniform(0.5, 2.0, scales.shape), jnp.float32)]
+    return out  # k8, k_scale, v8, v_scale
+
+
+QUANTIZED_CASES = [  # kind, kv_heads, groups, page_size, pmax, lens, window, stages, splits
+    ("int8", 1, 4, 32, 4, [100, 7], 0, 2, 2),  # the short row's second split is empty
+    ("fp8_e4m3", 2, 4, 16, 8, [128, 70], 50, 3, 1),  # sliding window
+    ("fp8_e4m3", 2, 8, 128, 2, [200, 0], 0, 2, 1),  # pages larger than a tile, 4 steps; an empty row
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind,kv_heads,groups,page_size,pmax,lens,window,stages,splits", QUANTIZED_CASES)
+def test_kernel_over_quantized_pages_matches_reference(kind, kv_heads, groups, page_size, pmax, lens, window,
+                                                       stages, splits):
+    q, k, v, table, lens = _inputs(len(lens) + groups + page_size, len(lens), kv_heads, groups, 64, page_size,
+                                   pmax, lens)
+    k8, ks, v8, vs = _quantized(k, v, kind, groups)
+    cfg = DecodeConfig(block_kv=64, num_stages=stages, num_splits=splits)
+    got = paged_decode_attention(q, k8, v8, 1, table, lens, window, scale=0.125, k_scale=ks, v_scale=vs,
+                                 config=cfg, interpret=True)
+    want = paged_decode_attention_reference(q, k8, v8, 1, table, lens, window, scale=0.125, k_scale=ks, v_scale=vs)
+    assert got.shape == want.shape == q.shape and got.dtype == q.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.all(np.isfinite(got)) and np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=8e-3, rtol=1e-2)
+    # Negative controls: one mean scale per layer instead of per token, or V's scales on K.
+    flat = paged_decode_attention_reference(q, k8, v8, 1, table, lens, window, scale=0.125,
+                                            k_scale=jnp.full_like(ks, ks.mean()), v_scale=vs)
+    assert not np.allclose(np.asarray(flat, np.float32), want, atol=8e-3, rtol=1e-2)
+    swapped = paged_decode_attention_reference(q, k8, v8, 1, table, lens, window, scale=0.125, k_scale=vs,
+                                               v_scale=vs)
+    assert not np.allclose(np.asarray(swapped, np.float32), want, atol=8e-3, rtol=1e-2)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
+def test_quantized_decode_through_ops_matches_xla_path(kind):
+    """paged_attention sends one-token steps over a quantized cache to the kernel (backend="pallas")
+    and gets what the XLA path computes from the same cache, built by store_kv."""
+    rng = np.random.default_rng(7)
+    batch, tokens, kv_heads, groups, head_dim, page_size = 2, 80, 1, 4, 64, 32
+    table = jnp.asarray(1 + rng.permutation(12)[:6].reshape(batch, 3), jnp.int32)
+    store = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn}[kind]
+    pages, scales = jnp.zeros((1, 13, page_size, kv_heads, head_dim), store), jnp.zeros((1, 13, page_size, kv_heads))
+    k, v = (jnp.asarray(rng.standard_normal((batch, tokens, kv_heads, head_dim)), jnp.bfloat16) for _ in "kv")
+    positions = jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
+    cache = store_kv(KVCache(pages, pages, scales, scales), 0, k, v, table, positions)
+    q = jnp.asarray(rng.standard_normal((batch, 1, kv_heads, groups, head_dim)), jnp.bfloat16)
+    step = jnp.asarray([[79], [40]], jnp.int32)  # row 1 is at an earlier step: keys 41.. are hidden
+    lens = jnp.asarray([80, 41], jnp.int32)
+    args = (q, cache, 0, table, step, lens)
+    got = np.asarray(paged_attention(*args, scale=0.125, backend="pallas"), np.float32)
+    want = np.asarray(paged_attention(*args, scale=0.125, backend="xla"), np.float32)
+    np.testing.assert_allclose(got, want, atol=8e-3, rtol=1e-2)
+    earlier = np.asarray(paged_attention(q, cache, 0, table, step - 1, lens - 1, scale=0.125), np.float32)
+    assert not np.allclose(earlier, want, atol=8e-3, rtol=1e-2)  # one key fewer is visible
+
+
+def test_reference_dequantizes_like_the_cache():
+    q, k, v, table, lens = _inputs(3, 2, 2, 4, 64, 16, 4, [37, 64])
+    for kind in ("int8", "fp8_e4m3"):
+        k8, ks, v8, vs = _quantized(k, v, kind, 1)
+        got = paged_decode_attention_reference(q, k8, v8, 0, table, lens, scale=0.3, k_scale=ks, v_scale=vs)
+        dense = paged_decode_attention_reference(q, dequantize(k8, ks, q.dtype), dequantize(v8, vs, q.dtype), 0,
+                                                 table, lens, scale=0.3)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(dense, np.float32))
+
+
+def test_kernel_limits_for_quantized_pages():
+    pages, scales = jnp.zeros((1, 4, 16, 2, 64), jnp.int8), jnp.zeros((1, 4, 16, 2))
+    cache = KVCache(pages, pages, scales, scales)
+    assert kernel_limits((2, 1, 2, 4, 64), cache, jnp.bfloat16) is None  # decode: the kernel
+    assert "prefill kernel takes bfloat16 or float16" in kernel_limits((2, 5, 2, 4, 64), cache, jnp.bfloat16)
+    assert "q of float32" in kernel_limits((2, 1, 2, 4, 64), cache, jnp.float32)
+    one_head = KVCache(pages[..., :1, :], pages[..., :1, :], scales[..., :1], scales[..., :1])
+    assert "multiple of 32" in kernel_limits((2, 1, 1, 4, 64), one_head, jnp.bfloat16)
+    q = jnp.ones((2, 5, 2, 4, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="prefill kernel takes bfloat16 or float16 pages"):
+        paged_attention(q, cache, 0, jnp.ones((2, 2), jnp.int32), jnp.zeros((2, 5), jnp.int32),
+                        jnp.full((2,), 5), scale=1.0, backend="pallas")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(pages=jnp.bfloat16), "with scales: the kernel takes int8 or float8_e4m3fn"),
+    (dict(v_scale=None), "k_scale and v_scale must be given together"),
+    (dict(scale_shape=(1, 9, 16, 2)), r"k_scale of float32 \(1, 9, 16, 2\)"),
+    (dict(scale_dtype=jnp.bfloat16), "k_scale of bfloat16"),
+    (dict(q=jnp.float32), "q of float32 over int8 pages"),
+    (dict(kv_heads=1), "must be a multiple of 32 for quantized pages"),
+])
+def test_kernel_rejects_bad_quantized_inputs(bad, match):
+    kv_heads = bad.get("kv_heads", 2)
+    q, k, v, table, lens = _inputs(0, 1, kv_heads, 4, 64, 16, 4, [5])
+    k8, ks, v8, vs = _quantized(k, v, "int8", 0)
+    if "pages" in bad:
+        k8, v8 = k, v
+    if "scale_shape" in bad:
+        ks = jnp.ones(bad["scale_shape"], jnp.float32)
+    if "scale_dtype" in bad:
+        ks = ks.astype(bad["scale_dtype"])
+    if "v_scale" in bad:
+        vs = None
+    q = q.astype(bad.get("q", q.dtype))
+    with pytest.raises(ValueError, match=match):
+        paged_decode_attention(q, k8, v8, 0, table, lens, scale=1.0, k_scale=ks, v_scale=vs, interpret=True)
 
 
 def test_reference_equals_dense_softmax():

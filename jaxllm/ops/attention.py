@@ -98,8 +98,9 @@ def paged_attention(
     Key j of sequence b is visible to a query at position p when j <= p, j < kv_lens[b] and,
     with a window W > 0, j > p - W (the window holds W tokens, the query's own included).
     Quantized pages are dequantized after the gather, so only the context's pages are touched.
-    `backend` (ModelConfig.attention_backend) picks a Pallas kernel where one applies; the prefill
-    kernel expects each row's positions to be consecutive, then -1 padding (as prefill chunks are).
+    `backend` (ModelConfig.attention_backend) picks a Pallas kernel where one applies (decode over
+    quantized pages included; prefill over them stays here); the prefill kernel expects each row's
+    positions to be consecutive, then -1 padding (as prefill chunks are).
     """
     if _kernel_applies(backend, q, cache):
         return _kernel(q, cache, layer, page_table, positions, kv_lens, sliding_window, scale)
@@ -119,16 +120,20 @@ def paged_attention(
     return _attend(q, k, v, visible, scale)
 
 
-def kernel_limits(q_shape, cache: KVCache) -> str | None:
+def kernel_limits(q_shape, cache: KVCache, q_dtype=None) -> str | None:
     """Why no Pallas attention kernel can take this call, or None when one can (the decode kernel
-    for one query token per sequence, the prefill kernel for more)."""
-    from pallas_kernels.attention_tiles import ROWS, check_pages
+    for one query token per sequence, on bf16/fp16 or int8/fp8 pages; the prefill kernel for more,
+    on bf16/fp16 pages). `q_dtype`, when given, is checked too (quantized pages dequantize to it)."""
+    from pallas_kernels.attention_tiles import COMPUTE_DTYPES, ROWS, check_pages
 
     _, tokens, kv_heads, groups, head_dim = q_shape
     if cache.k_scale is not None:
-        return f"quantized pages ({cache.k.dtype})"
+        if tokens > 1:
+            return f"quantized pages ({cache.k.dtype}): the prefill kernel takes bfloat16 or float16 pages"
+        if q_dtype is not None and jnp.dtype(q_dtype) not in COMPUTE_DTYPES:
+            return f"q of {jnp.dtype(q_dtype)} over quantized pages (the decode kernel dequantizes to bfloat16 or float16)"
     try:  # the kernels' own checks, with their default 64-key tiles
-        check_pages(kv_heads, head_dim, cache.k, cache.v, 64)
+        check_pages(kv_heads, head_dim, cache.k, cache.v, 64, cache.k_scale, cache.v_scale)
     except ValueError as err:
         return str(err)
     if tokens == 1 and groups > ROWS:
@@ -141,7 +146,7 @@ def kernel_limits(q_shape, cache: KVCache) -> str | None:
 def _kernel_applies(backend: str, q, cache: KVCache) -> bool:
     if backend == "xla":
         return False
-    reason = kernel_limits(q.shape, cache)
+    reason = kernel_limits(q.shape, cache, q.dtype)
     if backend == "pallas" and reason is not None:
         raise ValueError(f"attention_backend='pallas' cannot run attention here: {reason}")
     return reason is None and (backend == "pallas" or jax.default_backend() == "gpu")
@@ -159,5 +164,5 @@ def _kernel(q, cache, layer, page_table, positions, kv_lens, sliding_window, sca
     # The query sees keys up to its own position (padding rows, at -1, see none).
     lens = jnp.minimum(positions[:, 0] + 1, kv_lens)
     out = paged_decode_attention(q[:, 0], cache.k, cache.v, layer, page_table, lens, sliding_window,
-                                 scale=scale, interpret=interpret)
+                                 scale=scale, k_scale=cache.k_scale, v_scale=cache.v_scale, interpret=interpret)
     return out[:, None]
