@@ -33,3 +33,12 @@ def mgpu_load(ref, *, layout, optimized: bool = True):
     if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
         return plgpu.load(ref, (), layout=layout, optimized=optimized)
     return plgpu.load(ref, layout=layout, optimized=optimized)
+
+
+def lane_compiler_params(**kwargs):
+    """Mosaic GPU compiler parameters in Lane semantics (per-thread layouts, as in jax 0.10's default).
+    jax 0.11 defaults to Warpgroup semantics, whose layout inference refuses strided shared-memory
+    refs (a column of a tile), which the quantized decode kernel loads."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, **kwargs)

@@ -281,6 +281,7 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
         grid_names=names,
         num_threads=2,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=compat.lane_compiler_params(approx_math=True) if quantized else
+        plgpu.CompilerParams(approx_math=True),
         interpret=compat.gpu_interpret_params() if interpret else False,
     )
