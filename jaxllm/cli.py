@@ -64,6 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen, "longest prompt + output")
     gen.add_argument("--chat", action="store_true", help="send each prompt as a user message in the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.add_argument("--speculative-config", type=_json_object, metavar="JSON",
+                     help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     gen.set_defaults(run=_generate)
 
     ppl = sub.add_parser("perplexity", help="perplexity of text files, with a sliding window")
@@ -113,6 +115,16 @@ def _build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="weights seed (default: 0)")
     tiny.set_defaults(run=_tiny_checkpoint)
     return parser
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def _add_model_args(parser: argparse.ArgumentParser, longest: str) -> None:
@@ -250,13 +262,19 @@ def _as_json(prompt: str, c: CompletionOutput) -> str:
                     for t, lp in step.items()), key=lambda e: e["rank"])
             for step in c.logprobs
         ]
+    if c.spec_decode is not None:
+        s = c.spec_decode
+        record["spec_decode"] = {"num_steps": s.num_steps, "num_draft_tokens": s.num_draft_tokens,
+                                 "num_accepted_tokens": s.num_accepted_tokens,
+                                 "mean_accepted_length": s.mean_accepted_length,
+                                 "acceptance_rate_per_position": list(s.acceptance_rate_per_position)}
     return json.dumps(record)
 
 
 def _generate(args: argparse.Namespace) -> int:
     chosen = {name: getattr(args, name) for name in _SAMPLING_FLAGS if getattr(args, name) is not None}
     SamplingParams(**chosen)  # before loading the model, so bad values fail fast
-    llm = _load_llm(args, seed=args.seed)
+    llm = _load_llm(args, seed=args.seed, speculative_config=args.speculative_config)
     # Flags override the model's recommended settings (generation_config.json), as in vLLM.
     params = dataclasses.replace(llm.get_default_sampling_params(), **chosen)
     if args.chat:

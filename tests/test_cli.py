@@ -53,6 +53,22 @@ def test_generate_prints_prompt_then_llm_completion(capsys, model_dir, greedy):
     assert "Traceback" not in err
 
 
+def test_speculative_config_flag_keeps_greedy_output(capsys, model_dir, greedy):
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", PROMPTS[0], "--max-tokens",
+                         MAX_TOKENS, "--temperature", 0, "--json", "--speculative-config",
+                         '{"method": "ngram", "num_speculative_tokens": 3}')
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["token_ids"] == greedy[0].token_ids
+    assert record["spec_decode"]["num_steps"] >= 1
+    assert len(record["spec_decode"]["acceptance_rate_per_position"]) == 3
+    code, _, err = run(capsys, "generate", "--model", model_dir, "--prompt", "x", "--speculative-config", "[1]")
+    assert code == 2 and "must be a JSON object" in err
+    code, _, err = run(capsys, "generate", "--model", model_dir, "--prompt", "x", "--speculative-config",
+                       '{"method": "lookahead"}')
+    assert code == 2 and "'lookahead' not supported" in err
+
+
 def test_json_mode_matches_llm(capsys, model_dir, greedy):
     code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", PROMPTS[0],
                          "--prompt", PROMPTS[1], "--max-tokens", MAX_TOKENS, "--temperature", 0,
