@@ -416,3 +416,34 @@ def test_training_inputs_are_checked(tiny_llm):
         mt.TrainConfig(lr=0.0)
     with pytest.raises(ValueError, match="as many continuations as prompts"):
         mt.build_distill_data(tiny_llm, [[1, 2]], [])
+
+
+def test_train_script_writes_loadable_heads(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from jaxllm.default_model import default_model_dir
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_medusa.py"
+    spec = importlib.util.spec_from_file_location("train_medusa", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "heads"
+    summary = module.main(["--out", str(out), "--num-heads", "2", "--steps", "3", "--warmup", "1",
+                           "--batch-rows", "2", "--num-prompts", "4", "--eval-prompts", "2", "--prompt-len", "16",
+                           "--gen-len", "8", "--max-files", "30", "--no-progress"])
+    llm_config = LLM(progress=False, skip_tokenizer_init=True).config
+    config, heads = medusa.load_medusa_heads(out, llm_config)
+    assert config == medusa.MedusaConfig(2, 1, llm_config.hidden_size, llm_config.vocab_size)
+    assert heads["w_out"].dtype == jnp.bfloat16
+    saved = json.loads((out / "training.json").read_text())
+    assert saved["heldout"] == summary["heldout"] and len(saved["heldout"]["head_top1"]) == 2
+    assert saved["curve"][-1]["step"] == 3
+    # the base model's held-out files are the held-out set, and never trained on
+    stdlib = Path(saved["python_stdlib"])
+    train, heldout = module.corpus_files(stdlib, 5, None, default_model_dir())
+    listed = set(json.loads((default_model_dir() / "training.json").read_text())["heldout_files"])
+    names = lambda files: {f.relative_to(stdlib).as_posix() for f in files}
+    assert names(heldout) <= listed and len(heldout) >= len(listed) - 5
+    assert not names(train) & listed and len(train) > 100
+    assert set(saved["heldout_file_names"]) == names(heldout)
