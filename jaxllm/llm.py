@@ -232,7 +232,9 @@ class LLM:
         if dict(self.mesh.shape).get("tensor", 1) > 1:
             raise ValueError("speculative decoding runs on one device per model for now; "
                              "use tensor_parallel_size=1")
-        return Speculator(spec, self.config, self.mesh, tokenizer=self.tokenizer, dtype=dtype, progress=progress)
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(self.params) if hasattr(x, "nbytes"))
+        return Speculator(spec, self.config, self.mesh, tokenizer=self.tokenizer, dtype=dtype, progress=progress,
+                          weight_bytes=weight_bytes)
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -130,12 +130,14 @@ def test_stop_tokens_penalties_and_logprobs_match_plain(ckpts, tmp_path):
             np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-def test_disable_by_batch_size(ckpts):
+@pytest.mark.parametrize("limit, off_at", [(3, 3), ("auto", 8)])  # "auto": 8 for a model under 1 GB
+def test_disable_by_batch_size(ckpts, limit, off_at):
     spec = LLM(ckpts["LlamaForCausalLM"], dtype="float32", progress=False,
-               speculative_config={"method": "ngram", "disable_by_batch_size": 3})
-    prompts = repetitive_prompts(spec.config.vocab_size, [8, 9, 10])
+               speculative_config={"method": "ngram", "disable_by_batch_size": limit})
+    prompts = repetitive_prompts(spec.config.vocab_size, list(range(8, 8 + off_at)))
     assert all(o.outputs[0].spec_decode is None for o in spec.generate(prompts, greedy(5), use_tqdm=False))
-    assert spec.generate(prompts[:2], greedy(5), use_tqdm=False)[0].outputs[0].spec_decode is not None
+    on = spec.generate(prompts[:off_at - 1], greedy(5), use_tqdm=False)
+    assert all(o.outputs[0].spec_decode is not None for o in on)
 
 
 # -- sampled output keeps the target distribution -----------------------------------------------------
@@ -160,12 +162,15 @@ def test_sampled_tokens_follow_plain_distribution(small_vocab_ckpt, tmp_path, me
     config = ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2} if method == "ngram"
               else {"method": "medusa", "model": medusa_dir(tmp_path, plain, scale=0.3),
                     "medusa_choices": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]})
+    config["disable_by_batch_size"] = None  # a tiny model would stop speculating at batch 8 otherwise
     spec = LLM(small_vocab_ckpt, speculative_config=config, **kw)
     prompt = {"prompt_token_ids": [1, 2, 3, 1, 2, 3, 1, 2]}
     params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=5, ignore_eos=True, seed=s) for s in range(n)]
     a = np.array(token_ids(plain.generate([prompt] * n, params, use_tqdm=False)))
-    b = np.array(token_ids(spec.generate([prompt] * n, [SamplingParams(**{**p.__dict__, "seed": p.seed + n})
-                                                       for p in params], use_tqdm=False)))
+    outs = spec.generate([prompt] * n, [SamplingParams(**{**p.__dict__, "seed": p.seed + n}) for p in params],
+                         use_tqdm=False)
+    assert sum(o.outputs[0].spec_decode.num_accepted_tokens for o in outs) > n // 4  # it did speculate
+    b = np.array(token_ids(outs))
     for t in range(1, 5):  # the first token comes from prefill; later ones from speculative steps
         assert _two_sample_p(a[:, t], b[:, t], 8) > 1e-3, t
     # the pair (token 1, token 2) jointly

@@ -82,6 +82,31 @@ def accept_chain(
     return Verdict(num_accepted, _draw(keys[:, 1], dist))
 
 
+def accept_greedy_chain(best: Int[Array, "B K1"], drafts: Int[Array, "B K"], num_proposed: Int[Array, "B"]) -> Verdict:
+    """`accept_chain` for greedy rows: keep drafts while each equals the target's argmax `best`."""
+    k = drafts.shape[1]
+    keep = (drafts == best[:, :k]) & (jnp.arange(k)[None] < num_proposed[:, None])
+    num = jnp.sum(jnp.cumprod(keep.astype(jnp.int32), axis=1), axis=1)
+    return Verdict(num, best[jnp.arange(best.shape[0]), num])
+
+
+def accept_greedy_tree(best: Int[Array, "B N"], tokens: Int[Array, "B N"], parent: np.ndarray,
+                       paths: np.ndarray) -> "TreeVerdict":
+    """`accept_tree` for greedy rows: the longest path whose every node is its parent's argmax."""
+    batch = tokens.shape[0]
+    par = np.maximum(parent, 0)
+    passes = (tokens == best[:, par]).at[:, 0].set(True)
+    paths = jnp.asarray(paths)
+    ok = jnp.where(paths[None, :, 1:] >= 0, passes[:, jnp.maximum(paths[:, 1:], 0)], False)
+    lengths = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1)
+    choice = jnp.argmax(lengths, axis=-1)
+    num = jnp.max(lengths, axis=-1)
+    path = jnp.maximum(paths[choice], 0)
+    path = jnp.where(jnp.arange(paths.shape[1])[None] <= num[:, None], path, 0)
+    last = path[jnp.arange(batch), num]
+    return TreeVerdict(path, num, best[jnp.arange(batch), last])
+
+
 class TreeVerdict(NamedTuple):
     """Per row: the accepted root-to-node path (node indices, root first, then padding), how many
     nodes past the root it keeps, and the token emitted after its last node."""

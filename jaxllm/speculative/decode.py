@@ -72,17 +72,28 @@ def _flat(x):
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _target_probs(logits, state: runner.DecodeState, st, drafts) -> Float[Array, "B T V"]:
-    """The target's sampling distribution at each of T positions, penalties counting the drafts
-    before the position as output (as they will be, if accepted)."""
+def _penalised(logits, state: runner.DecodeState, st, drafts) -> Float[Array, "B T V"]:
+    """Logits at each of T positions after penalties, counting the drafts before a position as
+    output (as they will be, if accepted); float32."""
     batch, t, vocab = logits.shape
-    seen = jnp.cumsum(jax.nn.one_hot(drafts[:, :t - 1], vocab, dtype=jnp.int32), axis=1)
-    counts = state.output_counts[:, None] + jnp.concatenate(
-        [jnp.zeros((batch, 1, vocab), jnp.int32), seen], axis=1)
-    tiled = _tile(st, t)
-    penalised = sampling.apply_penalties(
-        _flat(logits), jnp.repeat(state.prompt_mask, t, axis=0), _flat(counts), tiled)
-    return sampling.target_probs(penalised, tiled).reshape(batch, t, vocab)
+
+    def apply():
+        seen = jnp.cumsum(jax.nn.one_hot(drafts[:, :t - 1], vocab, dtype=jnp.int32), axis=1)
+        counts = state.output_counts[:, None] + jnp.concatenate(
+            [jnp.zeros((batch, 1, vocab), jnp.int32), seen], axis=1)
+        out = sampling.apply_penalties(_flat(logits), jnp.repeat(state.prompt_mask, t, axis=0), _flat(counts),
+                                       _tile(st, t))
+        return out.reshape(batch, t, vocab)
+
+    neutral = (st.repetition_penalty == 1.0) & (st.presence_penalty == 0.0) & (st.frequency_penalty == 0.0)
+    return jax.lax.cond(jnp.all(neutral), lambda: logits.astype(jnp.float32), apply)
+
+
+def _target_probs(logits, state: runner.DecodeState, st, drafts) -> Float[Array, "B T V"]:
+    """The target's sampling distribution at each of T positions (see `_penalised`)."""
+    batch, t, vocab = logits.shape
+    penalised = _penalised(logits, state, st, drafts).reshape(batch * t, vocab)
+    return sampling.target_probs(penalised, _tile(st, t)).reshape(batch, t, vocab)
 
 
 def _logprobs(logits, tokens, k):
@@ -92,12 +103,42 @@ def _logprobs(logits, tokens, k):
     return jax.tree.map(lambda x: x.reshape(tokens.shape + x.shape[1:]), out)
 
 
-def _record_all(state, emitted, num_emitted, limits, logprobs):
-    """Appends emitted[:, :num_emitted] to each row, stopping a row at its first stop condition."""
-    for j in range(emitted.shape[1]):
-        lp = None if logprobs is None else jax.tree.map(lambda x: x[:, j], logprobs)
-        state = runner.record(state, emitted[:, j], limits, lp, active=j < num_emitted)
-    return state
+def _record_all(state: runner.DecodeState, emitted, num_emitted, limits: runner.Limits, logprobs):
+    """Appends emitted[:, :num_emitted] to each running row in one go, cut after the row's first
+    stop token or when it reaches its length limit (what recording them one by one would do)."""
+    batch, width = emitted.shape
+    rows = jnp.arange(batch)[:, None]
+    j = jnp.arange(width)[None]
+    live = ~state.done
+    n = state.num_generated[:, None]
+    count = n + j + 1  # output length once token j is appended
+    hit_stop = jnp.any(emitted[..., None] == limits.stop_ids[:, None, :], axis=-1)
+    too_long = (count >= limits.max_tokens[:, None]) | (state.prompt_lens[:, None] + count >= limits.max_model_len)
+    ends = (hit_stop | too_long) & (j < num_emitted[:, None])
+    first_end = jnp.argmax(ends, axis=1)
+    kept = jnp.where(jnp.any(ends, axis=1), first_end + 1, num_emitted)
+    kept = jnp.where(live, kept, 0)
+    keep = j < kept[:, None]
+    at = jnp.where(keep, n + j, state.tokens.shape[1])  # out of range: dropped
+    last = jnp.maximum(kept - 1, 0)
+    reason = jnp.where(hit_stop[rows[:, 0], last], runner.FINISHED_STOP,
+                       jnp.where(too_long[rows[:, 0], last], runner.FINISHED_LENGTH, runner.RUNNING))
+    ended = live & jnp.any(ends & keep, axis=1)
+    if logprobs is not None:
+        lp, rank, top_ids, top_lps = logprobs
+        state = state._replace(
+            logprob=state.logprob.at[rows, at].set(lp, mode="drop"),
+            rank=state.rank.at[rows, at].set(rank, mode="drop"),
+            top_ids=state.top_ids.at[rows, at].set(top_ids, mode="drop"),
+            top_lps=state.top_lps.at[rows, at].set(top_lps, mode="drop"),
+        )
+    return state._replace(
+        tokens=state.tokens.at[rows, at].set(emitted, mode="drop"),
+        num_generated=state.num_generated + kept,
+        output_counts=state.output_counts.at[rows, emitted].add(keep.astype(jnp.int32)),
+        finish=jnp.where(ended, reason, state.finish),
+        done=state.done | ended,
+    )
 
 
 def _draft_keys(key_data, step, i):
@@ -166,8 +207,17 @@ def _chain_step(params, s: runner.DecodeState, sp: SpecState, st, limits, draft_
         meta = AttentionMeta(pos, s.page_table, jnp.where(live, p + k + 1, 0))
         hidden, cache = model.forward_hidden(params, tokens, meta, cache, config)
         logits = model.logits(params, hidden)  # [B, k+1, V]
-        probs = _target_probs(logits, s, st, drafts)
-        verdict = acceptance.accept_chain(probs, drafts, proposed, st.keys, n, draft_probs)
+
+        def greedy():  # one-hot targets make rejection sampling "keep while equal to the argmax"
+            best = jnp.argmax(_penalised(logits, s, st, drafts), axis=-1).astype(jnp.int32)
+            return acceptance.accept_greedy_chain(best, drafts, proposed)
+
+        def sampled():
+            probs = _target_probs(logits, s, st, drafts)
+            return acceptance.accept_chain(probs, drafts, proposed, st.keys, n, draft_probs)
+
+        all_greedy = jnp.all(st.temperature < sampling.GREEDY_EPS)
+        verdict = jax.lax.cond(all_greedy, greedy, sampled)
         emitted = jnp.concatenate([drafts, jnp.zeros_like(last)[:, None]], axis=1)
         emitted = emitted.at[rows, verdict.num_accepted].set(verdict.next_token)
         return cache, emitted, verdict.num_accepted, _logprobs(logits, emitted, logprobs_k)

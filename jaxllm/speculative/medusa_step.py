@@ -38,21 +38,20 @@ def move_kv(cache: KVCache, page_table: Int[Array, "B Pmax"], src: Int[Array, "B
     return KVCache(*(move(x) for x in cache))
 
 
-def _tree_probs(logits, state: runner.DecodeState, st, tokens, ancestor):
-    """The target distribution after each node, penalties counting the node's path as output."""
+def _tree_penalised(logits, state: runner.DecodeState, st, tokens, ancestor):
+    """Logits after each node, penalties counting the node's path as output; float32, [B*N, V]."""
     batch, n, vocab = logits.shape
-    tiled = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n, axis=0), st)
-    flat = logits.reshape(batch * n, vocab)
+    flat = logits.reshape(batch * n, vocab).astype(jnp.float32)
 
     def penalised():
         path = jnp.asarray(ancestor[:, 1:], jnp.int32)  # the root is already output
         seen = jnp.einsum("nj,bjv->bnv", path, jax.nn.one_hot(tokens[:, 1:], vocab, dtype=jnp.int32))
         counts = (state.output_counts[:, None] + seen).reshape(batch * n, vocab)
+        tiled = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n, axis=0), st)
         return sampling.apply_penalties(flat, jnp.repeat(state.prompt_mask, n, axis=0), counts, tiled)
 
     neutral = ((st.repetition_penalty == 1.0) & (st.presence_penalty == 0.0) & (st.frequency_penalty == 0.0))
-    flat = jax.lax.cond(jnp.all(neutral), lambda: flat.astype(jnp.float32), penalised)
-    return sampling.target_probs(flat, tiled).reshape(batch, n, vocab)
+    return jax.lax.cond(jnp.all(neutral), lambda: flat, penalised)
 
 
 def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config, plan, logprobs_k):
@@ -72,12 +71,22 @@ def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config,
                          jnp.asarray(tree.ancestor_mask))
     hidden, cache = model.forward_hidden(params, candidates, meta, s.cache, config)
     logits = model.logits(params, hidden)  # [B, N, V]
-    probs = _tree_probs(logits, s, st, candidates, tree.ancestor_mask)
-    if plan.acceptance == "typical":
-        verdict = acceptance.accept_typical(probs, candidates, tree.parent, tree.paths, st.keys, n,
-                                            threshold=plan.typical_threshold, alpha=plan.typical_alpha)
-    else:
-        verdict = acceptance.accept_tree(probs, candidates, tree.parent, tree.rank, depth, st.keys, n)
+    penalised = _tree_penalised(logits, s, st, candidates, tree.ancestor_mask)
+    batch, vocab = candidates.shape[0], logits.shape[-1]
+
+    def greedy():  # what either rule does with one-hot targets, without the per-child walk
+        best = jnp.argmax(penalised, axis=-1).astype(jnp.int32).reshape(batch, n_nodes)
+        return acceptance.accept_greedy_tree(best, candidates, tree.parent, tree.paths)
+
+    def sampled():
+        tiled = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n_nodes, axis=0), st)
+        probs = sampling.target_probs(penalised, tiled).reshape(batch, n_nodes, vocab)
+        if plan.acceptance == "typical":
+            return acceptance.accept_typical(probs, candidates, tree.parent, tree.paths, st.keys, n,
+                                             threshold=plan.typical_threshold, alpha=plan.typical_alpha)
+        return acceptance.accept_tree(probs, candidates, tree.parent, tree.rank, depth, st.keys, n)
+
+    verdict = jax.lax.cond(jnp.all(st.temperature < sampling.GREEDY_EPS), greedy, sampled)
     path, accepted = verdict.path, verdict.num_accepted
 
     kept = (jnp.arange(depth)[None] < accepted[:, None]) & live[:, None]

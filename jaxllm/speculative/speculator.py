@@ -35,12 +35,22 @@ def _same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
+# disable_by_batch_size="auto": models this large keep speculating at every batch size; smaller ones
+# stop at this batch size (benchmarks/NOTES.md has the measurements behind both numbers).
+AUTO_LARGE_MODEL_BYTES = 1 << 30
+AUTO_SMALL_MODEL_BATCH = 8
+
+
 class Speculator:
     """Everything `LLM` needs to decode a batch speculatively."""
 
     def __init__(self, spec: SpeculativeConfig, target: ModelConfig, mesh, *, tokenizer=None,
-                 dtype: str = "auto", progress: bool = False):
+                 dtype: str = "auto", progress: bool = False, weight_bytes: int = 0):
         self.config = spec
+        limit = spec.disable_by_batch_size
+        if limit == "auto":
+            limit = None if weight_bytes >= AUTO_LARGE_MODEL_BYTES else AUTO_SMALL_MODEL_BATCH
+        self.disable_by_batch_size = limit
         self.draft_params = self.draft_config = self.medusa_heads = None
         if spec.method == "ngram":
             self.plan = Plan("ngram", spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min)
@@ -89,7 +99,7 @@ class Speculator:
                          typical_threshold=spec.typical_threshold, typical_alpha=spec.typical_alpha)
 
     def applies(self, batch_size: int) -> bool:
-        limit = self.config.disable_by_batch_size
+        limit = self.disable_by_batch_size
         return limit is None or batch_size < limit
 
     @property
