@@ -66,12 +66,13 @@ def timed(llm: LLM, prompts, params, repeats: int) -> tuple[float, list]:
     return best, outs
 
 
-def compare(name: str, plain: LLM, specs: dict[str, LLM], prompts, max_tokens: int, repeats: int) -> list[dict]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+def compare(name: str, plain: LLM, specs: dict[str, LLM], prompts, max_tokens: int, repeats: int,
+            temperature: float = 0.0) -> list[dict]:
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0)
     base_s, base = timed(plain, prompts, params, repeats)
     tokens = sum(len(o.outputs[0].token_ids) for o in base)
     rows = [dict(workload=name, method="plain", batch=len(prompts), seconds=base_s, tokens=tokens,
-                 tokens_per_s=tokens / base_s)]
+                 tokens_per_s=tokens / base_s, temperature=temperature)]
     print(f"{name:28s} plain          {tokens / base_s:9.1f} tok/s", flush=True)
     for method, llm in specs.items():
         s, outs = timed(llm, prompts, params, repeats)
@@ -87,7 +88,7 @@ def compare(name: str, plain: LLM, specs: dict[str, LLM], prompts, max_tokens: i
         rows.append(dict(workload=name, method=method, batch=len(prompts), seconds=s, tokens=tokens,
                          tokens_per_s=tokens / s, speedup=base_s / s, greedy_tokens_equal_plain=same,
                          mean_accepted_length=mal, acceptance_rate_per_position=per_pos,
-                         speculated=bool(st)))
+                         speculated=bool(st), temperature=temperature))
         print(f"{name:28s} {method:14s} {tokens / s:9.1f} tok/s  x{base_s / s:.2f}  accepted/step "
               f"{mal if mal is None else round(mal, 2)}  per position {per_pos}  equal {same}", flush=True)
     return rows
@@ -99,19 +100,21 @@ def bundled(args) -> list[dict]:
     kw = dict(progress=False, max_num_seqs=64)
     plain = LLM(**kw)
     tok = plain.tokenizer
-    ngram = {"ngram k4": LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 4}, **kw),
-             "ngram k8": LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 8}, **kw)}
+    on = {"disable_by_batch_size": None}  # measured at every batch; "auto" would stop at 8 for this model
+    ngram = {f"ngram k{k}": LLM(speculative_config={"method": "ngram", "num_speculative_tokens": k, **on}, **kw)
+             for k in args.ngram_k}
     medusa = {}
     heads = Path(args.medusa or model_dir / "medusa")
     if heads.is_dir():
-        medusa["medusa"] = LLM(speculative_config={"method": "medusa", "model": str(heads)}, **kw)
+        medusa["medusa"] = LLM(speculative_config={"method": "medusa", "model": str(heads), **on}, **kw)
+    n = args.bundled_prompts
     rows = []
     rows += compare("bundled rewrite b1", plain, ngram, rewrite_prompts(tok, texts[:1]), 256, args.repeats)
-    rows += compare("bundled complete b1", plain, {**ngram, **medusa}, complete_prompts(tok, texts[1:2]), 256,
-                    args.repeats)
+    for i in range(n):
+        rows += compare(f"bundled complete b1 #{i}", plain, {**ngram, **medusa}, complete_prompts(tok, texts[i:i + 1]),
+                        256, args.repeats)
     rows += compare("bundled random b1", plain, {**ngram, **medusa}, random_prompts(plain.config.vocab_size, 1),
                     256, args.repeats)
-    rows += compare("bundled rewrite b16", plain, ngram, rewrite_prompts(tok, texts[:16]), 256, args.repeats)
     rows += compare("bundled complete b16", plain, {**ngram, **medusa}, complete_prompts(tok, texts[:16]), 256,
                     args.repeats)
     return rows
@@ -133,10 +136,16 @@ def llama8b(args) -> list[dict]:
     rng = np.random.default_rng(0)
     block = rng.integers(0, config.vocab_size, 500).tolist()
     rows = []
-    rows += compare("8B repeated-block b1", plain, specs, [{"prompt_token_ids": block + block[:480]}], 256,
-                    args.repeats)
-    rows += compare("8B random b1", plain, specs, random_prompts(config.vocab_size, 1), 256, args.repeats)
-    rows += compare("8B random b16", plain, specs, random_prompts(config.vocab_size, 16), 128, args.repeats)
+    if "greedy" in args.llama_rows:
+        rows += compare("8B repeated-block b1", plain, specs, [{"prompt_token_ids": block + block[:480]}], 256,
+                        args.repeats)
+        rows += compare("8B random b1", plain, specs, random_prompts(config.vocab_size, 1), 256, args.repeats)
+        rows += compare("8B random b16", plain, specs, random_prompts(config.vocab_size, 16), 128, args.repeats)
+    if "sampled" in args.llama_rows:  # T = 1: the random model's output no longer repeats itself
+        rows += compare("8B repeated-block b1 T=1", plain, specs, [{"prompt_token_ids": block + block[:480]}], 256,
+                        args.repeats, temperature=1.0)
+        rows += compare("8B random b1 T=1", plain, specs, random_prompts(config.vocab_size, 1), 256, args.repeats,
+                        temperature=1.0)
     return rows
 
 
@@ -147,6 +156,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-8b", action="store_true")
     parser.add_argument("--skip-bundled", action="store_true")
+    parser.add_argument("--ngram-k", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--bundled-prompts", type=int, default=3, help="held-out files for batch-1 completion")
+    parser.add_argument("--llama-rows", default="greedy,sampled", help="8B rows: greedy, sampled or both")
     args = parser.parse_args(argv)
     rows = []
     if not args.skip_bundled:

@@ -107,6 +107,10 @@ def test_medusa_greedy_equals_plain(ckpts, tmp_path, arch, accept):
     got = spec.generate(prompts, params, use_tqdm=False)
     assert token_ids(got) == token_ids(plain.generate(prompts, params, use_tqdm=False))
     assert sum(o.outputs[0].spec_decode.num_accepted_tokens for o in got) > 0
+    for o in got:  # rows that finished early stop counting
+        s = o.outputs[0].spec_decode
+        assert all(a <= p for a, p in zip(s.accepted_per_position, s.proposed_per_position))
+        assert s.num_steps <= len(o.outputs[0].token_ids)
 
 
 def test_stop_tokens_penalties_and_logprobs_match_plain(ckpts, tmp_path):

@@ -104,7 +104,7 @@ def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config,
         history=sp.history.at[rows[:, None], at].set(emitted, mode="drop"),
         steps=sp.steps + live,
         proposed=sp.proposed + ((positions < depth) & live[:, None]),
-        accepted=sp.accepted + (positions < accepted[:, None]),
+        accepted=sp.accepted + ((positions < accepted[:, None]) & live[:, None]),
         hidden=jnp.where(live[:, None], hidden[rows, path[rows, accepted]], sp.hidden),
     )
     return s, sp
