@@ -1,0 +1,278 @@
+"""Weight-only int8 / int4 matmul kernels (pallas_kernels/quant_matmul.py) against XLA at decode
+shapes: x [M, K] @ W [K, N] for M = 1..64 on 4096x14336 (gate/up), 14336x4096 (down) and
+4096x6144 (qkv). Per point: our w8a16 and w4a16 kernels, XLA's bf16 dot, and XLA's paths for the
+same quantized weights (jaxllm.quantization.einsum: int8 convert fused into the gemm, int4
+dequantized before it). First a full-size correctness check of each kernel against a float32
+reference, with a negative control; last a prediction of batch-1 decode tokens/s for Llama-3-8B.
+
+Times: the median of `--repeats` runs of `--iters` back-to-back calls of one jitted function that
+multiplies by several weight copies in turn (so no call finds its weight in the 50 MB L2), divided
+by the calls and copies; a kernel's time includes its small XLA prologue and epilogue. TB/s counts
+the weight bytes (codes, scales, zero points) once. Results go to --out after every section.
+
+    PYTHONPATH=. python -m benchmarks.quant_matmul_kernels --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.shapes import COPY_BANDWIDTH
+from jaxllm.quantization import einsum as xla_quantized_einsum
+from jaxllm.quantization import quantize_int4, quantize_int8
+from pallas_kernels.quant_matmul import (
+    QuantMatmulConfig,
+    plan,
+    w4a16_matmul,
+    w4a16_matmul_reference,
+    w8a16_matmul,
+    w8a16_matmul_reference,
+)
+
+SHAPES = ((4096, 14336), (14336, 4096), (4096, 6144))
+# Llama-3-8B's products per layer at batch 1 (qkv, o, gate+up, down) and the lm_head.
+LAYER_SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
+LM_HEAD = (4096, 128256)
+NUM_LAYERS = 32
+# Batch-1 decode time outside the weight products: the profile of issue 4 (NOTES.md) measured
+# 4.49 ms of kernels a step with 3.70 ms in the matmuls, so about 0.79 ms of everything else.
+OTHER_MS = 0.79
+ROTATE_BYTES = 150e6  # weight copies per timed call: at least this many bytes, three times the L2
+
+
+def weight_bytes(kind: str, k: int, n: int, group: int = 128) -> int:
+    if kind == "bf16":
+        return 2 * k * n
+    if kind == "int8":
+        return k * n + 4 * n
+    return k * n // 2 + 5 * (k // group) * n + 4 * k
+
+
+def make_weights(k: int, n: int, copies: int, seed: int = 0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), copies)
+    dense = [jax.random.normal(key, (k, n), jnp.bfloat16) * 0.02 for key in keys]
+    int8 = [quantize_int8(w, (0,)) for w in dense]
+    int4 = [quantize_int4(w, (0,), 128) for w in dense]
+    return dense, int8, int4
+
+
+def timed(fn, x, ws, iters: int, repeats: int) -> dict:
+    """Median microseconds per product, with the spread of the repeats."""
+    f = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
+    jax.block_until_ready(f(x, ws))
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = f(x, ws)
+        jax.block_until_ready(out)
+        runs.append((time.perf_counter() - start) / (iters * len(ws)) * 1e6)
+    return dict(us=statistics.median(runs), us_min=min(runs), us_max=max(runs))
+
+
+def rate(entry: dict, nbytes: int) -> dict:
+    tb_s = nbytes / (entry["us"] * 1e-6) / 1e12
+    return {**entry, "tb_s": tb_s, "fraction": tb_s * 1e12 / COPY_BANDWIDTH}
+
+
+INTERPRET = False  # --interpret: Pallas' interpret mode, to smoke-test this script on a CPU
+
+
+def kernels(config8=None, config4=None):
+    """The two kernels as functions of (x, quantized weight)."""
+    def int8(x, w):
+        n = w.q.shape[1]
+        return w8a16_matmul(x, w.q, w.scale.reshape(n), config=config8, interpret=INTERPRET)
+
+    def int4(x, w):
+        return w4a16_matmul(x, w.packed, w.scale, w.zero, w.input_scale, config=config4, interpret=INTERPRET)
+
+    return int8, int4
+
+
+def xla_paths():
+    def bf16(x, w):
+        return jnp.dot(x, w)
+
+    def quantized(x, w):  # jaxllm's XLA path for quantized weights, never the kernels
+        return xla_quantized_einsum("mk,kn->mn", x, w)
+
+    return bf16, quantized
+
+
+def check(k: int, n: int, ms, seed: int = 1) -> list[dict]:
+    """Relative and max errors of each kernel against its float32 reference on random data; the
+    control is the reference with one K tile of x missing (int8) or zero points off by one (int4),
+    an error the check must see."""
+    dense, int8, int4 = make_weights(k, n, 1, seed)
+    k8, k4 = kernels()
+    out = []
+    for m in ms:
+        x = jax.random.normal(jax.random.PRNGKey(seed + m), (m, k), jnp.bfloat16)
+        w8, w4 = int8[0], int4[0]
+        cases = (
+            ("int8", jax.jit(k8)(x, w8), w8a16_matmul_reference(x, w8.q, w8.scale.reshape(n)),
+             w8a16_matmul_reference(x.at[:, :128].set(0), w8.q, w8.scale.reshape(n))),
+            ("int4", jax.jit(k4)(x, w4), w4a16_matmul_reference(x, w4.packed, w4.scale, w4.zero, w4.input_scale),
+             w4a16_matmul_reference(x, w4.packed, w4.scale, (w4.zero + 1) % 16, w4.input_scale)),
+        )
+        for kind, got, want, control in cases:
+            got, want, control = (np.asarray(a, np.float32) for a in (got, want, control))
+            norm = np.linalg.norm(want)
+            out.append(dict(kind=kind, k=k, n=n, m=m, rel_err=float(np.linalg.norm(got - want) / norm),
+                            max_abs_err=float(np.abs(got - want).max()), max_abs_ref=float(np.abs(want).max()),
+                            finite=bool(np.all(np.isfinite(got))),
+                            control_rel_err=float(np.linalg.norm(control - want) / norm)))
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def table(shapes, ms, iters: int, repeats: int) -> list[dict]:
+    rows = []
+    k8, k4 = kernels()
+    bf16, xq = xla_paths()
+    for k, n in shapes:
+        copies = int(np.clip(math.ceil(ROTATE_BYTES / weight_bytes("int4", k, n)), 2, 12))
+        dense, int8, int4 = make_weights(k, n, copies)
+        for m in ms:
+            x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
+            row = dict(m=m, k=k, n=n, copies=copies)
+            for name, fn, ws, kind in (("bf16_xla", bf16, dense, "bf16"), ("int8_xla", xq, int8, "int8"),
+                                       ("int8_kernel", k8, int8, "int8"), ("int4_xla", xq, int4, "int4"),
+                                       ("int4_kernel", k4, int4, "int4")):
+                try:
+                    row[name] = rate(timed(fn, x, ws, iters, repeats), weight_bytes(kind, k, n))
+                except Exception as e:  # report and go on: one failing path must not hide the rest
+                    row[name] = dict(error=f"{type(e).__name__}: {str(e)[:500]}")
+            for kind in ("int8", "int4"):
+                p = plan(kind, m, k, n, None, 128 if kind == "int4" else None)
+                row[f"{kind}_plan"] = dict(block_n=p.block_n, rows=p.rows, stages=p.num_stages, splits=p.num_splits)
+                if "us" in row.get(f"{kind}_kernel", {}) and "us" in row["bf16_xla"]:
+                    row[f"{kind}_speedup_vs_bf16"] = row["bf16_xla"]["us"] / row[f"{kind}_kernel"]["us"]
+                    if "us" in row.get(f"{kind}_xla", {}):
+                        row[f"{kind}_speedup_vs_xla"] = row[f"{kind}_xla"]["us"] / row[f"{kind}_kernel"]["us"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+SWEEP = {  # kind: configs tried on the sweep shapes
+    "int8": [QuantMatmulConfig(block_n=bn, num_splits=s, num_stages=st)
+             for bn, s, st in ((128, 1, None), (128, 2, None), (128, 4, None), (128, None, 4), (128, None, 6),
+                               (64, 1, None), (64, 2, None), (64, None, 6))],
+    "int4": [QuantMatmulConfig(num_splits=s, num_stages=st)
+             for s, st in ((1, None), (2, None), (4, None), (None, 2), (None, 6), (None, 8))],
+}
+
+
+def sweep(shapes, ms, iters: int, repeats: int) -> list[dict]:
+    out = []
+    for k, n in shapes:
+        copies = int(np.clip(math.ceil(ROTATE_BYTES / weight_bytes("int4", k, n)), 2, 12))
+        _, int8, int4 = make_weights(k, n, copies)
+        for m in ms:
+            x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
+            for kind, configs in SWEEP.items():
+                for cfg in configs:
+                    k8, k4 = kernels(cfg, cfg)
+                    entry = dict(kind=kind, m=m, k=k, n=n, config=str(cfg))
+                    try:
+                        p = plan(kind, m, k, n, cfg, 128 if kind == "int4" else None)
+                        entry["plan"] = dict(block_n=p.block_n, rows=p.rows, stages=p.num_stages,
+                                             splits=p.num_splits, smem=p.smem_bytes())
+                        fn, ws = (k8, int8) if kind == "int8" else (k4, int4)
+                        entry.update(rate(timed(fn, x, ws, iters, repeats), weight_bytes(kind, k, n)))
+                    except Exception as e:
+                        entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(json.dumps(entry), flush=True)
+                    out.append(entry)
+    return out
+
+
+def decode_prediction(iters: int, repeats: int) -> dict:
+    """Batch-1 tokens/s if every weight product of a Llama-3-8B step ran at the measured speed,
+    plus OTHER_MS for the rest of the step."""
+    k8, k4 = kernels()
+    bf16, _ = xla_paths()
+    per_shape = {}
+    for k, n in LAYER_SHAPES + (LM_HEAD,):
+        copies = int(np.clip(math.ceil(ROTATE_BYTES / weight_bytes("int4", k, n)), 2, 12))
+        dense, int8, int4 = make_weights(k, n, copies)
+        x = jax.random.normal(jax.random.PRNGKey(0), (1, k), jnp.bfloat16)
+        per_shape[f"{k}x{n}"] = {name: timed(fn, x, ws, iters, repeats)["us"]
+                                 for name, fn, ws in (("bf16", bf16, dense), ("int8", k8, int8), ("int4", k4, int4))}
+        del dense, int8, int4
+        print(json.dumps({f"{k}x{n}": per_shape[f"{k}x{n}"]}), flush=True)
+    out = dict(per_shape_us=per_shape, other_ms=OTHER_MS)
+    for name in ("bf16", "int8", "int4"):
+        layer_us = sum(per_shape[f"{k}x{n}"][name] for k, n in LAYER_SHAPES)
+        step_ms = (NUM_LAYERS * layer_us + per_shape[f"{LM_HEAD[0]}x{LM_HEAD[1]}"][name]) / 1e3 + OTHER_MS
+        out[name] = dict(weight_ms=step_ms - OTHER_MS, step_ms=step_ms, tokens_per_s=1e3 / step_ms)
+    return out
+
+
+def summary(result: dict) -> str:
+    lines = ["  M  shape        bf16 us | int8 us  TB/s  frac  x bf16 | int4 us  TB/s  frac  x bf16"]
+    def cell(row, name):
+        e = row.get(name, {})
+        return f"{e['us']:7.1f} {e['tb_s']:5.2f} {e['fraction']:5.2f}" if "us" in e else "  error           "
+
+    for r in result.get("rows", []):
+        lines.append(f"{r['m']:3d}  {r['k']:5d}x{r['n']:<5d} {r['bf16_xla'].get('us', float('nan')):7.1f} | "
+                     f"{cell(r, 'int8_kernel')} {r.get('int8_speedup_vs_bf16', float('nan')):6.2f} | "
+                     f"{cell(r, 'int4_kernel')} {r.get('int4_speedup_vs_bf16', float('nan')):6.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
+    parser.add_argument("--sections", nargs="+", default=["check", "table", "predict"],
+                        choices=["check", "table", "sweep", "predict"])
+    parser.add_argument("--sweep-m", type=int, nargs="+", default=[1])
+    parser.add_argument("--check-m", type=int, nargs="+", default=[1, 13, 64])
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="results_quant_matmul_kernels.json")
+    parser.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny --shapes)")
+    args = parser.parse_args(argv)
+    global INTERPRET
+    INTERPRET = args.interpret
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    result = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, device=jax.devices()[0].device_kind,
+                  copy_bandwidth=COPY_BANDWIDTH, method=__doc__.split("\n\n")[1])
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    sections = {"check": lambda: [e for k, n in shapes for e in check(k, n, args.check_m)], "table": lambda: table(shapes, args.m, args.iters, args.repeats),
+                "sweep": lambda: sweep(shapes[:2], args.sweep_m, args.iters, args.repeats),
+                "predict": lambda: decode_prediction(args.iters, args.repeats)}
+    key = {"check": "correctness", "table": "rows", "sweep": "sweep", "predict": "decode_prediction"}
+    for name in args.sections:
+        start = time.perf_counter()
+        try:
+            result[key[name]] = sections[name]()
+        except Exception as e:  # keep what the other sections measured
+            result[key[name]] = dict(error=f"{type(e).__name__}: {str(e)[:2000]}")
+        result.setdefault("section_seconds", {})[name] = time.perf_counter() - start
+        save()
+    print(summary(result))
+    if isinstance(result.get("decode_prediction"), dict) and "int8" in result["decode_prediction"]:
+        print({k: round(v["tokens_per_s"], 1) for k, v in result["decode_prediction"].items()
+               if isinstance(v, dict) and "tokens_per_s" in v})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
