@@ -274,7 +274,8 @@ def _as_json(prompt: str, c: CompletionOutput) -> str:
 def _generate(args: argparse.Namespace) -> int:
     chosen = {name: getattr(args, name) for name in _SAMPLING_FLAGS if getattr(args, name) is not None}
     SamplingParams(**chosen)  # before loading the model, so bad values fail fast
-    llm = _load_llm(args, seed=args.seed, speculative_config=args.speculative_config)
+    speculative = {} if args.speculative_config is None else {"speculative_config": args.speculative_config}
+    llm = _load_llm(args, seed=args.seed, **speculative)
     # Flags override the model's recommended settings (generation_config.json), as in vLLM.
     params = dataclasses.replace(llm.get_default_sampling_params(), **chosen)
     if args.chat:
