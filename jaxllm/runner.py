@@ -57,51 +57,55 @@ class PromptLogprobs(NamedTuple):
     top_lps: Float[Array, "B T K"]
 
 
-def _finish_reason(token, num_generated, prompt_lens, limits: Limits):
-    hit_stop = jnp.any(token[:, None] == limits.stop_ids, axis=1)
-    too_long = (num_generated >= limits.max_tokens) | (prompt_lens + num_generated >= limits.max_model_len)
+def finish_reason(tokens: Int[Array, "B T"], lengths: Int[Array, "B T"], prompt_lens: Int[Array, "B"],
+                  limits: Limits) -> Int[Array, "B T"]:
+    """Whether row b stops at tokens[b, t], with its output then `lengths[b, t]` long: a stop token,
+    its length limit, or RUNNING."""
+    hit_stop = jnp.any(tokens[..., None] == limits.stop_ids[:, None, :], axis=-1)
+    too_long = ((lengths >= limits.max_tokens[:, None])
+                | (prompt_lens[:, None] + lengths >= limits.max_model_len))
     return jnp.where(hit_stop, FINISHED_STOP, jnp.where(too_long, FINISHED_LENGTH, RUNNING))
 
 
-def _record(state: DecodeState, logits, token, st, limits: Limits, logprobs_k: int | None) -> DecodeState:
-    """Appends `token` to every running row and updates its stop state."""
-    logprobs = sampling.token_logprobs(logits, token, logprobs_k) if logprobs_k is not None else None
-    return record(state, token, limits, logprobs)
-
-
-def record(
-    state: DecodeState,
-    token: Int[Array, "B"],
-    limits: Limits,
-    logprobs: tuple | None = None,
-    active: Bool[Array, "B"] | None = None,
-) -> DecodeState:
-    """Appends `token` to every running row (of those `active`) and updates its stop state;
-    `logprobs` is `sampling.token_logprobs`' tuple for these tokens, or None."""
-    rows = jnp.arange(token.shape[0])
-    live = ~state.done if active is None else ~state.done & active
-    n = state.num_generated
+def record(state: DecodeState, tokens: Int[Array, "B T"], num_tokens: Int[Array, "B"], limits: Limits,
+           logprobs: tuple | None = None) -> DecodeState:
+    """Appends tokens[b, :num_tokens[b]] to each running row, cut after its first stop token or where
+    it reaches its length limit; `logprobs` is `sampling.token_logprobs`' tuple per token, [B, T, ...]."""
+    batch, width = tokens.shape
+    rows = jnp.arange(batch)[:, None]
+    j = jnp.arange(width)[None]
+    live = ~state.done
+    n = state.num_generated[:, None]
+    reason = finish_reason(tokens, n + j + 1, state.prompt_lens, limits)
+    ends = (reason != RUNNING) & (j < num_tokens[:, None])
+    kept = jnp.where(jnp.any(ends, axis=1), jnp.argmax(ends, axis=1) + 1, num_tokens)
+    kept = jnp.where(live, kept, 0)
+    keep = j < kept[:, None]
+    at = jnp.where(keep, n + j, state.tokens.shape[1])  # past the output: dropped
+    ended = live & jnp.any(ends & keep, axis=1)
     if logprobs is not None:
         lp, rank, top_ids, top_lps = logprobs
-        # Rows not live write at an index no one reads (past the output, or overwritten next).
-        at = jnp.where(live, n, state.tokens.shape[1])
         state = state._replace(
             logprob=state.logprob.at[rows, at].set(lp, mode="drop"),
             rank=state.rank.at[rows, at].set(rank, mode="drop"),
             top_ids=state.top_ids.at[rows, at].set(top_ids, mode="drop"),
             top_lps=state.top_lps.at[rows, at].set(top_lps, mode="drop"),
         )
-    token = jnp.where(live, token, state.tokens[rows, jnp.maximum(n - 1, 0)])
-    num_generated = n + live.astype(n.dtype)
-    reason = _finish_reason(token, num_generated, state.prompt_lens, limits)
-    at = jnp.where(live, n, state.tokens.shape[1])
     return state._replace(
-        tokens=state.tokens.at[rows, at].set(token, mode="drop"),
-        num_generated=num_generated,
-        output_counts=state.output_counts.at[rows, token].add(live.astype(jnp.int32)),
-        finish=jnp.where(live, reason, state.finish),
-        done=state.done | (live & (reason != RUNNING)),
+        tokens=state.tokens.at[rows, at].set(tokens, mode="drop"),
+        num_generated=state.num_generated + kept,
+        output_counts=state.output_counts.at[rows, tokens].add(keep.astype(jnp.int32)),
+        finish=jnp.where(ended, reason[rows[:, 0], jnp.maximum(kept - 1, 0)], state.finish),
+        done=state.done | ended,
     )
+
+
+def _record(state: DecodeState, logits, token, st, limits: Limits, logprobs_k: int | None) -> DecodeState:
+    """Appends `token` to every running row and updates its stop state."""
+    logprobs = None
+    if logprobs_k is not None:
+        logprobs = jax.tree.map(lambda x: x[:, None], sampling.token_logprobs(logits, token, logprobs_k))
+    return record(state, token[:, None], jnp.ones_like(token), limits, logprobs)
 
 
 @functools.partial(

@@ -105,14 +105,17 @@ def test_w4a16_kernel_matches_reference(m, k, n, group, awq, stages, splits):
     assert _not_close(w4a16_matmul_reference(x, packed, scale, (zero + 1) % 16, input_scale), want)
 
 
-def test_int4_reference_matches_repo_dequantization():
+def test_int4_dequantization_recovers_the_weight_within_half_a_step():
+    """The reference's dequantization (which jaxllm.quantization's also uses) inverts quantize_int4:
+    each entry within half a quantization step (scale / 2, divided by its input scale)."""
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
-    q = quantize_int4(w, (0,), 128, jnp.asarray(rng.uniform(0.5, 2.0, (256,)), jnp.float32))
-    from jaxllm.quantization import dequantize_int4 as repo_dequantize
-
-    np.testing.assert_allclose(dequantize_int4(q.packed, q.scale, q.zero, q.input_scale),
-                               repo_dequantize(q), rtol=1e-6, atol=1e-6)
+    s = jnp.asarray(rng.uniform(0.5, 2.0, (256,)), jnp.float32)
+    q = quantize_int4(w, (0,), 128, s)
+    got = np.asarray(dequantize_int4(q.packed, q.scale, q.zero, q.input_scale))
+    step = np.repeat(np.asarray(q.scale), 128, axis=0) / np.asarray(s)[:, None]
+    assert np.all(np.abs(got - np.asarray(w)) <= step / 2 + 1e-6)
+    assert not np.all(np.abs(got[::-1] - np.asarray(w)) <= step / 2 + 1e-6)  # a wrong order fails
 
 
 @pytest.mark.timeout(300)

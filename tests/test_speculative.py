@@ -295,6 +295,25 @@ def test_ngram_proposals_match_reference():
 
 # -- bad input -------------------------------------------------------------------------------------
 
+def test_bad_arguments_of_the_loop_pieces():
+    hist, lens = jnp.zeros((1, 8), jnp.int32), jnp.array([4])
+    with pytest.raises(ValueError, match="prompt_lookup_min <= prompt_lookup_max"):
+        propose_ngram(hist, lens, k=2, n_max=1, n_min=2)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        propose_ngram(hist, lens, k=0, n_max=2, n_min=1)
+    keys = np.zeros((1, 2), np.uint32)
+    with pytest.raises(ValueError, match=r"\(B, K\+1, V\) = \(1, 3, V\)"):
+        acceptance.accept_chain(jnp.ones((1, 2, 5)), jnp.zeros((1, 2), jnp.int32), jnp.array([2]), keys,
+                                jnp.zeros(1, jnp.int32))
+    from jaxllm.kv_cache import KVCache
+    from jaxllm.ops.tree_attention import paged_tree_attention
+
+    cache = KVCache(jnp.zeros((1, 2, 4, 1, 8)), jnp.zeros((1, 2, 4, 1, 8)))
+    with pytest.raises(ValueError, match=r"tree_mask must be \[T, T\] = \[3, 3\]"):
+        paged_tree_attention(jnp.zeros((1, 3, 1, 1, 8)), cache, 0, jnp.ones((1, 1), jnp.int32),
+                             jnp.zeros((1, 3), jnp.int32), jnp.zeros(1, jnp.int32), jnp.ones((2, 2), bool), scale=1.0)
+
+
 @pytest.mark.parametrize("config, match", [
     ({"method": "eagle"}, "not supported"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),

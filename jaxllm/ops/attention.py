@@ -23,12 +23,25 @@ def write_kv(
 
     Padding tokens (position < 0) land in page 0, which the cache reserves as scratch.
     """
-    page_size = pages.shape[2]
-    safe_pos = jnp.maximum(positions, 0)
-    page = jnp.take_along_axis(page_table, safe_pos // page_size, axis=1)
-    page = jnp.where(positions >= 0, page, 0)
-    slot = jnp.where(positions >= 0, safe_pos % page_size, 0)
+    page, slot = slot_address(page_table, positions, pages.shape[2])
     return pages.at[layer, page, slot].set(new.astype(pages.dtype))
+
+
+def slot_address(page_table: Int[Array, "B Pmax"], positions: Int[Array, "B T"], page_size: int):
+    """(page, slot in page) of token position `positions[b, t]` of sequence b; -1 maps to the
+    scratch page 0, slot 0."""
+    safe = jnp.maximum(positions, 0)
+    page = jnp.take_along_axis(page_table, safe // page_size, axis=1)
+    return jnp.where(positions >= 0, page, 0), jnp.where(positions >= 0, safe % page_size, 0)
+
+
+def gather_pages(pages, scales, layer, page_table: Int[Array, "B Pmax"], dtype) -> Float[Array, "B Pmax*S Hkv D"]:
+    """One layer's K or V of every page in each row's table, as one sequence per row (int8 / fp8
+    pages dequantized to `dtype` after the gather, so only the context's pages are touched)."""
+    x = pages[layer][page_table]  # [B, Pmax, S, Hkv, D]
+    if scales is not None:
+        x = dequantize(x, scales[layer][page_table], dtype)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
 def _attend(q, k, v, visible, scale):
@@ -104,17 +117,9 @@ def paged_attention(
     """
     if _kernel_applies(backend, q, cache):
         return _kernel(q, cache, layer, page_table, positions, kv_lens, sliding_window, scale)
-    batch, pmax = page_table.shape
-    page_size = cache.k.shape[2]
-
-    def gather(pages, scales):
-        x = pages[layer][page_table]  # [B, Pmax, S, Hkv, D]
-        if scales is not None:
-            x = dequantize(x, scales[layer][page_table], q.dtype)
-        return x.reshape(batch, pmax * page_size, *x.shape[3:])
-
-    k, v = gather(cache.k, cache.k_scale), gather(cache.v, cache.v_scale)
-    key_pos = jnp.arange(pmax * page_size)[None, None, :]
+    k = gather_pages(cache.k, cache.k_scale, layer, page_table, q.dtype)
+    v = gather_pages(cache.v, cache.v_scale, layer, page_table, q.dtype)
+    key_pos = jnp.arange(k.shape[1])[None, None, :]
     visible = _visible(key_pos, positions[:, :, None], sliding_window)
     visible &= key_pos < kv_lens[:, None, None]
     return _attend(q, k, v, visible, scale)

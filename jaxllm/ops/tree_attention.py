@@ -11,8 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxllm.kv_cache import KVCache
-from jaxllm.ops.attention import _attend
-from jaxllm.ops.kv_quant import dequantize
+from jaxllm.ops.attention import _attend, gather_pages
 
 
 def paged_tree_attention(
@@ -29,18 +28,12 @@ def paged_tree_attention(
 ) -> Float[Array, "B T Hkv G D"]:
     """Row b's tree queries over its prefix slots [0, start[b]) and its tree slots; rows with
     start < 0 (padding) see nothing. A window W > 0 limits prefix keys to positions > position - W."""
-    batch, pmax = page_table.shape
-    t = q.shape[1]
-    page_size = cache.k.shape[2]
-
-    def gather(pages, scales):
-        x = pages[layer][page_table]
-        if scales is not None:
-            x = dequantize(x, scales[layer][page_table], q.dtype)
-        return x.reshape(batch, pmax * page_size, *x.shape[3:])
-
-    k, v = gather(cache.k, cache.k_scale), gather(cache.v, cache.v_scale)
-    key = jnp.arange(pmax * page_size)[None, None, :]  # slot = position for prefix keys
+    batch, t = q.shape[:2]
+    if tuple(tree_mask.shape) != (t, t):
+        raise ValueError(f"tree_mask must be [T, T] = [{t}, {t}] for {t} tree tokens, got {tuple(tree_mask.shape)}")
+    k = gather_pages(cache.k, cache.k_scale, layer, page_table, q.dtype)
+    v = gather_pages(cache.v, cache.v_scale, layer, page_table, q.dtype)
+    key = jnp.arange(k.shape[1])[None, None, :]  # slot = position for prefix keys
     begin = start[:, None, None]
     rel = key - begin
     in_tree = (rel >= 0) & (rel < t)

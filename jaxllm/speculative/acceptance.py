@@ -25,19 +25,23 @@ class Verdict(NamedTuple):
     next_token: Int[Array, "B"]
 
 
-def _keys(key_data: UInt32[Array, "B 2"], step: Int[Array, "B"]):
-    """Two independent keys per row, derived from the request's seed and its output length."""
+def row_keys(key_data: UInt32[Array, "B 2"], step: Int[Array, "B"], salt: int, num: int):
+    """[B, num] independent keys per row, from the request's seed, its output length and `salt` (each
+    use its own salt, all apart from the plain sampler's stream, which folds in the step alone)."""
     def row(k, s):
         key = jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), s)
-        # Offset from the plain sampler's stream, which folds in the step alone.
-        return jax.random.split(jax.random.fold_in(key, 0x5EC), 2)
+        return jax.random.split(jax.random.fold_in(key, salt), num)
 
     return jax.vmap(row)(jnp.asarray(key_data, jnp.uint32), step.astype(jnp.uint32))
 
 
-def _draw(keys, probs: Float[Array, "B V"]) -> Int[Array, "B"]:
+def draw(keys, probs: Float[Array, "B V"]) -> Int[Array, "B"]:
+    """One token per row from `probs` (zero entries never drawn)."""
     logp = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-38)), -jnp.inf)
     return jax.vmap(jax.random.categorical)(keys, logp).astype(jnp.int32)
+
+
+_ACCEPT_SALT = 0x5EC
 
 
 def accept_chain(
@@ -56,7 +60,7 @@ def accept_chain(
     batch, k = drafts.shape
     if target.shape[:2] != (batch, k + 1):
         raise ValueError(f"target must have shape (B, K+1, V) = ({batch}, {k + 1}, V), got {target.shape}")
-    keys = _keys(key_data, step)
+    keys = row_keys(key_data, step, _ACCEPT_SALT, 2)
     p_d = jnp.take_along_axis(target[:, :k], drafts[..., None], axis=-1)[..., 0]
     if draft_probs is None:
         ratio = p_d
@@ -79,7 +83,7 @@ def accept_chain(
     # p == q leaves no residual mass; a rejection is then impossible, but guard the division.
     use_residual = rejected & (jnp.sum(residual, axis=-1) > 0)
     dist = jnp.where(use_residual[:, None], residual, p_n)
-    return Verdict(num_accepted, _draw(keys[:, 1], dist))
+    return Verdict(num_accepted, draw(keys[:, 1], dist))
 
 
 def accept_greedy_chain(best: Int[Array, "B K1"], drafts: Int[Array, "B K"], num_proposed: Int[Array, "B"]) -> Verdict:
@@ -147,7 +151,7 @@ def accept_tree(
     batch, n, vocab = target.shape
     table = jnp.asarray(children_table(parent, rank))
     width = table.shape[1]
-    keys = _keys(key_data, step)
+    keys = row_keys(key_data, step, _ACCEPT_SALT, 2)
     u = jax.vmap(lambda key: jax.random.uniform(key, (max_depth, width)))(keys[:, 0])
     rows = jnp.arange(batch)
     vocab_ids = jnp.arange(vocab)[None]
@@ -173,7 +177,7 @@ def accept_tree(
         path = path.at[:, d + 1].set(jnp.where(found, nxt, 0))
         r = jnp.where(found[:, None], target[rows, cur], r)
         searching &= found
-    return TreeVerdict(path, num, _draw(keys[:, 1], r))
+    return TreeVerdict(path, num, draw(keys[:, 1], r))
 
 
 def accept_typical(
@@ -205,5 +209,5 @@ def accept_typical(
     path = jnp.maximum(paths[best], 0)
     path = jnp.where(jnp.arange(paths.shape[1])[None] <= num[:, None], path, 0)
     last = path[jnp.arange(batch), num]
-    keys = _keys(key_data, step)
-    return TreeVerdict(path, num, _draw(keys[:, 1], target[jnp.arange(batch), last]))
+    keys = row_keys(key_data, step, _ACCEPT_SALT, 2)
+    return TreeVerdict(path, num, draw(keys[:, 1], target[jnp.arange(batch), last]))

@@ -8,11 +8,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Int
 
 from jaxllm import runner, sampling
 from jaxllm.kv_cache import AttentionMeta, KVCache
-from jaxllm.speculative import acceptance
+from jaxllm.ops.attention import slot_address
+from jaxllm.speculative import acceptance, verify
 from jaxllm.speculative.medusa import build_tree, medusa_logits, tree_candidates
 from models import get_model_spec
 
@@ -27,36 +29,12 @@ def move_kv(cache: KVCache, page_table: Int[Array, "B Pmax"], src: Int[Array, "B
     """Copies every layer's K/V (and scales) at token slot src[b, m] to slot dst[b, m] of row b;
     -1 entries touch only the scratch page."""
     page_size = cache.k.shape[2]
-
-    def where(slot):
-        safe = jnp.maximum(slot, 0)
-        page = jnp.take_along_axis(page_table, safe // page_size, axis=1)
-        return jnp.where(slot >= 0, page, 0), jnp.where(slot >= 0, safe % page_size, 0)
-
-    (sp, so), (dp, do) = where(src), where(dst)
+    (sp, so), (dp, do) = slot_address(page_table, src, page_size), slot_address(page_table, dst, page_size)
     move = (lambda x: None if x is None else x.at[:, dp, do].set(x[:, sp, so]))
     return KVCache(*(move(x) for x in cache))
 
 
-def _tree_penalised(logits, state: runner.DecodeState, st, tokens, ancestor):
-    """Logits after each node, penalties counting the node's path as output; float32, [B*N, V]."""
-    batch, n, vocab = logits.shape
-    flat = logits.reshape(batch * n, vocab).astype(jnp.float32)
-
-    def penalised():
-        path = jnp.asarray(ancestor[:, 1:], jnp.int32)  # the root is already output
-        seen = jnp.einsum("nj,bjv->bnv", path, jax.nn.one_hot(tokens[:, 1:], vocab, dtype=jnp.int32))
-        counts = (state.output_counts[:, None] + seen).reshape(batch * n, vocab)
-        tiled = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n, axis=0), st)
-        return sampling.apply_penalties(flat, jnp.repeat(state.prompt_mask, n, axis=0), counts, tiled)
-
-    neutral = ((st.repetition_penalty == 1.0) & (st.presence_penalty == 0.0) & (st.frequency_penalty == 0.0))
-    return jax.lax.cond(jnp.all(neutral), lambda: flat, penalised)
-
-
 def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config, plan, logprobs_k):
-    from jaxllm.speculative.decode import _logprobs, _record_all
-
     model = get_model_spec(config.architecture).model
     tree = _tree(plan.tree, plan.k)
     n_nodes, depth = tree.num_nodes, tree.max_depth
@@ -71,16 +49,15 @@ def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config,
                          jnp.asarray(tree.ancestor_mask))
     hidden, cache = model.forward_hidden(params, candidates, meta, s.cache, config)
     logits = model.logits(params, hidden)  # [B, N, V]
-    penalised = _tree_penalised(logits, s, st, candidates, tree.ancestor_mask)
-    batch, vocab = candidates.shape[0], logits.shape[-1]
+    seen = tree.ancestor_mask & (np.arange(n_nodes) >= 1)[None, :]  # the root is already output
+    scores = verify.penalised(logits, s, st, candidates, seen)
 
     def greedy():  # what either rule does with one-hot targets, without the per-child walk
-        best = jnp.argmax(penalised, axis=-1).astype(jnp.int32).reshape(batch, n_nodes)
+        best = jnp.argmax(scores, axis=-1).astype(jnp.int32)
         return acceptance.accept_greedy_tree(best, candidates, tree.parent, tree.paths)
 
     def sampled():
-        tiled = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n_nodes, axis=0), st)
-        probs = sampling.target_probs(penalised, tiled).reshape(batch, n_nodes, vocab)
+        probs = verify.target_probs(scores, st)
         if plan.acceptance == "typical":
             return acceptance.accept_typical(probs, candidates, tree.parent, tree.paths, st.keys, n,
                                              threshold=plan.typical_threshold, alpha=plan.typical_alpha)
@@ -95,8 +72,8 @@ def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config,
     emitted = jnp.concatenate([jnp.take_along_axis(candidates, path[:, 1:], axis=1),
                                jnp.zeros_like(last)[:, None]], axis=1)
     emitted = emitted.at[rows, accepted].set(verdict.next_token)
-    lp = _logprobs(jnp.take_along_axis(logits, path[..., None], axis=1), emitted, logprobs_k)
-    s = _record_all(s._replace(cache=cache), emitted, accepted + 1, limits, lp)
+    lp = verify.logprobs(jnp.take_along_axis(logits, path[..., None], axis=1), emitted, logprobs_k)
+    s = runner.record(s._replace(cache=cache), emitted, accepted + 1, limits, lp)
 
     at = jnp.where(live[:, None], p[:, None] + 1 + jnp.arange(depth + 1), sp.history.shape[1])
     positions = jnp.arange(plan.k)[None]
