@@ -24,7 +24,13 @@ def write_kv(
     Padding tokens (position < 0) land in page 0, which the cache reserves as scratch.
     """
     page, slot = slot_address(page_table, positions, pages.shape[2])
-    return pages.at[layer, page, slot].set(new.astype(pages.dtype))
+    new = new.astype(pages.dtype)
+    if positions.size == 1:
+        # One token (batch-1 decode): XLA would guard a one-update scatter with a read and a
+        # select of the old value, two kernels more than this in-place update.
+        start = (jnp.asarray(layer, jnp.int32), page[0, 0], slot[0, 0]) + (jnp.int32(0),) * (pages.ndim - 3)
+        return jax.lax.dynamic_update_slice(pages, new.reshape((1, 1, 1) + new.shape[2:]), start)
+    return pages.at[layer, page, slot].set(new)
 
 
 def slot_address(page_table: Int[Array, "B Pmax"], positions: Int[Array, "B T"], page_size: int):

@@ -36,6 +36,11 @@ def observe_inputs(fn: Callable[[str, Array, Array], None]) -> Iterator[None]:
         _observer.reset(token)
 
 
+def observing() -> bool:
+    """Whether an `observe_inputs` block is active (a calibration forward)."""
+    return _observer.get() is not None
+
+
 @contextlib.contextmanager
 def quantized_kernels(mode: str) -> Iterator[None]:
     """Within the block (while tracing), quantized products use the Pallas kernels on one GPU where
