@@ -24,6 +24,7 @@ class SamplingTensors(NamedTuple):
     presence_penalty: Float[Array, "B"]
     frequency_penalty: Float[Array, "B"]
     keys: UInt32[Array, "B 2"]  # raw threefry key data, jax.random.PRNGKey(seed)
+    step_offset: Int[Array, "B"]  # added to the step that picks a row's key (a loop resumed mid-output)
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -38,9 +39,14 @@ def seed_key_data(seed: int) -> np.ndarray:
 
 
 def make_sampling_tensors(
-    params: Sequence[SamplingParams], seeds: Sequence[int], batch_size: int, vocab_size: int
+    params: Sequence[SamplingParams], seeds: Sequence[int], batch_size: int, vocab_size: int,
+    step_offsets: Sequence[int] | None = None,
 ) -> SamplingTensors:
-    """Pack per-request params and seeds into host (numpy) arrays padded to `batch_size` rows."""
+    """Pack per-request params and seeds into host (numpy) arrays padded to `batch_size` rows.
+
+    `step_offsets[i]` (default 0) is added to the step numbers that row i is sampled with, so a
+    loop that counts steps from its own start draws what one counting from the output's start would.
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer at least 1, got {batch_size!r}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
@@ -52,6 +58,9 @@ def make_sampling_tensors(
     for i, p in enumerate(params):
         if not isinstance(p, SamplingParams):
             raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
+    step_offsets = [0] * len(params) if step_offsets is None else list(step_offsets)
+    if len(step_offsets) != len(params):
+        raise ValueError(f"len(step_offsets) must equal len(params)={len(params)}, got {len(step_offsets)}")
 
     def col(values, pad, dtype):
         out = np.full((batch_size,), pad, dtype=dtype)
@@ -72,6 +81,7 @@ def make_sampling_tensors(
         presence_penalty=col([p.presence_penalty for p in params], 0.0, f32),
         frequency_penalty=col([p.frequency_penalty for p in params], 0.0, f32),
         keys=keys,
+        step_offset=col(step_offsets, 0, np.int32),
     )
 
 
@@ -187,7 +197,7 @@ def sample(
             st.top_p.astype(jnp.float32),
             st.min_p.astype(jnp.float32),
             jnp.asarray(st.keys, dtype=jnp.uint32),
-            step.astype(jnp.uint32),
+            (step + jnp.asarray(st.step_offset, jnp.int32)).astype(jnp.uint32),
         )
         return jnp.where(greedy, argmax, sampled).astype(jnp.int32)
 

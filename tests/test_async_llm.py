@@ -14,7 +14,8 @@ from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 RNG = np.random.default_rng(17)
 PROMPTS = [RNG.integers(0, 256, n).tolist() for n in (4, 19, 11, 30)]
 MAX_TOKENS = [10, 6, 14, 8]
-CFG = EngineConfig(num_pages=48, page_size=4, max_num_seqs=4, max_num_batched_tokens=32)
+# One decode step per visit: each yield carries one new token (multi-step streams in chunks, tested below).
+CFG = EngineConfig(num_pages=48, page_size=4, max_num_seqs=4, max_num_batched_tokens=32, num_decode_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -287,4 +288,27 @@ def test_engine_never_called_during_a_step(llm):
 
     aengine, overlaps = run(main())
     assert overlaps == []
+    assert_all_pages_back(aengine)
+
+
+def test_several_decode_steps_per_visit_stream_in_chunks(llm, alone):
+    """With num_decode_steps=4 a stream's yields grow by up to four tokens, and end where the
+    one-step engine ends."""
+    import dataclasses
+
+    async def main():
+        aengine = AsyncLLM(llm, dataclasses.replace(CFG, num_decode_steps=4))
+
+        async def consume(i):
+            return [o async for o in aengine.generate(prompt(i), greedy(MAX_TOKENS[i]), f"m{i}")]
+
+        return aengine, await asyncio.gather(*(consume(i) for i in range(len(PROMPTS))))
+
+    aengine, results = run(main())
+    for outs, expect in zip(results, alone):
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        assert outs[-1].outputs[0].token_ids == expect and outs[-1].finished
+        assert lengths[0] == 1 and all(0 < b - a <= 4 for a, b in zip(lengths, lengths[1:]))
+    assert any(len(outs) < len(expect) for outs, expect in zip(results, alone))  # some yield held several
+    assert aengine.metrics().multi_step_visits > 0
     assert_all_pages_back(aengine)

@@ -52,7 +52,8 @@ def run_staggered(engine, order, arrive_every):
 
 @pytest.mark.parametrize("cfg, arrive_every, expect_preemption", [
     (EngineConfig(num_pages=128, page_size=16, max_num_seqs=8, max_num_batched_tokens=256), 1, False),
-    (EngineConfig(num_pages=128, page_size=8, max_num_seqs=4, max_num_batched_tokens=8), 2, False),  # chunks of <= 8
+    (EngineConfig(num_pages=128, page_size=8, max_num_seqs=4, max_num_batched_tokens=8, num_decode_steps=1), 2,
+     False),  # chunks of <= 8, one decode step per visit
     (EngineConfig(num_pages=18, page_size=4, max_num_seqs=8, max_num_batched_tokens=64), 1, True),  # tiny pool
     (EngineConfig(num_pages=64, page_size=8, max_num_seqs=3, max_num_batched_tokens=20,
                   enable_prefix_caching=False), 3, False),
@@ -143,3 +144,65 @@ def test_penalties_and_sampling_match_one_at_a_time(llm):
     assert got == want
     plain = llm.generate([prompts[0]], greedy(10), use_tqdm=False)[0].outputs[0].token_ids
     assert plain != want[0]  # the penalties really changed the output
+
+
+def _mixed_params(alone):
+    """Greedy, seeded sampling, penalties, logprobs, and a stop token taken from a greedy output."""
+    stop_token = alone[3][4]
+    return [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2),
+        SamplingParams(max_tokens=15, temperature=0.8, top_k=20, seed=3, ignore_eos=True, logprobs=1),
+        SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True, repetition_penalty=1.2,
+                       frequency_penalty=0.3),
+        SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_token]),
+        greedy(20), greedy(3), SamplingParams(max_tokens=17, temperature=1.0, seed=11, ignore_eos=True),
+    ]
+
+
+def test_several_decode_steps_per_visit_equal_one_step_per_visit(llm, alone):
+    """The on-device multi-step decode keeps outputs, logprobs and finish reasons of the one-step
+    path, with sampling, penalties, stop tokens, length limits and a tiny pool (fallback to one step)."""
+    params = _mixed_params(alone)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    results = {}
+    for steps, pages in [(1, 128), (4, 128), (8, 128), (8, 14)]:
+        engine = Engine(llm, EngineConfig(num_pages=pages, page_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                                          num_decode_steps=steps))
+        outs = engine.generate(prompts, params)
+        results[steps, pages] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason,
+                                  [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs or [], o.outputs[0].token_ids)])
+                                 for o in outs]
+        metrics = engine.metrics()
+        assert (metrics.multi_step_visits > 0) == (steps > 1), (steps, metrics)
+        assert metrics.generation_tokens == sum(len(r[0]) for r in results[steps, pages])
+        engine.kv.check_invariants()
+        assert engine.kv.num_free_pages() == pages - 1
+    base = results[1, 128]
+    assert base[0][0] == alone[0] and base[4][0][:14] == alone[4] and len(base[4][0]) == 20
+    assert base[3][1] == "stop" and base[3][0][-1] == alone[3][4] and base[5][1] == "length"
+    assert all(len(r[2]) == len(r[0]) for r in base[:2])  # logprobs for every token
+    for key, got in results.items():
+        assert [r[:2] for r in got] == [r[:2] for r in base], key
+        for r, b in zip(got, base):  # recomputation after preemption rounds differently in float32
+            np.testing.assert_allclose(r[2], b[2], atol=1e-4, err_msg=str(key))
+
+
+def test_multi_step_stops_at_a_stop_string_mid_visit(llm):
+    """A stop string found on the host cuts the tokens the device sampled after it."""
+    prompt = {"prompt_token_ids": PROMPTS[2]}
+    text = llm.generate([prompt], greedy(20), use_tqdm=False)[0].outputs[0].text
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].isprintable()
+                and text.find(text[i:i + 2]) == i)
+    sp = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop])
+    want = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    engine = Engine(llm, EngineConfig(num_pages=64, page_size=4, num_decode_steps=8))
+    got = engine.generate([prompt], sp)[0].outputs[0]
+    assert engine.metrics().multi_step_visits > 0
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, "stop")
+    assert len(got.token_ids) < 20
+
+
+def test_num_decode_steps_must_be_a_positive_integer():
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match=f"num_decode_steps must be an integer >= 1, got {bad!r}"):
+            EngineConfig(num_decode_steps=bad)

@@ -35,7 +35,7 @@ def run_to_end(engine):
 
 
 def test_queues_usage_and_totals(llm):
-    cfg = EngineConfig(num_pages=64, page_size=4, max_num_seqs=1, max_num_batched_tokens=64,
+    cfg = EngineConfig(num_pages=64, page_size=4, max_num_seqs=1, max_num_batched_tokens=64, num_decode_steps=1,
                        enable_prefix_caching=False)
     engine = Engine(llm, cfg)
     for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS)):
@@ -90,7 +90,7 @@ def test_preemptions_counted(llm):
     prompts = [rng.integers(0, 256, n).tolist() for n in (3, 21, 9, 40)] + \
               [prefix + rng.integers(0, 256, n).tolist() for n in (2, 7, 12)]
     max_tokens = [12, 5, 20, 9, 14, 6, 10]
-    cfg = EngineConfig(num_pages=18, page_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    cfg = EngineConfig(num_pages=18, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, num_decode_steps=1)
     engine = Engine(llm, cfg)
     pending, usage_seen, steps, seqs = list(range(len(prompts))), [], 0, {}
     while pending or engine.has_unfinished_requests():
@@ -121,3 +121,16 @@ def test_step_totals():
         step_totals(scheduled, [10], 2)
     with pytest.raises(ValueError, match="num_sampled"):
         step_totals(scheduled, [10, 10, 6], -1)
+
+
+def test_multi_step_visits_count_device_steps(llm):
+    """One request of 10 tokens, 4 decode steps a visit: a prefill step, then visits of 4, 4 and 1."""
+    engine = Engine(llm, EngineConfig(num_pages=64, page_size=4, num_decode_steps=4))
+    engine.add_request("a", {"prompt_token_ids": PROMPTS[0]}, greedy(10))
+    grown = []
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        grown.append(len(outs[0].outputs[0].token_ids))
+    m = engine.metrics()
+    assert grown == [1, 5, 9, 10]
+    assert (m.steps, m.multi_step_visits, m.generation_tokens) == (10, 3, 10)

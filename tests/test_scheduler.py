@@ -384,3 +384,79 @@ def test_init_errors(kwargs):
     name, value = next(iter(kwargs.items()))
     with pytest.raises(ValueError, match=f"{name}={value}"):
         Scheduler(KVCacheManager(8, 4), **args)
+
+
+def _decoding(sched, kv, prompts: dict[str, int], max_tokens: int = 50):
+    """Sequences prefilled (one step) and in their decode phase, with the decode step scheduled."""
+    for rid, n in prompts.items():
+        sched.add(Sequence(rid, list(range(1, n + 1)), max_tokens))
+    out = sched.schedule()
+    sched.update({s.request_id: 7 for s in out.scheduled})
+    return sched.schedule()
+
+
+def test_reserve_decode_steps_grows_pages_to_each_budget():
+    kv, sched = make(64, 4, max_model_len=30)
+    out = _decoding(sched, kv, {"a": 5, "b": 26})
+    assert all(s.num_tokens == 1 for s in out.scheduled)
+    budgets = sched.reserve_decode_steps(8)
+    # a: 6 tokens, 8 more fit; b: 27 tokens, max_model_len 30 leaves 3
+    assert budgets == {"a": 8, "b": 3}
+    assert len(kv.page_table("a")) == _pages(5 + 8, 4) and len(kv.page_table("b")) == _pages(26 + 3, 4)
+    finished = sched.update_decodes({"a": [1, 2, 3], "b": [4, 5, 6]})
+    seqs = {s.request_id: s for s in finished}
+    assert list(seqs) == ["b"] and seqs["b"].status is Status.FINISHED_LENGTH and seqs["b"].num_tokens == 30
+    a = sched._live["a"]
+    assert a.output_token_ids == [7, 1, 2, 3] and a.num_computed_tokens == a.num_tokens - 1
+    kv.check_invariants()
+
+
+def test_reserve_decode_steps_refuses_prefills_and_full_pools_without_changes():
+    kv, sched = make(64, 4, budget=4)
+    sched.add(Sequence("long", list(range(1, 11)), 20))
+    sched.schedule()  # a chunk of 4 prompt tokens
+    assert sched.reserve_decode_steps(4) is None
+    kv, sched = make(6, 4)  # 5 usable pages
+    _decoding(sched, kv, {"a": 7, "b": 7})  # two pages each, one free
+    tables = {rid: kv.page_table(rid) for rid in ("a", "b")}
+    assert sched.reserve_decode_steps(8) is None  # each needs two more pages
+    assert {rid: kv.page_table(rid) for rid in ("a", "b")} == tables
+    sched.update({"a": 1, "b": 2})  # the single step still records
+    assert sched._live["a"].output_token_ids == [7, 1]
+
+
+def test_update_decodes_stops_where_the_caller_finishes_a_sequence():
+    kv, sched = make(64, 4)
+    _decoding(sched, kv, {"a": 3, "b": 3}, max_tokens=20)
+    sched.reserve_decode_steps(4)
+    seen = []
+
+    def on_token(seq, j):
+        seen.append((seq.request_id, j))
+        if seq.request_id == "a" and seq.output_token_ids[-1] == 9:
+            sched.finish("a", Status.FINISHED_STOPPED)
+
+    sched.update_decodes({"a": [8, 9, 10, 11], "b": [1, 2]}, on_token)
+    assert seen == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert "a" not in sched._live and sched._live["b"].output_token_ids == [7, 1, 2]
+    kv.check_invariants()
+
+
+def test_update_decodes_errors():
+    kv, sched = make(64, 4)
+    _decoding(sched, kv, {"a": 3, "b": 3})
+    with pytest.raises(ValueError, match="reserve_decode_steps"):
+        sched.update_decodes({"a": [1], "b": [1]})
+    sched.reserve_decode_steps(2)
+    with pytest.raises(ValueError, match="update_decodes"):
+        sched.update({"a": 1, "b": 1})
+    with pytest.raises(ValueError, match=r"\['a'\]; the running reserved ones are \['a', 'b'\]"):
+        sched.update_decodes({"a": [1]})
+    with pytest.raises(ValueError, match="request_id='b' completed its scheduled tokens"):
+        sched.update_decodes({"a": [1], "b": [-3]})
+    with pytest.raises(ValueError, match="3 tokens for request_id='a', whose budget was 1 to 2"):
+        sched.update_decodes({"a": [1, 2, 3], "b": [1]})
+    sched.update_decodes({"a": [1, 2], "b": [3]})  # the failed calls changed nothing
+    assert sched._live["a"].output_token_ids == [7, 1, 2] and sched._live["b"].output_token_ids == [7, 3]
+    with pytest.raises(ValueError, match="num_steps=0"):
+        sched.reserve_decode_steps(0)

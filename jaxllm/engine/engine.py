@@ -2,7 +2,9 @@
 
 Each `step()` asks the scheduler for a ragged batch (prefill chunks and decodes together under one
 token budget), runs it through `runner.engine_step` over the shared page pool, and feeds the
-sampled tokens back. Requests can be added and aborted between steps.
+sampled tokens back. When every scheduled sequence decodes, one step runs up to
+`EngineConfig.num_decode_steps` decode steps in the on-device decode loop instead. Requests can be
+added and aborted between steps.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 from collections.abc import Sequence as Seq
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import runner
@@ -53,10 +56,16 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
+    # Decode steps run on the device per scheduler visit when every scheduled sequence decodes and
+    # none waits to be admitted (vLLM's multi-step scheduling); 1 visits the host every step.
+    num_decode_steps: int = 8
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not isinstance(self.num_decode_steps, int) or isinstance(self.num_decode_steps, bool) \
+                or self.num_decode_steps < 1:
+            raise ValueError(f"num_decode_steps must be an integer >= 1, got {self.num_decode_steps!r}")
 
 
 CPU_DEFAULT_PAGES = 1024
@@ -143,6 +152,9 @@ class Engine:
         if not out.scheduled:
             return []
         batch = [self._tracked[s.request_id] for s in out.scheduled]
+        budgets = self._reserve_decode_steps(out)
+        if budgets is not None:
+            return self._decode_steps(out.scheduled, batch, budgets)
         token, logprobs = self._run(out.scheduled, batch)
         sampled = {}
         for i, (s, t) in enumerate(zip(out.scheduled, batch)):
@@ -160,6 +172,87 @@ class Engine:
             self._check_stop(t)
         outputs = [self._output(t) for t in advanced]
         for t in advanced:  # a finished sequence's record goes with its final output
+            if t.seq.status in _FINISH:
+                del self._tracked[t.seq.request_id]
+        return outputs
+
+    def _reserve_decode_steps(self, out) -> dict[str, int] | None:
+        """Budgets for several decode steps on the device, when this schedule allows them: decodes
+        only, and no waiting sequence that a finished one could make room for sooner."""
+        sched = self.scheduler
+        if self.config.num_decode_steps == 1 or out.preempted:
+            return None
+        if sched.num_waiting() and sched.num_running() < sched.max_num_seqs:
+            return None
+        return sched.reserve_decode_steps(self.config.num_decode_steps)
+
+    def _decode_steps(self, scheduled, batch: list[_Tracked], budgets: dict[str, int]) -> list[RequestOutput]:
+        """Runs the reserved decode steps in the on-device decode loop (`runner.decode`, the loop
+        `LLM.generate` uses) and records the tokens as the single-step path would, one by one.
+
+        The loop starts each row as if its output were just its last token: the rest of the output
+        only enters through the page table, the penalty counts and the sampling step offset, so the
+        loop's shapes depend on `num_decode_steps`, not on how long the outputs have grown."""
+        cfg, llm = self.llm.config, self.llm
+        rows = bucket(len(batch))
+        done_before = [len(t.seq.output_token_ids) for t in batch]
+        width = bucket(1 + max(budgets.values()))
+        tables = [self.kv.page_table(s.request_id) for s in scheduled]
+        page_table = np.zeros((rows, bucket(max(map(len, tables)))), np.int32)
+        prompt_lens = np.zeros(rows, np.int32)  # all but the last token
+        outputs = np.zeros((rows, width), np.int32)
+        stops = [llm._stop_ids(t.req.params) for t in batch]
+        stop_ids = np.full((rows, bucket(max(map(len, stops)))), -1, np.int32)
+        max_tokens = np.ones(rows, np.int32)
+        penalised = any(_has_penalty(t.req.params) for t in batch)
+        # Without penalties the loop still carries these: made on the device, nothing crosses.
+        zeros = np.zeros if penalised else jnp.zeros
+        prompt_mask = zeros((rows, cfg.vocab_size), bool)
+        output_counts = zeros((rows, cfg.vocab_size), np.int32)
+        for i, (t, table, stop) in enumerate(zip(batch, tables, stops)):
+            page_table[i, :len(table)] = table
+            prompt_lens[i] = t.seq.num_tokens - 1
+            outputs[i, 0] = t.seq.output_token_ids[-1]
+            stop_ids[i, :len(stop)] = stop
+            max_tokens[i] = t.seq.max_tokens - done_before[i] + 1
+            if penalised:
+                prompt_mask[i, t.seq.prompt_token_ids] = True
+                np.add.at(output_counts[i], t.seq.output_token_ids, 1)
+        k = max((t.req.params.logprobs for t in batch if t.req.params.logprobs is not None), default=None)
+        state = runner.DecodeState(
+            cache=self.cache, page_table=page_table, prompt_lens=prompt_lens,
+            num_generated=(np.arange(rows) < len(batch)).astype(np.int32), done=np.arange(rows) >= len(batch),
+            finish=np.zeros(rows, np.int32), tokens=outputs,
+            logprob=np.zeros((rows, width), np.float32), rank=np.zeros((rows, width), np.int32),
+            top_ids=np.zeros((rows, width, k or 0), np.int32), top_lps=np.zeros((rows, width, k or 0), np.float32),
+            prompt_mask=prompt_mask, output_counts=output_counts)
+        st = make_sampling_tensors([t.req.params for t in batch], [t.req.seed for t in batch], rows, cfg.vocab_size,
+                                   step_offsets=[n - 1 for n in done_before])
+        limits = runner.Limits(stop_ids, max_tokens, np.int32(self.scheduler.length_limit))
+        state = runner.decode(llm.params, state, st, limits, np.int32(max(budgets.values())), config=cfg, logprobs_k=k)
+        self.cache = state.cache
+        tokens, generated, logprob, rank, top_ids, top_lps = jax.device_get(
+            (state.tokens, state.num_generated, state.logprob, state.rank, state.top_ids, state.top_lps))
+
+        row_of = {s.request_id: i for i, s in enumerate(scheduled)}
+
+        def on_token(seq, j):
+            i = row_of[seq.request_id]
+            t, at = batch[i], 1 + j
+            if t.req.params.logprobs is not None:
+                t.logprob.append(float(logprob[i, at]))
+                t.rank.append(int(rank[i, at]))
+                t.top_ids.append(top_ids[i, at])
+                t.top_lps.append(top_lps[i, at])
+            self._check_stop(t)
+
+        new = {s.request_id: tokens[i, 1:generated[i]].tolist() for i, s in enumerate(scheduled)}
+        self.scheduler.update_decodes(new, on_token)
+        kept = sum(len(t.seq.output_token_ids) - n for t, n in zip(batch, done_before))
+        self._totals += StepTotals(steps=int(max(generated[:len(batch)])) - 1,
+                                   generation_tokens=kept, multi_step_visits=1)
+        outputs = [self._output(t) for t in batch]
+        for t in batch:
             if t.seq.status in _FINISH:
                 del self._tracked[t.seq.request_id]
         return outputs

@@ -13,10 +13,11 @@ from jaxllm.engine.scheduler import ScheduledSeq, Scheduler
 class StepTotals:
     """Counts summed over engine steps."""
 
-    steps: int = 0  # steps that ran a batch on the device
+    steps: int = 0  # device steps (a multi-step visit counts each decode step it ran)
     prompt_tokens_computed: int = 0  # prompt tokens whose K/V was computed (not prefix hits; again after preemption)
-    generation_tokens: int = 0  # tokens sampled
+    generation_tokens: int = 0  # tokens sampled and kept
     num_preemptions: int = 0
+    multi_step_visits: int = 0  # scheduler visits that ran several decode steps on the device
 
     def __add__(self, other: StepTotals) -> StepTotals:
         return StepTotals(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
@@ -47,6 +48,7 @@ class EngineMetrics:
     steps: int
     prompt_tokens_computed: int
     generation_tokens: int
+    multi_step_visits: int
 
 
 def collect_metrics(scheduler: Scheduler, kv: KVCacheManager, totals: StepTotals) -> EngineMetrics:
@@ -64,4 +66,5 @@ def collect_metrics(scheduler: Scheduler, kv: KVCacheManager, totals: StepTotals
         steps=totals.steps,
         prompt_tokens_computed=totals.prompt_tokens_computed,
         generation_tokens=totals.generation_tokens,
+        multi_step_visits=totals.multi_step_visits,
     )

@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import enum
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from jaxllm.engine.kv_cache_manager import KVCacheManager
 
@@ -99,6 +99,7 @@ class Scheduler:
         self._running: list[Sequence] = []  # sorted by arrival
         self._live: dict[str, Sequence] = {}
         self._pending: dict[str, tuple[ScheduledSeq, Sequence]] = {}  # last schedule(), awaiting update()
+        self._reserved: dict[str, int] = {}  # decode budgets of the last reserve_decode_steps()
         self._next_arrival = 0
 
     # ----------------------------------------------------------------------------- queries
@@ -111,6 +112,11 @@ class Scheduler:
 
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def length_limit(self) -> int:
+        """The longest a sequence may grow (prompt + output): max_model_len, or less for a small pool."""
+        return self._length_limit
 
     # ----------------------------------------------------------------------------- requests
 
@@ -153,6 +159,7 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(budget, scheduled)
         self._pending = {s.request_id: (s, self._live[s.request_id]) for s in scheduled}
+        self._reserved = {}
         return SchedulerOutput(
             scheduled=tuple(scheduled),
             preempted=tuple(preempted),
@@ -165,6 +172,8 @@ class Scheduler:
         A sequence whose computed tokens now cover all its tokens needs a sampled token; tokens given
         for partial prefill chunks are ignored. Returns the sequences that finished (pages freed).
         """
+        if self._reserved:
+            raise ValueError("the last schedule() reserved decode steps: record them with update_decodes()")
         unknown = sorted(set(sampled) - set(self._pending))
         if unknown:
             raise ValueError(f"sampled has request ids {unknown} that the last schedule() did not schedule")
@@ -178,6 +187,59 @@ class Scheduler:
         for s, seq in work:
             if self._advance(seq, s, sampled.get(s.request_id)):
                 finished.append(seq)
+        return finished
+
+    def reserve_decode_steps(self, num_steps: int) -> dict[str, int] | None:
+        """After a schedule() of decodes alone, grows each sequence's pages so that the device can run
+        up to `num_steps` decode steps without the host: each sequence gets min(num_steps, the tokens
+        its limits still allow) tokens. Returns those budgets, or None, changing nothing, when a
+        scheduled chunk is not a decode or the pages are not free."""
+        _check_positive_int("num_steps", num_steps)
+        budgets, new_pages = {}, 0
+        for s, seq in self._pending.values():
+            decode = s.num_tokens == 1 and s.start + 1 == seq.num_tokens and seq.output_token_ids
+            if not decode or seq.status is not Status.RUNNING:
+                return None
+            budget = min(num_steps, seq.max_tokens - len(seq.output_token_ids), self._length_limit - seq.num_tokens)
+            budgets[s.request_id] = budget
+            have = len(self.kv.page_table(s.request_id))
+            new_pages += max(0, _pages_for(s.start + budget, self.kv.page_size) - have)
+        if not budgets or new_pages > self.kv.num_free_pages():
+            return None
+        for rid, budget in budgets.items():
+            grown = self.kv.append(rid, self._pending[rid][0].start + budget)
+            assert grown, "pages were counted free"
+        self._reserved = budgets
+        return budgets
+
+    def update_decodes(self, tokens: Mapping[str, list[int]],
+                       on_token: Callable[[Sequence, int], None] | None = None) -> list[Sequence]:
+        """Records the decode steps reserved by `reserve_decode_steps`: `tokens[id]` are the tokens
+        the device sampled for the sequence, in order (at least one, at most its budget). After each
+        token, `on_token(seq, j)` may finish the sequence (a stop string): its later tokens are then
+        dropped. Returns the sequences that reached their length limit (pages freed)."""
+        reserved, pending = self._reserved, self._pending
+        if not reserved:
+            raise ValueError("update_decodes() needs a reserve_decode_steps() after the last schedule()")
+        live = {rid for rid, (_, seq) in pending.items() if seq.status is Status.RUNNING}
+        if set(tokens) != live:
+            raise ValueError(f"tokens has request ids {sorted(tokens)}; the running reserved ones are {sorted(live)}")
+        for rid in live:
+            if not 1 <= len(tokens[rid]) <= reserved[rid]:
+                raise ValueError(f"{len(tokens[rid])} tokens for request_id={rid!r}, whose budget was 1 to {reserved[rid]}")
+            for token in tokens[rid]:
+                _check_token(rid, token)
+        self._reserved, self._pending = {}, {}
+        finished = []
+        for rid in sorted(live, key=lambda r: pending[r][1].arrival):
+            seq = pending[rid][1]
+            for j, token in enumerate(tokens[rid]):
+                if self._advance(seq, ScheduledSeq(rid, seq.num_computed_tokens, 1), token):
+                    finished.append(seq)
+                if on_token is not None:
+                    on_token(seq, j)
+                if seq.status is not Status.RUNNING:
+                    break
         return finished
 
     # ----------------------------------------------------------------------------- internals
