@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                         help="page pool share: the XLA attention path of mixed prefill steps needs room")
+    parser.add_argument("--num-decode-steps", type=int, nargs="+", default=[8],
+                        help="engine runs, one per value: decode steps per scheduler visit")
     parser.add_argument("--out", default="results_engine_throughput.json")
     args = parser.parse_args(argv)
     config = llama3_8b()
@@ -39,14 +41,16 @@ def main(argv=None) -> int:
         n_in, n_out = map(int, workload.split("x"))
         llm = LLM.from_params(config, params, mesh, max_model_len=n_in + n_out + 16, max_num_seqs=args.max_num_seqs)
         requests = RandomWorkload(args.num_prompts, n_in, n_out).sample(config.vocab_size)
-        for backend in args.backends:
+        runs = [(b, n) for b in args.backends for n in (args.num_decode_steps if b == "engine" else [None])]
+        for backend, steps in runs:
             start = time.perf_counter()
-            result = run_throughput(llm, requests, backend=backend,
-                                    engine_config=EngineConfig(max_num_seqs=args.max_num_seqs,
-                                                               gpu_memory_utilization=args.gpu_memory_utilization))
-            row = dict(result.as_dict(), workload=workload, wall_with_warmup_s=time.perf_counter() - start)
+            engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, num_decode_steps=steps or 1,
+                                         gpu_memory_utilization=args.gpu_memory_utilization)
+            result = run_throughput(llm, requests, backend=backend, engine_config=engine_config)
+            row = dict(result.as_dict(), workload=workload, num_decode_steps=steps,
+                       wall_with_warmup_s=time.perf_counter() - start)
             rows.append(row)
-            print(f"{workload} {backend}: {result.output_tokens_per_s:,.0f} output tok/s "
+            print(f"{workload} {backend} (decode steps a visit: {steps}): {result.output_tokens_per_s:,.0f} output tok/s "
                   f"({result.elapsed_s:.1f} s timed, {row['wall_with_warmup_s']:.0f} s with warm-up)", flush=True)
             with open(args.out, "w") as f:
                 json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, rows=rows), f, indent=1,

@@ -146,7 +146,8 @@ def _add_model_args(parser: argparse.ArgumentParser, longest: str) -> None:
 _BENCH_DEFAULTS = {"num_prompts": 100, "input_len": 128, "output_len": 128, "range_ratio": 0.0}
 # Flags only the engine reads: an error with --backend llm rather than silently ignored.
 _ENGINE_ONLY = {"num_pages": "--num-pages", "max_num_batched_tokens": "--max-num-batched-tokens",
-                "gpu_memory_utilization": "--gpu-memory-utilization", "no_prefix_caching": "--no-prefix-caching"}
+                "gpu_memory_utilization": "--gpu-memory-utilization", "no_prefix_caching": "--no-prefix-caching",
+                "num_decode_steps": "--num-decode-steps"}
 
 
 def _add_bench_args(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +182,9 @@ def _add_bench_args(parser: argparse.ArgumentParser) -> None:
                         help=f"engine: fraction of device memory for weights and KV pages "
                              f"(default: {eng.gpu_memory_utilization})")
     parser.add_argument("--no-prefix-caching", action="store_true", help="engine: turn prefix caching off")
+    parser.add_argument("--num-decode-steps", type=int, metavar="N",
+                        help=f"engine: decode steps on the device per scheduler visit when only decodes run "
+                             f"(default: {eng.num_decode_steps})")
     _add_model_args(parser, "longest input + output")
     parser.set_defaults(run=_bench)
 
@@ -372,7 +376,7 @@ def _bench(args: argparse.Namespace) -> int:
         bench.check_request_rate(args.request_rate)
     chosen = {"num_pages": args.num_pages, "page_size": args.page_size, "max_num_seqs": args.max_num_seqs,
               "max_num_batched_tokens": args.max_num_batched_tokens,
-              "gpu_memory_utilization": args.gpu_memory_utilization}
+              "gpu_memory_utilization": args.gpu_memory_utilization, "num_decode_steps": args.num_decode_steps}
     config = EngineConfig(**{k: v for k, v in chosen.items() if v is not None},
                           enable_prefix_caching=not args.no_prefix_caching)
     bench.check_engine_config(config)

@@ -13,7 +13,7 @@ from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 RNG = np.random.default_rng(23)
 MAX_MODEL_LEN = 64
 # Small engine sizes so the tiny model compiles few, small shapes.
-ENGINE = ["--page-size", 4, "--num-pages", 96, "--max-num-seqs", 4, "--max-num-batched-tokens", 32]
+ENGINE = ["--page-size", 4, "--num-pages", 96, "--max-num-seqs", 4, "--max-num-batched-tokens", 32, "--num-decode-steps", 3]
 THROUGHPUT_KEYS = {"benchmark", "config", "backend", "num_requests", "input_tokens", "output_tokens", "elapsed_s",
                    "requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "engine_metrics"}
 LATENCY_KEYS = {"benchmark", "config", "request_rate", "num_requests", "input_tokens", "output_tokens", "elapsed_s",
@@ -171,8 +171,9 @@ def test_throughput_produces_every_output_token(capsys, model_dir, tmp_path, bac
     assert (cfg["num_prompts"], cfg["input_len"], cfg["output_len"], cfg["warmup"]) == (num, in_len, out_len, warmup)
     assert cfg["engine"]["page_size"] == 4 and cfg["max_model_len"] == MAX_MODEL_LEN
     if backend == "engine":
-        assert cfg["engine"]["num_pages"] == 96
+        assert cfg["engine"]["num_pages"] == 96 and cfg["engine"]["num_decode_steps"] == 3
         metrics = record["engine_metrics"]
+        assert metrics["multi_step_visits"] > 0
         assert metrics["generation_tokens"] == num * out_len  # the warmup is not counted
         assert metrics["num_preemptions"] >= 0 and 0 <= metrics["prefix_cache_hit_rate"] <= 1
     else:
@@ -260,6 +261,8 @@ def test_jsonl_dataset_with_text_and_token_prompts(capsys, model_dir, tmp_path, 
     (["throughput", "--max-num-seqs", "0"], "max_num_seqs must be an integer >= 1, got 0"),
     (["latency", "--num-pages", "1"], "num_pages must be an integer >= 2, got 1"),
     (["latency", "--gpu-memory-utilization", "1.5"], "1.5"),
+    (["throughput", "--num-decode-steps", "0"], "num_decode_steps must be an integer >= 1, got 0"),
+    (["throughput", "--backend", "llm", "--num-decode-steps", "4"], "--num-decode-steps applies to --backend engine"),
     (["throughput", "--num-pages", "4", "--page-size", "4", "--input-len", "20", "--output-len", "5",
       "--no-warmup"], "needs 25 tokens"),
     (["latency", "--json", "/no/such/dir/out.json"], "/no/such/dir"),
