@@ -206,3 +206,32 @@ def test_num_decode_steps_must_be_a_positive_integer():
     for bad in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match=f"num_decode_steps must be an integer >= 1, got {bad!r}"):
             EngineConfig(num_decode_steps=bad)
+
+
+def test_warmup_compiles_every_shape_serving_then_takes(llm):
+    """After warmup(prompt lengths), a workload of those lengths (no logprobs, no penalties, several
+    rows, staggered arrivals, multi-step decodes) compiles nothing more, and still gives the same tokens."""
+    from jaxllm import runner
+
+    cfg = EngineConfig(num_pages=96, page_size=4, max_num_seqs=4, max_num_batched_tokens=64, num_decode_steps=4,
+                       enable_prefix_caching=False)
+    engine = Engine(llm, cfg)
+    prompts = [RNG.integers(0, 256, n).tolist() for n in (9, 12, 16, 10, 14)]  # all one width bucket: 16
+    want = [llm.generate([{"prompt_token_ids": p}], greedy(7), use_tqdm=False)[0].outputs[0].token_ids
+            for p in prompts]  # (LLM.generate compiles the decode loop for its own shapes)
+    assert engine.warmup([16]) == 3 * 3  # rows 1, 2, 4 x (decode step, 16-token prefill, decode loop)
+    compiled = runner.engine_step._cache_size(), runner.decode._cache_size()
+    for i, p in enumerate(prompts[:2]):
+        engine.add_request(f"w{i}", {"prompt_token_ids": p}, greedy(7))
+    got, steps = {}, 0
+    while engine.has_unfinished_requests() or steps < 3:
+        if steps == 2:  # three more arrive while the first two decode
+            for i, p in enumerate(prompts[2:], start=2):
+                engine.add_request(f"w{i}", {"prompt_token_ids": p}, greedy(7))
+        got.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        steps += 1
+    assert [got[f"w{i}"] for i in range(len(prompts))] == want
+    assert engine.metrics().multi_step_visits > 0
+    assert (runner.engine_step._cache_size(), runner.decode._cache_size()) == compiled
+    with pytest.raises(ValueError, match=r"prompt_lens must be positive integers, got \[0\]"):
+        engine.warmup([0])

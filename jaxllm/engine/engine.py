@@ -109,6 +109,9 @@ class Engine:
         model = llm.config
         self.cache = init_cache(model, config.num_pages, config.page_size, model.dtype, cache_sharding(llm.mesh),
                                 llm.kv_cache_dtype)
+        # Every step's page table has the columns of the longest sequence the pool allows: one
+        # shape (the kernels read only a row's own pages), so fewer compilations while serving.
+        self._pmax = bucket(-(-self.scheduler.length_limit // config.page_size))
         self._tracked: dict[str, _Tracked] = {}  # live sequences only: a finished one is dropped
         self._generate_calls = 0
         self._totals = StepTotals()
@@ -196,13 +199,13 @@ class Engine:
         cfg, llm = self.llm.config, self.llm
         rows = bucket(len(batch))
         done_before = [len(t.seq.output_token_ids) for t in batch]
-        width = bucket(1 + max(budgets.values()))
+        width = bucket(1 + self.config.num_decode_steps)  # one shape whatever the budgets
         tables = [self.kv.page_table(s.request_id) for s in scheduled]
-        page_table = np.zeros((rows, bucket(max(map(len, tables)))), np.int32)
+        page_table = np.zeros((rows, self._pmax), np.int32)
         prompt_lens = np.zeros(rows, np.int32)  # all but the last token
         outputs = np.zeros((rows, width), np.int32)
         stops = [llm._stop_ids(t.req.params) for t in batch]
-        stop_ids = np.full((rows, bucket(max(map(len, stops)))), -1, np.int32)
+        stop_ids = np.full((rows, bucket(max(map(len, stops)), 4)), -1, np.int32)
         max_tokens = np.ones(rows, np.int32)
         penalised = any(_has_penalty(t.req.params) for t in batch)
         # Without penalties the loop still carries these: made on the device, nothing crosses.
@@ -262,7 +265,7 @@ class Engine:
         rows = bucket(len(scheduled))
         width = bucket(max(s.num_tokens for s in scheduled))
         tables = [self.kv.page_table(s.request_id) for s in scheduled]
-        pmax = bucket(max(map(len, tables)))
+        pmax = self._pmax
         tokens = np.zeros((rows, width), np.int32)
         positions = np.full((rows, width), -1, np.int32)
         page_table = np.zeros((rows, pmax), np.int32)
@@ -310,6 +313,43 @@ class Engine:
         done = t.seq.status in _FINISH
         return RequestOutput(t.req.request_id, t.req.prompt, list(t.req.prompt_token_ids), None,
                              [self._completion(t)], finished=done)
+
+    # -- before serving ---------------------------------------------------------------------
+
+    def warmup(self, prompt_lens: Seq[int] = ()) -> int:
+        """Compiles, before serving, the shapes that batches of 1 to max_num_seqs sequences take
+        without logprobs or penalties: one decode step, the several-step decode loop, and prefill
+        steps of each prompt length given (chunked to the token budget, decodes beside them).
+        Runs each on padding rows, which write only the scratch page; returns how many it ran."""
+        cfg, llm = self.llm.config, self.llm
+        if any(not isinstance(n, (int, np.integer)) or n < 1 for n in prompt_lens):
+            raise ValueError(f"prompt_lens must be positive integers, got {list(prompt_lens)}")
+        widths = {1} | {bucket(min(int(n), self.config.max_num_batched_tokens)) for n in prompt_lens}
+        runs = 0
+        for rows in sorted({bucket(r) for r in range(1, self.config.max_num_seqs + 1)}):
+            st = make_sampling_tensors([], [], rows, cfg.vocab_size)
+            page_table = np.zeros((rows, self._pmax), np.int32)
+            for width in sorted(widths):
+                meta = AttentionMeta(np.full((rows, width), -1, np.int32), page_table, np.zeros(rows, np.int32))
+                _, _, self.cache = runner.engine_step(
+                    llm.params, self.cache, np.zeros((rows, width), np.int32), meta, np.zeros(rows, np.int32), st,
+                    np.zeros(rows, np.int32), None, None, config=cfg, logprobs_k=None)
+                runs += 1
+            if self.config.num_decode_steps > 1:
+                width = bucket(1 + self.config.num_decode_steps)
+                state = runner.DecodeState(
+                    cache=self.cache, page_table=page_table, prompt_lens=np.zeros(rows, np.int32),
+                    num_generated=np.zeros(rows, np.int32), done=np.ones(rows, bool), finish=np.zeros(rows, np.int32),
+                    tokens=np.zeros((rows, width), np.int32), logprob=np.zeros((rows, width), np.float32),
+                    rank=np.zeros((rows, width), np.int32), top_ids=np.zeros((rows, width, 0), np.int32),
+                    top_lps=np.zeros((rows, width, 0), np.float32),
+                    prompt_mask=jnp.zeros((rows, cfg.vocab_size), bool),
+                    output_counts=jnp.zeros((rows, cfg.vocab_size), np.int32))
+                limits = runner.Limits(np.full((rows, 4), -1, np.int32), np.ones(rows, np.int32),
+                                       np.int32(self.scheduler.length_limit))
+                self.cache = runner.decode(llm.params, state, st, limits, np.int32(1), config=cfg, logprobs_k=None).cache
+                runs += 1
+        return runs
 
     # -- offline use ------------------------------------------------------------------------
 
