@@ -1,5 +1,6 @@
 """Serving throughput of the 8B shape (random bf16 weights): the engine (AsyncLLM, in-flight
-batching) and one LLM.generate call, on random-token workloads, each after an untimed warm-up.
+batching), one LLM.generate call in static batches and one on the engine (batching="inflight"), on
+random-token workloads, each after an untimed warm-up.
 
     PYTHONPATH=. python -m benchmarks.engine_throughput --workloads 128x128 --num-prompts 256
 """
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workloads", nargs="+", default=["128x128"], help="INPUTxOUTPUT lengths")
     parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--backends", nargs="+", default=["engine", "llm"])
+    parser.add_argument("--backends", nargs="+", default=["engine", "llm", "llm-inflight"],
+                        choices=["engine", "llm", "llm-inflight"])
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                         help="page pool share: the XLA attention path of mixed prefill steps needs room")
@@ -46,8 +48,11 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, num_decode_steps=steps or 1,
                                          gpu_memory_utilization=args.gpu_memory_utilization)
-            result = run_throughput(llm, requests, backend=backend, engine_config=engine_config)
-            row = dict(result.as_dict(), workload=workload, num_decode_steps=steps,
+            # "llm" is LLM.generate in static batches, "llm-inflight" LLM.generate on the engine.
+            llm.batching = "inflight" if backend == "llm-inflight" else "static"
+            result = run_throughput(llm, requests, backend="llm" if backend.startswith("llm") else backend,
+                                    engine_config=engine_config)
+            row = dict(result.as_dict(), backend=backend, workload=workload, num_decode_steps=steps,
                        wall_with_warmup_s=time.perf_counter() - start)
             rows.append(row)
             print(f"{workload} {backend} (decode steps a visit: {steps}): {result.output_tokens_per_s:,.0f} output tok/s "

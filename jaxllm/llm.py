@@ -51,6 +51,17 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
     return {ours: cfg[key] for key, ours in _GENERATION_KEYS.items() if cfg.get(key) is not None}
 
 
+BATCHING = ("static", "inflight")
+# Decode steps per host visit of LLM.generate's engine: long enough that the host's share is small
+# beside the steps, short enough that a finished request's slot does not idle long.
+INFLIGHT_DECODE_STEPS = 32
+
+
+def _check_batching(batching) -> None:
+    if batching not in BATCHING:
+        raise ValueError(f"batching={batching!r} is not supported; choose one of {BATCHING}")
+
+
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -114,6 +125,11 @@ class LLM:
             dynamic per-token activation scales), "mxfp4" / "nvfp4" (fp4 block storage); the
             embedding table stays dense. Calibrated methods ("awq", "gptq", "smoothquant") come
             from `jaxllm quantize` checkpoints, which load as stored, as do 4-bit AWQ/GPTQ HF ones.
+        batching: how `generate` batches: "static" (default: batches of `max_num_seqs` requests,
+            each prefilled together and decoded in one on-device loop until all finish) or
+            "inflight" (the engine: a finished request's slot goes to the next waiting one; prefill
+            steps apart from decode steps, decodes `INFLIGHT_DECODE_STEPS` steps per host visit).
+            Requests with prompt_logprobs, and speculative decoding, always batch statically.
         speculative_config: None, or a `SpeculativeConfig` / dict of its fields (as vLLM takes), e.g.
             {"method": "ngram", "num_speculative_tokens": 4}, {"method": "draft_model", "model": DIR}
             or {"method": "medusa", "model": HEADS_DIR}. Outputs are those of plain decoding (greedy:
@@ -140,8 +156,11 @@ class LLM:
         attention_backend: str = "auto",
         quantization: str | None = None,
         speculative_config: SpeculativeConfig | dict | None = None,
+        batching: str = "static",
     ):
         speculative_config = SpeculativeConfig.of(speculative_config)
+        _check_batching(batching)
+        self.batching = batching
         if model is None:
             from jaxllm.default_model import default_model_dir
 
@@ -203,9 +222,11 @@ class LLM:
         attention_backend: str | None = None,
         quantization: str | None = None,
         speculative_config: SpeculativeConfig | dict | None = None,
+        batching: str = "static",
     ) -> "LLM":
         """An LLM over params already on `mesh` (random weights for benchmarks, or your own)."""
         speculative_config = SpeculativeConfig.of(speculative_config)
+        _check_batching(batching)
         _check_positive(page_size=page_size, max_num_seqs=max_num_seqs)
         check_kv_cache_dtype(kv_cache_dtype)
         enable_compilation_cache()
@@ -213,6 +234,7 @@ class LLM:
                                dict(mesh.shape).get("tensor", 1))
         check_quantization(quantization)
         llm = cls.__new__(cls)
+        llm.batching = batching
         llm.quantization = quantization
         params = _quantized(params, config, quantization)
         llm.kv_cache_dtype = kv_cache_dtype
@@ -254,6 +276,9 @@ class LLM:
         requests = self._requests(prompts, sampling_params)
         results: dict[tuple[str, int], tuple[CompletionOutput, Any]] = {}
         with tqdm(total=len(requests), desc="generating", disable=not use_tqdm, leave=False) as bar:
+            if self._inflight_applies(requests):
+                results = self._generate_inflight(requests, bar)
+                return self._group(requests, results, finished=True)
             for start in range(0, len(requests), self.max_num_seqs):
                 batch = requests[start:start + self.max_num_seqs]
                 *_, final = self._run_batch(batch)
@@ -280,6 +305,34 @@ class LLM:
             batch = requests[start:start + self.max_num_seqs]
             for results in self._run_batch(batch, interval):
                 yield self._group(batch, results, finished=None)
+
+    def _inflight_applies(self, requests: list[Request]) -> bool:
+        if self.batching != "inflight" or not requests:
+            return False
+        if self.speculator is not None and self.speculator.applies(min(len(requests), self.max_num_seqs)):
+            return False
+        return all(r.params.prompt_logprobs is None for r in requests)
+
+    def _generate_inflight(self, requests: list[Request], bar) -> dict:
+        """Every request through an engine whose page pool holds `max_num_seqs` of the longest."""
+        from jaxllm.engine.engine import Engine, EngineConfig
+
+        rows = bucket(min(len(requests), self.max_num_seqs))
+        longest = max(min(len(r.prompt_token_ids) + r.params.max_tokens, self.max_model_len) for r in requests)
+        prompt = bucket(max(len(r.prompt_token_ids) for r in requests), 16)
+        engine = Engine(self, EngineConfig(
+            num_pages=rows * pages_for(bucket(longest, 16), self.page_size) + 1, page_size=self.page_size,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=rows * prompt,
+            num_decode_steps=INFLIGHT_DECODE_STEPS, mixed_batches=False))
+        for req in requests:
+            engine.add(req)
+        results = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id, out.outputs[0].index] = (out.outputs[0], None)
+                    bar.update(1)
+        return results
 
     def _requests(self, prompts, sampling_params) -> list[Request]:
         if sampling_params is None:

@@ -57,6 +57,8 @@ def run_staggered(engine, order, arrive_every):
     (EngineConfig(num_pages=18, page_size=4, max_num_seqs=8, max_num_batched_tokens=64), 1, True),  # tiny pool
     (EngineConfig(num_pages=64, page_size=8, max_num_seqs=3, max_num_batched_tokens=20,
                   enable_prefix_caching=False), 3, False),
+    (EngineConfig(num_pages=64, page_size=8, max_num_seqs=3, max_num_batched_tokens=16, mixed_batches=False),
+     1, False),  # prefill steps apart from decode steps
 ])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_engine_equals_one_at_a_time(llm, alone, cfg, arrive_every, expect_preemption, reverse):

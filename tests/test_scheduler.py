@@ -460,3 +460,24 @@ def test_update_decodes_errors():
     assert sched._live["a"].output_token_ids == [7, 1, 2] and sched._live["b"].output_token_ids == [7, 3]
     with pytest.raises(ValueError, match="num_steps=0"):
         sched.reserve_decode_steps(0)
+
+
+def test_unmixed_batches_keep_prefills_and_decodes_apart():
+    """mixed_batches=False: a step that prefills holds no decode; decodes run when nobody can be admitted."""
+    kv = KVCacheManager(64, 4)
+    sched = Scheduler(kv, max_num_seqs=3, max_num_batched_tokens=8, max_model_len=64, mixed_batches=False)
+    device = FakeDevice(kv)
+    for rid, n in (("a", 5), ("b", 12), ("c", 3), ("d", 4)):
+        sched.add(Sequence(rid, list(range(1, n + 1)), 6))
+    kinds = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        seqs = {s.request_id: sched._live[s.request_id] for s in out.scheduled}
+        decode = [s.num_tokens == 1 and bool(seqs[s.request_id].output_token_ids) for s in out.scheduled]
+        chunk = [s.num_tokens > 1 for s in out.scheduled]
+        assert not (any(decode) and any(chunk)), out  # never padded to a chunk's length for decodes
+        kinds.append("decode" if any(decode) else "prefill")
+        sched.update(device.run(out.scheduled, seqs))
+    assert kinds[:3] == ["prefill", "prefill", "prefill"]  # a (5) + b (3 of 12), b (8), b (1) + c (3) ...
+    assert "decode" in kinds and kinds.index("decode") > 0
+    kv.check_invariants()

@@ -59,6 +59,8 @@ class EngineConfig:
     # Decode steps run on the device per scheduler visit when every scheduled sequence decodes and
     # none waits to be admitted (vLLM's multi-step scheduling); 1 visits the host every step.
     num_decode_steps: int = 8
+    # False: prefill chunks and decodes never share a step (prefill first); see Scheduler.
+    mixed_batches: bool = True
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -105,7 +107,7 @@ class Engine:
                                  enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_model_len=llm.max_model_len)
+                                   max_model_len=llm.max_model_len, mixed_batches=config.mixed_batches)
         model = llm.config
         self.cache = init_cache(model, config.num_pages, config.page_size, model.dtype, cache_sharding(llm.mesh),
                                 llm.kv_cache_dtype)
@@ -123,11 +125,16 @@ class Engine:
         if any(t.req.request_id == request_id for t in self._tracked.values()):
             raise ValueError(f"request id {request_id!r} is already in the engine")
         for req in self.llm._requests([prompt], params):
-            req = dataclasses.replace(req, request_id=request_id)
-            key = f"{request_id}#{req.sample_index}"
-            seq = Sequence(key, list(req.prompt_token_ids), req.params.max_tokens)
-            self.scheduler.add(seq)
-            self._tracked[key] = _Tracked(req, seq)
+            self.add(dataclasses.replace(req, request_id=request_id))
+
+    def add(self, req: Request) -> None:
+        """Queues one sample of a request made by `LLM._requests` (its seed kept)."""
+        key = f"{req.request_id}#{req.sample_index}"
+        if key in self._tracked:
+            raise ValueError(f"request id {req.request_id!r} sample {req.sample_index} is already in the engine")
+        seq = Sequence(key, list(req.prompt_token_ids), req.params.max_tokens)
+        self.scheduler.add(seq)
+        self._tracked[key] = _Tracked(req, seq)
 
     def abort(self, request_id: str) -> None:
         """Stops a request and frees its pages; ValueError for an unknown id."""

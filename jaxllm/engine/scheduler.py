@@ -84,7 +84,7 @@ class Scheduler:
     """Decides which tokens of which sequences the device computes each step."""
 
     def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, mixed_batches: bool = True):
         _check_positive_int("max_num_seqs", max_num_seqs)
         _check_positive_int("max_num_batched_tokens", max_num_batched_tokens)
         _check_positive_int("max_model_len", max_model_len, minimum=2)
@@ -92,6 +92,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        # False: a step with prefill chunks holds no decodes (prefill first), so a batch is never
+        # padded to rows x chunk length for decodes' sake.
+        self.mixed_batches = mixed_batches
         # A sequence longer than the whole pool could never be computed: the pool's capacity is a
         # length limit too, so a sequence running alone can always grow and nothing deadlocks.
         self._length_limit = min(max_model_len, (kv.num_pages - 1) * kv.page_size + 1)
@@ -154,10 +157,17 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[str] = []
-        budget = self._schedule_running(budget, scheduled, preempted)
-        # As in vLLM: no admissions in a step that preempted, so a victim does not bounce straight back.
-        if not preempted:
-            self._schedule_waiting(budget, scheduled)
+        if self.mixed_batches:
+            budget = self._schedule_running(budget, scheduled, preempted)
+            # As in vLLM: no admissions in a step that preempted, so a victim does not bounce straight back.
+            if not preempted:
+                self._schedule_waiting(budget, scheduled)
+        else:
+            budget = self._schedule_running(budget, scheduled, preempted, prefills_only=True)
+            if not preempted:
+                self._schedule_waiting(budget, scheduled)
+            if not scheduled:
+                self._schedule_running(self.max_num_batched_tokens, scheduled, preempted)
         self._pending = {s.request_id: (s, self._live[s.request_id]) for s in scheduled}
         self._reserved = {}
         return SchedulerOutput(
@@ -272,11 +282,16 @@ class Scheduler:
                 f"{S} tokens but the pool has only {usable}; at most {usable * S - 1} prompt tokens fit"
             )
 
-    def _schedule_running(self, budget: int, scheduled: list[ScheduledSeq], preempted: list[str]) -> int:
-        """Schedule running sequences in arrival order, preempting the newest when pages run out."""
+    def _schedule_running(self, budget: int, scheduled: list[ScheduledSeq], preempted: list[str],
+                          prefills_only: bool = False) -> int:
+        """Schedule running sequences in arrival order, preempting the newest when pages run out
+        (with `prefills_only`, those with more than their last token to compute)."""
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
+            if prefills_only and seq.num_tokens - seq.num_computed_tokens <= 1:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow_or_preempt(seq, seq.num_computed_tokens + n, preempted):
                 break  # seq preempted itself: it was the newest, nothing after it

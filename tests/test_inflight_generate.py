@@ -1,0 +1,88 @@
+"""`LLM(..., batching="inflight")`: LLM.generate through the engine gives what static batches give."""
+
+import numpy as np
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.tiny_checkpoint import write_tiny_checkpoint
+
+RNG = np.random.default_rng(17)
+PROMPTS = [{"prompt_token_ids": RNG.integers(0, 256, int(n)).tolist()} for n in RNG.integers(2, 30, 11)]
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("inflight"), "Qwen2ForCausalLM", seed=4)
+
+
+@pytest.fixture(scope="module")
+def pair(path):
+    make = lambda batching: LLM(path, dtype="float32", max_model_len=80, max_num_seqs=4, page_size=4,
+                                progress=False, seed=3, batching=batching)
+    return make("static"), make("inflight")
+
+
+def _mixed():
+    """Different lengths (so slots free up at different steps), greedy and seeded sampling,
+    penalties, logprobs, n = 2."""
+    lengths = RNG.integers(1, 25, len(PROMPTS))
+    params = []
+    for i, m in enumerate(lengths):
+        kind = i % 4
+        if kind == 0:
+            params.append(SamplingParams(max_tokens=int(m), temperature=0.0, ignore_eos=True, logprobs=2))
+        elif kind == 1:
+            params.append(SamplingParams(max_tokens=int(m), temperature=0.9, top_p=0.9, seed=i, ignore_eos=True))
+        elif kind == 2:
+            params.append(SamplingParams(max_tokens=int(m), temperature=0.0, ignore_eos=True, repetition_penalty=1.3))
+        else:
+            params.append(SamplingParams(n=2, max_tokens=int(m), temperature=1.0, ignore_eos=True))
+    return params
+
+
+def _summary(outs):
+    return [[(c.index, c.token_ids, c.finish_reason, c.text,
+              None if c.logprobs is None else [round(lp[t].logprob, 4) for lp, t in zip(c.logprobs, c.token_ids)])
+             for c in o.outputs] for o in outs]
+
+
+def test_inflight_equals_static_batches(pair, monkeypatch):
+    from jaxllm.engine.engine import Engine
+
+    static, inflight = pair
+    params = _mixed()
+    want = static.generate(PROMPTS, params, use_tqdm=False)
+    schedules, step = [], Engine.step
+
+    def counted(self):
+        schedules.append([t.seq.num_tokens - t.seq.num_computed_tokens for t in self._tracked.values()
+                          if t.seq.status.name == "RUNNING"])
+        return step(self)
+
+    monkeypatch.setattr(Engine, "step", counted)
+    got = inflight.generate(PROMPTS, params, use_tqdm=False)
+    assert len(schedules) > 4  # the engine ran: 14 sequences through 4 slots
+    assert [o.request_id for o in got] == [o.request_id for o in want]
+    assert _summary(got) == _summary(want)
+    assert sum(len(c.token_ids) for o in got for c in o.outputs) > 100
+
+
+def test_inflight_stop_strings_and_fallback_for_prompt_logprobs(pair):
+    static, inflight = pair
+    text = static.generate(PROMPTS[:1], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0].text
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 2) if text[i:i + 2].isprintable()
+                and text.find(text[i:i + 2]) == i)
+    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop]),
+              SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, prompt_logprobs=1)]
+    for p in params:
+        want = static.generate(PROMPTS[:3], p, use_tqdm=False)
+        got = inflight.generate(PROMPTS[:3], p, use_tqdm=False)
+        assert _summary(got) == _summary(want)
+        assert [o.prompt_logprobs is None for o in got] == [p.prompt_logprobs is None] * 3
+    assert got[0].prompt_logprobs is not None  # prompt_logprobs came from the static path
+
+
+def test_batching_must_be_known(path):
+    with pytest.raises(ValueError, match=r"batching='continuous' is not supported; choose one of \('static', 'inflight'\)"):
+        LLM(path, batching="continuous", progress=False)
