@@ -87,8 +87,8 @@ def test_unwindowed_nll_matches_prompt_logprobs_and_transformers(llm, hf_model):
     np.testing.assert_allclose(result.token_nll[0], from_generate, atol=1e-4)
     np.testing.assert_allclose(result.token_nll[0], from_hf, atol=1e-4)
     assert result.nll == pytest.approx(from_generate.sum(), abs=1e-4)
-    assert result.nll == pytest.approx(from_hf.sum(), rel=1e-6)
-    assert result.perplexity == pytest.approx(math.exp(from_hf.mean()), rel=1e-6)
+    assert result.nll == pytest.approx(from_hf.sum(), rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(from_hf.mean()), rel=1e-5)  # float32 rounding
     assert result.per_text == (pytest.approx(result.perplexity, rel=1e-12),)
 
 
@@ -162,7 +162,7 @@ def test_per_text_total_and_token_nll_agree(llm):
     assert result.seconds > 0 and result.tokens_per_s == pytest.approx(result.num_tokens / result.seconds)
     assert len(set(result.per_text)) == 3
     for text, nll in zip(texts, result.token_nll):
-        np.testing.assert_allclose(evaluate.token_nll(llm, text, window=WINDOW, stride=10), nll, rtol=1e-6)
+        np.testing.assert_allclose(evaluate.token_nll(llm, text, window=WINDOW, stride=10), nll, rtol=1e-5)
     ids = [llm.tokenizer.encode(t, add_special_tokens=False) for t in texts]
     as_ids = evaluate.perplexity(llm, ids, window=WINDOW, stride=10)
     assert as_ids.nll == result.nll and as_ids.per_text == result.per_text
