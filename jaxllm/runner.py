@@ -48,6 +48,20 @@ class DecodeState(NamedTuple):
     output_counts: Int[Array, "B V"]
 
 
+def new_decode_state(cache: KVCache, page_table, prompt_lens, num_generated, done, tokens: Int[Array, "B N"],
+                     prompt_mask, output_counts, logprobs_k: int | None) -> DecodeState:
+    """A DecodeState whose finish codes and logprob buffers start empty, sized like `tokens`."""
+    batch, width = tokens.shape
+    k = logprobs_k or 0
+    return DecodeState(
+        cache=cache, page_table=page_table, prompt_lens=prompt_lens, num_generated=num_generated, done=done,
+        finish=jnp.zeros(batch, jnp.int32), tokens=tokens,
+        logprob=jnp.zeros((batch, width), jnp.float32), rank=jnp.zeros((batch, width), jnp.int32),
+        top_ids=jnp.zeros((batch, width, k), jnp.int32), top_lps=jnp.zeros((batch, width, k), jnp.float32),
+        prompt_mask=prompt_mask, output_counts=output_counts,
+    )
+
+
 class PromptLogprobs(NamedTuple):
     """Row b, index t: logprob of prompt token t+1 given tokens <= t, its rank, and the top k."""
 
@@ -154,21 +168,11 @@ def prefill(
     vocab = config.vocab_size
     valid = positions >= 0
     prompt_mask = jnp.zeros((batch, vocab), bool).at[rows[:, None], tokens].max(valid)
-    k = logprobs_k or 0
-    state = DecodeState(
-        cache=cache,
-        page_table=page_table,
-        prompt_lens=prompt_lens,
-        num_generated=jnp.zeros(batch, jnp.int32),
+    state = new_decode_state(
+        cache, page_table, prompt_lens, num_generated=jnp.zeros(batch, jnp.int32),
         done=prompt_lens <= 0,  # padding rows of the batch bucket
-        finish=jnp.zeros(batch, jnp.int32),
-        tokens=jnp.zeros((batch, max_new), jnp.int32),
-        logprob=jnp.zeros((batch, max_new), jnp.float32),
-        rank=jnp.zeros((batch, max_new), jnp.int32),
-        top_ids=jnp.zeros((batch, max_new, k), jnp.int32),
-        top_lps=jnp.zeros((batch, max_new, k), jnp.float32),
-        prompt_mask=prompt_mask,
-        output_counts=jnp.zeros((batch, vocab), jnp.int32),
+        tokens=jnp.zeros((batch, max_new), jnp.int32), prompt_mask=prompt_mask,
+        output_counts=jnp.zeros((batch, vocab), jnp.int32), logprobs_k=logprobs_k,
     )
     token = sampling.sample(logits, st, state.num_generated, prompt_mask, state.output_counts)
     state = _record(state, logits, token, st, limits, logprobs_k)

@@ -212,6 +212,18 @@ def test_num_decode_steps_must_be_a_positive_integer():
     for bad in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match=f"num_decode_steps must be an integer >= 1, got {bad!r}"):
             EngineConfig(num_decode_steps=bad)
+    with pytest.raises(ValueError, match="mixed_batches must be True or False, got 'no'"):
+        EngineConfig(mixed_batches="no")
+
+
+def test_add_takes_requests_once(llm):
+    engine = Engine(llm, EngineConfig(num_pages=16, page_size=4))
+    with pytest.raises(ValueError, match="add\\(\\) takes a Request .*got dict"):
+        engine.add({"prompt_token_ids": [1, 2]})
+    (req,) = llm._requests([{"prompt_token_ids": [1, 2, 3]}], greedy(2))
+    engine.add(req)
+    with pytest.raises(ValueError, match=f"request id {req.request_id!r} sample 0 is already in the engine"):
+        engine.add(req)
 
 
 def test_warmup_compiles_every_shape_serving_then_takes(llm):

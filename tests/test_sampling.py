@@ -428,6 +428,26 @@ def test_make_sampling_tensors_rejects_bad_input():
         make_sampling_tensors([p], [1.5], 2, V)
     with pytest.raises(ValueError, match=r"params\[0\] must be a SamplingParams, got dict"):
         make_sampling_tensors([{"temperature": 1.0}], [0], 2, V)
+    with pytest.raises(ValueError, match=r"len\(step_offsets\) must equal len\(params\)=2, got 1"):
+        make_sampling_tensors([p, p], [0, 1], 4, V, step_offsets=[3])
+
+
+def test_step_offsets_shift_the_sampling_step():
+    """A row sampled at step s with offset d draws what it draws at step s + d without one."""
+    rng = np.random.default_rng(41)
+    logits = random_logits(rng, 3)
+    pm, oc = no_history(3)
+    params = [SamplingParams(temperature=1.0)] * 3
+    plain = make_sampling_tensors(params, [5, 6, 7], 3, V)
+    shifted = make_sampling_tensors(params, [5, 6, 7], 3, V, step_offsets=[0, 4, 9])
+    np.testing.assert_array_equal(plain.step_offset, 0)
+    np.testing.assert_array_equal(shifted.step_offset, [0, 4, 9])
+    for step in range(6):
+        got = sample(logits, shifted, jnp.full((3,), step, jnp.int32), pm, oc)
+        want = sample(logits, plain, jnp.asarray([step, step + 4, step + 9], jnp.int32), pm, oc)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    draws = {int(sample(logits, plain, jnp.full((3,), t, jnp.int32), pm, oc)[1]) for t in range(20)}
+    assert len(draws) > 1  # the step really changes the draw, so the comparison above can fail
 
 
 def test_sample_rejects_mismatched_shapes():

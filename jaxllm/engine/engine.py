@@ -68,9 +68,12 @@ class EngineConfig:
         if not isinstance(self.num_decode_steps, int) or isinstance(self.num_decode_steps, bool) \
                 or self.num_decode_steps < 1:
             raise ValueError(f"num_decode_steps must be an integer >= 1, got {self.num_decode_steps!r}")
+        if not isinstance(self.mixed_batches, bool):
+            raise ValueError(f"mixed_batches must be True or False, got {self.mixed_batches!r}")
 
 
 CPU_DEFAULT_PAGES = 1024
+_MIN_STOP_COLUMNS = 4  # stop-id columns of the decode loop: at least this many, so one shape is usual
 
 
 def pages_from_memory(model: ModelConfig, page_size: int, utilization: float, devices,
@@ -129,6 +132,8 @@ class Engine:
 
     def add(self, req: Request) -> None:
         """Queues one sample of a request made by `LLM._requests` (its seed kept)."""
+        if not isinstance(req, Request):
+            raise ValueError(f"add() takes a Request (see LLM._requests), got {type(req).__name__}")
         key = f"{req.request_id}#{req.sample_index}"
         if key in self._tracked:
             raise ValueError(f"request id {req.request_id!r} sample {req.sample_index} is already in the engine")
@@ -210,9 +215,9 @@ class Engine:
         tables = [self.kv.page_table(s.request_id) for s in scheduled]
         page_table = np.zeros((rows, self._pmax), np.int32)
         prompt_lens = np.zeros(rows, np.int32)  # all but the last token
-        outputs = np.zeros((rows, width), np.int32)
+        last = np.zeros((rows, width), np.int32)  # the loop's output buffer, from the last token on
         stops = [llm._stop_ids(t.req.params) for t in batch]
-        stop_ids = np.full((rows, bucket(max(map(len, stops)), 4)), -1, np.int32)
+        stop_ids = np.full((rows, bucket(max(map(len, stops)), _MIN_STOP_COLUMNS)), -1, np.int32)
         max_tokens = np.ones(rows, np.int32)
         penalised = any(_has_penalty(t.req.params) for t in batch)
         # Without penalties the loop still carries these: made on the device, nothing crosses.
@@ -222,20 +227,17 @@ class Engine:
         for i, (t, table, stop) in enumerate(zip(batch, tables, stops)):
             page_table[i, :len(table)] = table
             prompt_lens[i] = t.seq.num_tokens - 1
-            outputs[i, 0] = t.seq.output_token_ids[-1]
+            last[i, 0] = t.seq.output_token_ids[-1]
             stop_ids[i, :len(stop)] = stop
             max_tokens[i] = t.seq.max_tokens - done_before[i] + 1
             if penalised:
                 prompt_mask[i, t.seq.prompt_token_ids] = True
                 np.add.at(output_counts[i], t.seq.output_token_ids, 1)
         k = max((t.req.params.logprobs for t in batch if t.req.params.logprobs is not None), default=None)
-        state = runner.DecodeState(
-            cache=self.cache, page_table=page_table, prompt_lens=prompt_lens,
-            num_generated=(np.arange(rows) < len(batch)).astype(np.int32), done=np.arange(rows) >= len(batch),
-            finish=np.zeros(rows, np.int32), tokens=outputs,
-            logprob=np.zeros((rows, width), np.float32), rank=np.zeros((rows, width), np.int32),
-            top_ids=np.zeros((rows, width, k or 0), np.int32), top_lps=np.zeros((rows, width, k or 0), np.float32),
-            prompt_mask=prompt_mask, output_counts=output_counts)
+        state = runner.new_decode_state(
+            self.cache, page_table, prompt_lens, num_generated=(np.arange(rows) < len(batch)).astype(np.int32),
+            done=np.arange(rows) >= len(batch), tokens=last, prompt_mask=prompt_mask, output_counts=output_counts,
+            logprobs_k=k)
         st = make_sampling_tensors([t.req.params for t in batch], [t.req.seed for t in batch], rows, cfg.vocab_size,
                                    step_offsets=[n - 1 for n in done_before])
         limits = runner.Limits(stop_ids, max_tokens, np.int32(self.scheduler.length_limit))
@@ -344,15 +346,12 @@ class Engine:
                 runs += 1
             if self.config.num_decode_steps > 1:
                 width = bucket(1 + self.config.num_decode_steps)
-                state = runner.DecodeState(
-                    cache=self.cache, page_table=page_table, prompt_lens=np.zeros(rows, np.int32),
-                    num_generated=np.zeros(rows, np.int32), done=np.ones(rows, bool), finish=np.zeros(rows, np.int32),
-                    tokens=np.zeros((rows, width), np.int32), logprob=np.zeros((rows, width), np.float32),
-                    rank=np.zeros((rows, width), np.int32), top_ids=np.zeros((rows, width, 0), np.int32),
-                    top_lps=np.zeros((rows, width, 0), np.float32),
+                state = runner.new_decode_state(
+                    self.cache, page_table, np.zeros(rows, np.int32), num_generated=np.zeros(rows, np.int32),
+                    done=np.ones(rows, bool), tokens=np.zeros((rows, width), np.int32),
                     prompt_mask=jnp.zeros((rows, cfg.vocab_size), bool),
-                    output_counts=jnp.zeros((rows, cfg.vocab_size), np.int32))
-                limits = runner.Limits(np.full((rows, 4), -1, np.int32), np.ones(rows, np.int32),
+                    output_counts=jnp.zeros((rows, cfg.vocab_size), np.int32), logprobs_k=None)
+                limits = runner.Limits(np.full((rows, _MIN_STOP_COLUMNS), -1, np.int32), np.ones(rows, np.int32),
                                        np.int32(self.scheduler.length_limit))
                 self.cache = runner.decode(llm.params, state, st, limits, np.int32(1), config=cfg, logprobs_k=None).cache
                 runs += 1

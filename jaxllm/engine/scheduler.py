@@ -94,6 +94,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         # False: a step with prefill chunks holds no decodes (prefill first), so a batch is never
         # padded to rows x chunk length for decodes' sake.
+        if not isinstance(mixed_batches, bool):
+            raise ValueError(f"mixed_batches must be True or False, got {mixed_batches!r}")
         self.mixed_batches = mixed_batches
         # A sequence longer than the whole pool could never be computed: the pool's capacity is a
         # length limit too, so a sequence running alone can always grow and nothing deadlocks.
@@ -157,17 +159,12 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[str] = []
-        if self.mixed_batches:
-            budget = self._schedule_running(budget, scheduled, preempted)
-            # As in vLLM: no admissions in a step that preempted, so a victim does not bounce straight back.
-            if not preempted:
-                self._schedule_waiting(budget, scheduled)
-        else:
-            budget = self._schedule_running(budget, scheduled, preempted, prefills_only=True)
-            if not preempted:
-                self._schedule_waiting(budget, scheduled)
-            if not scheduled:
-                self._schedule_running(self.max_num_batched_tokens, scheduled, preempted)
+        budget = self._schedule_running(budget, scheduled, preempted, prefills_only=not self.mixed_batches)
+        # As in vLLM: no admissions in a step that preempted, so a victim does not bounce straight back.
+        if not preempted:
+            self._schedule_waiting(budget, scheduled)
+        if not self.mixed_batches and not scheduled:  # nothing to prefill: a decode step
+            self._schedule_running(self.max_num_batched_tokens, scheduled, preempted)
         self._pending = {s.request_id: (s, self._live[s.request_id]) for s in scheduled}
         self._reserved = {}
         return SchedulerOutput(
