@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 greedy; the throughput benchmark samples at 1")
     parser.add_argument("--out", default="profile_decode.json")
     args = parser.parse_args(argv)
     config = llama3_8b().replace(attention_backend=args.backend)
@@ -79,16 +81,17 @@ def main(argv=None) -> int:
     params = unstack_layers(random_params(config, mesh))
     results = []
     for batch in args.batch:
-        llm = LLM.from_params(config, params, mesh, max_model_len=512, max_num_seqs=batch)
+        llm = LLM.from_params(config, params, mesh, max_model_len=args.prompt_len + 384,
+                              max_num_seqs=batch)
         rng = np.random.default_rng(0)
-        prompts = [{"prompt_token_ids": rng.integers(0, config.vocab_size, 128).tolist()} for _ in range(batch)]
+        prompts = [{"prompt_token_ids": rng.integers(0, config.vocab_size, args.prompt_len).tolist()} for _ in range(batch)]
         # 65 and 128 new tokens share one output bucket, so both runs use the same executables.
-        short = SamplingParams(max_tokens=65, temperature=0.0, ignore_eos=True)
-        long = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+        short = SamplingParams(max_tokens=65, temperature=args.temperature, ignore_eos=True)
+        long = SamplingParams(max_tokens=128, temperature=args.temperature, ignore_eos=True)
         llm.generate(prompts, long, use_tqdm=False)  # compile
         (short_events, short_s), (long_events, long_s) = (traced_events(llm, prompts, p) for p in (short, long))
         summary = summarise(short_events, long_events, 128 - 65)
-        summary.update(batch=batch, backend=args.backend, wall_ms_per_step=1e3 * (long_s - short_s) / (128 - 65))
+        summary.update(batch=batch, backend=args.backend, prompt_len=args.prompt_len, temperature=args.temperature, wall_ms_per_step=1e3 * (long_s - short_s) / (128 - 65))
         results.append(summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "top"}), flush=True)
         for row in summary["top"][:25]:

@@ -253,3 +253,44 @@ def test_warmup_compiles_every_shape_serving_then_takes(llm):
     assert (runner.engine_step._cache_size(), runner.decode._cache_size()) == compiled
     with pytest.raises(ValueError, match=r"prompt_lens must be positive integers, got \[0\]"):
         engine.warmup([0])
+
+
+def test_mixed_step_runs_decodes_one_token_wide(llm, monkeypatch):
+    """A step holding decodes and prefill chunks runs them in one device call per width bucket
+    (decode rows one token wide, not padded to the chunk), and each row's tokens and logprobs are
+    its own."""
+    from jaxllm import runner
+
+    shapes = []
+    real = runner.engine_step
+
+    def spy(params, cache, tokens, *args, **kwargs):
+        shapes.append(tokens.shape)
+        return real(params, cache, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "engine_step", spy)
+    params = [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=6, temperature=0.7, seed=4, ignore_eos=True, logprobs=1)]
+    prompts = [{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[3]}]  # 3 and 40 tokens
+    want = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p, sp in zip(prompts, params)]
+    engine = Engine(llm, EngineConfig(num_pages=64, page_size=4, max_num_batched_tokens=16, num_decode_steps=1))
+    engine.add_request("a", prompts[0], params[0])
+    engine.step()  # a's prefill
+    shapes.clear()
+    engine.add_request("b", prompts[1], params[1])
+    got = {}
+    while engine.has_unfinished_requests():
+        got.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    assert shapes[:2] == [(1, 1), (1, 16)]  # a decodes beside b's first 15-token chunk, apart
+    assert (2, 16) not in shapes and (2, 1) in shapes  # then both decode together
+    shapes.clear()
+    engine = Engine(llm, EngineConfig(num_pages=64, page_size=4, max_num_batched_tokens=128, num_decode_steps=1))
+    for i in (3, 2, 1):  # 40, 9 and 21 tokens: one call per width bucket, short rows not padded to 64
+        engine.add_request(str(i), {"prompt_token_ids": PROMPTS[i]}, greedy(1))
+    engine.step()
+    assert shapes == [(1, 16), (1, 32), (1, 64)]
+    for g, w, k in zip([got["a"], got["b"]], want, (2, 1)):
+        assert g.token_ids == w.token_ids
+        np.testing.assert_allclose([lp[t].logprob for lp, t in zip(g.logprobs, g.token_ids)],
+                                   [lp[t].logprob for lp, t in zip(w.logprobs, w.token_ids)], atol=1e-5)
+        assert all(len(lp) >= k for lp in g.logprobs)

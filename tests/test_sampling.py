@@ -200,10 +200,15 @@ def test_frequencies_match_target_and_reject_wrong_targets():
             assert chi2_pvalue(counts[b], bad) < ALPHA, (b, wrong)
 
 
-def test_same_seed_same_tokens_whatever_the_batch():
+@pytest.mark.parametrize("mine", [
+    SamplingParams(temperature=1.5, top_k=30, top_p=0.95, repetition_penalty=1.2, seed=4321),
+    SamplingParams(temperature=1.3, min_p=0.05, repetition_penalty=1.2, seed=4321),  # drawn without a sort
+])
+def test_same_seed_same_tokens_whatever_the_batch(mine):
+    """A row's draws depend on its seed and step only, not on its neighbours (greedy, filtered rows
+    that sort the vocabulary, unfiltered rows that do not)."""
     rng = np.random.default_rng(7)
     steps = 6
-    mine = SamplingParams(temperature=1.5, top_k=30, top_p=0.95, repetition_penalty=1.2, seed=4321)
     others = [
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=0.5, top_p=0.5),

@@ -270,6 +270,30 @@ class Engine:
         return outputs
 
     def _run(self, scheduled, batch: list[_Tracked]):
+        """Samples a token for every scheduled row. Rows run in one device call per width bucket
+        (decodes, whose width is 1, apart from prefill chunks, and short chunks apart from long
+        ones), so no row is padded to more than twice its length: each extra call reads the weights
+        once more, which costs less than computing the padding of a [rows, longest chunk] batch."""
+        by_width: dict[int, list[int]] = {}
+        for i, s in enumerate(scheduled):
+            by_width.setdefault(bucket(s.num_tokens), []).append(i)
+        groups = [by_width[w] for w in sorted(by_width)]
+        k = max((t.req.params.logprobs for t in batch if t.req.params.logprobs is not None), default=None)
+        # Both calls are dispatched before either result is read.
+        results = jax.device_get([self._run_rows([scheduled[i] for i in g], [batch[i] for i in g], k) for g in groups])
+        token = np.zeros(len(scheduled), np.int32)
+        logprobs = None if k is None else [None] * 4
+        for g, (t, lp) in zip(groups, results):
+            token[g] = t[:len(g)]
+            for j in range(4 if lp is not None else 0):
+                if logprobs[j] is None:
+                    logprobs[j] = np.zeros((len(scheduled),) + lp[j].shape[1:], lp[j].dtype)
+                logprobs[j][g] = lp[j][:len(g)]
+        return token, logprobs
+
+    def _run_rows(self, scheduled, batch: list[_Tracked], logprobs_k: int | None):
+        """Dispatches one device step over these rows, padded to a bucketed [rows, width] batch;
+        returns its (tokens, logprobs or None) on the device."""
         cfg, llm = self.llm.config, self.llm
         rows = bucket(len(scheduled))
         width = bucket(max(s.num_tokens for s in scheduled))
@@ -297,12 +321,11 @@ class Engine:
                 prompt_mask[i, t.seq.prompt_token_ids] = True
                 np.add.at(output_counts[i], t.seq.output_token_ids, 1)
         st = make_sampling_tensors([t.req.params for t in batch], [t.req.seed for t in batch], rows, cfg.vocab_size)
-        logprobs_k = max((t.req.params.logprobs for t in batch if t.req.params.logprobs is not None), default=None)
         token, logprobs, self.cache = runner.engine_step(
             llm.params, self.cache, tokens, AttentionMeta(positions, page_table, kv_lens), last, st, steps,
             prompt_mask, output_counts, config=cfg, logprobs_k=logprobs_k,
         )
-        return jax.device_get(token), jax.device_get(logprobs)
+        return token, logprobs
 
     def _check_stop(self, t: _Tracked) -> None:
         """Stop tokens and stop strings end a running sequence on the host."""
