@@ -52,6 +52,11 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
 
 
 BATCHING = ("static", "inflight")
+# Token slots of one static prefill call by default: the 8B shape's gate/up activations of 16k
+# tokens take 0.9 GB (a batch of 256 x 1024 tokens in one call took 14 GB and ran out of memory
+# beside its KV cache on an H200).
+DEFAULT_PREFILL_TOKENS = 16384
+
 # Decode steps per host visit of LLM.generate's engine: long enough that the host's share is small
 # beside the steps, short enough that a finished request's slot does not idle long.
 INFLIGHT_DECODE_STEPS = 32
@@ -97,6 +102,31 @@ def _with_backend(config: ModelConfig, backend: str, tensor_parallel_size: int) 
     return config.replace(attention_backend=backend)
 
 
+def rows_per_prefill(rows: int, prompt_len: int, max_tokens: int) -> int:
+    """Rows of a `rows`-row batch (a power of two) that one prefill call takes: halved until the
+    call's rows x prompt_len token slots are at most `max_tokens`, down to one row."""
+    per_call = rows
+    while per_call > 1 and per_call * prompt_len > max_tokens:
+        per_call //= 2
+    return per_call
+
+
+def _rows(tree, part: slice):
+    """The rows `part` of every per-row array in `tree` (scalars kept)."""
+    return jax.tree.map(lambda x: x[part] if np.ndim(x) else x, tree)
+
+
+def _concat_rows(parts: list[tuple], cache):
+    """runner.prefill results of consecutive row slices as one: (DecodeState over `cache`, ...)."""
+    if len(parts) == 1:
+        return parts[0]
+    states = [p[0]._replace(cache=None) for p in parts]
+    joined = jax.tree.map(lambda *xs: jax.numpy.concatenate(xs), *states)
+    rest = [None if p[0] is None else jax.tree.map(lambda *xs: jax.numpy.concatenate(xs), *p)
+            for p in zip(*(q[1:] for q in parts))]
+    return (joined._replace(cache=cache), *rest)
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Next power of two >= n: the shapes jitted functions compile for."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
@@ -115,6 +145,9 @@ class LLM:
         allow_pickle: load pickle `.bin` checkpoints (they can run code: only for trusted files).
         page_size: tokens per KV-cache page.
         max_num_seqs: most sequences decoded together.
+        max_num_batched_tokens: most token slots (rows x padded prompt length) one static prefill
+            call computes: a larger batch is prefilled in row slices, so its activations fit beside
+            the KV cache (a single longer prompt still takes one call).
         layers: "unrolled" (each layer its own weights; fastest decode) or "scan" (stacked weights
             under lax.scan; compiles faster).
         kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8_e4m3" (per token and head scales).
@@ -150,6 +183,7 @@ class LLM:
         allow_pickle: bool = False,
         page_size: int = 16,
         max_num_seqs: int = 64,
+        max_num_batched_tokens: int = DEFAULT_PREFILL_TOKENS,
         progress: bool = True,
         layers: str = "unrolled",
         kv_cache_dtype: str = "auto",
@@ -168,7 +202,7 @@ class LLM:
         self.model_dir = Path(model)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"model directory {str(model)!r} does not exist")
-        _check_positive(page_size=page_size, max_num_seqs=max_num_seqs)
+        _check_positive(page_size=page_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         enable_compilation_cache()
         check_kv_cache_dtype(kv_cache_dtype)
         check_quantization(quantization, calibrated_ok=True)  # a calibrated method must be stored
@@ -178,6 +212,7 @@ class LLM:
         self.max_model_len = _resolve_max_model_len(max_model_len, self.config)
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         parallel = ParallelConfig(tensor_parallel_size)
         check_divisible(self.config, parallel)
         self.mesh = make_mesh(parallel)
@@ -218,6 +253,7 @@ class LLM:
         seed: int = 0,
         page_size: int = 16,
         max_num_seqs: int = 64,
+        max_num_batched_tokens: int = DEFAULT_PREFILL_TOKENS,
         kv_cache_dtype: str = "auto",
         attention_backend: str | None = None,
         quantization: str | None = None,
@@ -227,7 +263,7 @@ class LLM:
         """An LLM over params already on `mesh` (random weights for benchmarks, or your own)."""
         speculative_config = SpeculativeConfig.of(speculative_config)
         _check_batching(batching)
-        _check_positive(page_size=page_size, max_num_seqs=max_num_seqs)
+        _check_positive(page_size=page_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         check_kv_cache_dtype(kv_cache_dtype)
         enable_compilation_cache()
         config = _with_backend(config, attention_backend or config.attention_backend,
@@ -240,7 +276,7 @@ class LLM:
         llm.kv_cache_dtype = kv_cache_dtype
         llm.model_dir, llm.config, llm.params, llm.mesh, llm.tokenizer = None, config, params, mesh, tokenizer
         llm.max_model_len = _resolve_max_model_len(max_model_len, config)
-        llm.page_size, llm.max_num_seqs = page_size, max_num_seqs
+        llm.page_size, llm.max_num_seqs, llm.max_num_batched_tokens = page_size, max_num_seqs, max_num_batched_tokens
         llm._rng = np.random.default_rng(seed)
         llm._generation_defaults = {}
         llm.speculator = llm._speculator(speculative_config, "auto", False)
@@ -414,11 +450,17 @@ class LLM:
                            self.kv_cache_dtype)
         page_table = contiguous_page_table(rows, pages_per_seq)
         medusa = speculator is not None and speculator.plan.method == "medusa"
-        state, prompt_lp, *hidden = runner.prefill(
-            self.params, cache, tokens, prompt_lens, page_table, st, limits,
-            config=cfg, max_new=max_new, logprobs_k=logprobs_k, prompt_logprobs_k=prompt_k,
-            return_hidden=medusa,
-        )
+        per_call = rows_per_prefill(rows, prompt_len, self.max_num_batched_tokens)
+        parts = []
+        for start in range(0, rows, per_call):
+            part = slice(start, start + per_call)
+            parts.append(runner.prefill(
+                self.params, cache, tokens[part], prompt_lens[part], page_table[part], _rows(st, part),
+                _rows(limits, part), config=cfg, max_new=max_new, logprobs_k=logprobs_k,
+                prompt_logprobs_k=prompt_k, return_hidden=medusa,
+            ))
+            cache = parts[-1][0].cache
+        state, prompt_lp, *hidden = _concat_rows(parts, cache)
         spec = None
         if speculator is not None:
             spec = speculator.start(tokens, prompt_lens, state, hidden[0] if medusa else None, page_table,

@@ -334,3 +334,26 @@ def test_from_params_generates_alike_and_checks_its_arguments(llm, greedy_runs):
                           (dict(kv_cache_dtype="fp4"), "kv_cache_dtype 'fp4'")]:
         with pytest.raises(ValueError, match=re.escape(named)):
             LLM.from_params(llm.config, llm.params, llm.mesh, **kwargs)
+
+
+def test_prefill_in_row_slices_gives_the_same_outputs(llm, greedy_runs):
+    """A batch prefilled in several calls (max_num_batched_tokens below rows x prompt length)
+    gives the tokens, logprobs and prompt logprobs of one call."""
+    from jaxllm.llm import rows_per_prefill
+
+    assert [rows_per_prefill(8, 32, n) for n in (256, 255, 64, 16)] == [8, 4, 2, 1]
+    sliced = LLM.from_params(llm.config, llm.params, llm.mesh, tokenizer=llm.tokenizer, max_model_len=MAX_MODEL_LEN,
+                             max_num_batched_tokens=64)  # 5 prompts -> 8 rows of 32: four calls of 2 rows
+    assert tokens_of(sliced.generate(PROMPTS, greedy(32), use_tqdm=False)) == tokens_of(greedy_runs)
+    sp = SamplingParams(temperature=1.2, seed=5, max_tokens=8, logprobs=2, prompt_logprobs=1)
+    got, want = (x.generate(PROMPTS[:3], sp, use_tqdm=False) for x in (sliced, llm))
+    assert tokens_of(got) == tokens_of(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose([e[t].logprob for e, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)],
+                                   [e[t].logprob for e, t in zip(w.outputs[0].logprobs, w.outputs[0].token_ids)],
+                                   atol=1e-5)
+        np.testing.assert_allclose([e[t].logprob for e, t in zip(g.prompt_logprobs[1:], g.prompt_token_ids[1:])],
+                                   [e[t].logprob for e, t in zip(w.prompt_logprobs[1:], w.prompt_token_ids[1:])],
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be a positive integer, got 0"):
+        LLM.from_params(llm.config, llm.params, llm.mesh, max_num_batched_tokens=0)
