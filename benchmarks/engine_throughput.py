@@ -3,6 +3,7 @@ batching), one LLM.generate call in static batches and one on the engine (batchi
 random-token workloads, each after an untimed warm-up.
 
     PYTHONPATH=. python -m benchmarks.engine_throughput --workloads 128x128 --num-prompts 256
+    PYTHONPATH=. python -m benchmarks.engine_throughput --small --workloads 16x8 --num-prompts 8   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ def main(argv=None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                         help="page pool share: the XLA attention path of mixed prefill steps needs room")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+                        help="engine runs: tokens a step computes (decodes and prefill chunks)")
     parser.add_argument("--num-decode-steps", type=int, nargs="+", default=[8],
                         help="engine runs, one per value: decode steps per scheduler visit")
+    parser.add_argument("--small", action="store_true", help="a tiny model, to smoke-test on a CPU")
     parser.add_argument("--out", default="results_engine_throughput.json")
     args = parser.parse_args(argv)
-    config = llama3_8b()
+    from benchmarks.decode import SMALL
+
+    config = SMALL["config"] if args.small else llama3_8b()
     mesh = make_mesh(ParallelConfig(1))
     params = unstack_layers(random_params(config, mesh))
     rows = []
@@ -47,12 +53,14 @@ def main(argv=None) -> int:
         for backend, steps in runs:
             start = time.perf_counter()
             engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, num_decode_steps=steps or 1,
-                                         gpu_memory_utilization=args.gpu_memory_utilization)
+                                         gpu_memory_utilization=args.gpu_memory_utilization,
+                                         max_num_batched_tokens=args.max_num_batched_tokens)
             # "llm" is LLM.generate in static batches, "llm-inflight" LLM.generate on the engine.
             llm.batching = "inflight" if backend == "llm-inflight" else "static"
             result = run_throughput(llm, requests, backend="llm" if backend.startswith("llm") else backend,
                                     engine_config=engine_config)
             row = dict(result.as_dict(), backend=backend, workload=workload, num_decode_steps=steps,
+                       max_num_batched_tokens=args.max_num_batched_tokens if backend == "engine" else None,
                        wall_with_warmup_s=time.perf_counter() - start)
             rows.append(row)
             print(f"{workload} {backend} (decode steps a visit: {steps}): {result.output_tokens_per_s:,.0f} output tok/s "

@@ -38,3 +38,31 @@ def find_stop_string(
             hi = mid
     offset, stop = first_hit(lo)
     return lo, offset, stop
+
+
+class IncrementalDetokenizer:
+    """The text of a growing output, decoding only a window of recent tokens per update (the
+    offsets scheme of TGI and vLLM), so a stream costs O(new tokens) a step rather than O(output).
+
+    The text holds back an incomplete character (a byte-level token that ends mid UTF-8). It equals
+    `decode(ids)` up to that; a finished output is decoded whole by the caller anyway.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.text = ""
+        self._prefix = 0  # window start: tokens before it are in `text` for good
+        self._read = 0  # tokens up to here are in `text`
+        self._seen = 0
+
+    def update(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, the same tokens as last time plus any new ones at the end."""
+        if self.tokenizer is None or len(ids) == self._seen:
+            return self.text
+        self._seen = len(ids)
+        before = decode(self.tokenizer, ids[self._prefix:self._read], self.skip_special_tokens)
+        now = decode(self.tokenizer, ids[self._prefix:], self.skip_special_tokens)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self._prefix, self._read = self._read, len(ids)
+        return self.text

@@ -294,3 +294,30 @@ def test_mixed_step_runs_decodes_one_token_wide(llm, monkeypatch):
         np.testing.assert_allclose([lp[t].logprob for lp, t in zip(g.logprobs, g.token_ids)],
                                    [lp[t].logprob for lp, t in zip(w.logprobs, w.token_ids)], atol=1e-5)
         assert all(len(lp) >= k for lp in g.logprobs)
+
+
+def test_streamed_outputs_grow_into_the_final_one(llm):
+    """Each step's output of a running request (incremental text, logprob entries built once) is a
+    prefix of its final output, which equals LLM.generate's."""
+    prompts = ["def add(a, b):", "naïve café 東京"]
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=24, temperature=0.9, seed=2, ignore_eos=True)]
+    want = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p, sp in zip(prompts, params)]
+    for steps in (1, 4):
+        engine = Engine(llm, EngineConfig(num_pages=64, page_size=4, num_decode_steps=steps))
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), p, sp)
+        seen = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                seen.setdefault(o.request_id, []).append(o.outputs[0])
+        for i, w in enumerate(want):
+            *running, final = seen[str(i)]
+            assert (final.text, final.token_ids, final.finish_reason) == (w.text, w.token_ids, "length")
+            assert len(running) >= 24 // steps - 1 and any(o.text for o in running)
+            for o in running:
+                assert final.text.startswith(o.text) and final.token_ids[:len(o.token_ids)] == o.token_ids
+                assert o.logprobs is None or o.logprobs == final.logprobs[:len(o.logprobs)]
+            if w.logprobs is not None:
+                np.testing.assert_allclose([e[t].logprob for e, t in zip(final.logprobs, final.token_ids)],
+                                           [e[t].logprob for e, t in zip(w.logprobs, w.token_ids)], atol=1e-5)

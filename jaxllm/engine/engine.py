@@ -17,14 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import runner
-from jaxllm.completion import build_completion
+from jaxllm.completion import build_completion, logprob_dict
+from jaxllm.detokenize import IncrementalDetokenizer, find_stop_string
 from jaxllm.config import ModelConfig
 from jaxllm.engine.kv_cache_manager import KVCacheManager
 from jaxllm.engine.metrics import EngineMetrics, StepTotals, collect_metrics, step_totals
 from jaxllm.engine.scheduler import Scheduler, Sequence, Status
 from jaxllm.kv_cache import AttentionMeta, bytes_per_page, init_cache
 from jaxllm.llm import LLM, bucket
-from jaxllm.outputs import RequestOutput
+from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.requests import Request
 from jaxllm.sampling import make_sampling_tensors
 from jaxllm.sampling_params import SamplingParams
@@ -39,10 +40,14 @@ class _Tracked:
 
     req: Request
     seq: Sequence
+    stop_ids: frozenset[int]  # tokens that end it: eos (unless ignored) and its stop_token_ids
+    detok: IncrementalDetokenizer
     logprob: list[float] = dataclasses.field(default_factory=list)
     rank: list[int] = dataclasses.field(default_factory=list)
     top_ids: list = dataclasses.field(default_factory=list)
     top_lps: list = dataclasses.field(default_factory=list)
+    logprob_dicts: list = dataclasses.field(default_factory=list)  # built once per token, for outputs
+    stop_checked: int = 0  # characters of detok.text searched for stop strings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +144,8 @@ class Engine:
             raise ValueError(f"request id {req.request_id!r} sample {req.sample_index} is already in the engine")
         seq = Sequence(key, list(req.prompt_token_ids), req.params.max_tokens)
         self.scheduler.add(seq)
-        self._tracked[key] = _Tracked(req, seq)
+        detok = IncrementalDetokenizer(self.llm.tokenizer, req.params.skip_special_tokens)
+        self._tracked[key] = _Tracked(req, seq, frozenset(self.llm._stop_ids(req.params)), detok)
 
     def abort(self, request_id: str) -> None:
         """Stops a request and frees its pages; ValueError for an unknown id."""
@@ -216,7 +222,7 @@ class Engine:
         page_table = np.zeros((rows, self._pmax), np.int32)
         prompt_lens = np.zeros(rows, np.int32)  # all but the last token
         last = np.zeros((rows, width), np.int32)  # the loop's output buffer, from the last token on
-        stops = [llm._stop_ids(t.req.params) for t in batch]
+        stops = [sorted(t.stop_ids) for t in batch]
         stop_ids = np.full((rows, bucket(max(map(len, stops)), _MIN_STOP_COLUMNS)), -1, np.int32)
         max_tokens = np.ones(rows, np.int32)
         penalised = any(_has_penalty(t.req.params) for t in batch)
@@ -331,20 +337,44 @@ class Engine:
         """Stop tokens and stop strings end a running sequence on the host."""
         if t.seq.status != Status.RUNNING and t.seq.status != Status.WAITING:
             return
-        token = t.seq.output_token_ids[-1]
-        stops = set() if t.req.params.ignore_eos else set(self.llm.config.eos_token_ids)
-        hit_string = bool(t.req.params.stop) and self._completion(t).finish_reason == "stop"
-        if token in stops | set(t.req.params.stop_token_ids) or hit_string:
+        if t.seq.output_token_ids[-1] in t.stop_ids or self._hit_stop_string(t):
             self.scheduler.finish(t.seq.request_id, Status.FINISHED_STOPPED)
+
+    def _hit_stop_string(self, t: _Tracked) -> bool:
+        """Whether the output now holds a stop string: the new text is searched (with an overlap of
+        the longest stop string), and only a hit there decodes the whole output to confirm it."""
+        stops, ids = t.req.params.stop, t.seq.output_token_ids
+        if not stops:
+            return False
+        text = t.detok.update(ids)
+        start = max(0, t.stop_checked - max(map(len, stops)) + 1)
+        t.stop_checked = len(text)
+        if not any(s in text[start:] for s in stops):
+            return False
+        return find_stop_string(self.llm.tokenizer, ids, stops, t.req.params.skip_special_tokens) is not None
 
     def _completion(self, t: _Tracked):
         return build_completion(self.llm.tokenizer, t.req, t.seq.output_token_ids, _FINISH.get(t.seq.status),
                                 t.logprob, t.rank, t.top_ids, t.top_lps)
 
+    def _partial_completion(self, t: _Tracked) -> CompletionOutput:
+        """A running sequence's output so far in O(new tokens) of Python: text from its incremental
+        detokenizer, logprob entries of earlier steps reused (a finished one is built whole)."""
+        ids, p = t.seq.output_token_ids, t.req.params
+        logprobs = cumulative = None
+        if p.logprobs is not None:
+            for j in range(len(t.logprob_dicts), len(ids)):
+                t.logprob_dicts.append(logprob_dict(self.llm.tokenizer, t.top_ids[j][:p.logprobs],
+                                                    t.top_lps[j][:p.logprobs], ids[j], t.logprob[j], t.rank[j]))
+            logprobs = list(t.logprob_dicts)
+            cumulative = float(np.sum(np.asarray(t.logprob[:len(ids)], np.float64)))
+        return CompletionOutput(t.req.sample_index, t.detok.update(ids), list(ids), cumulative, logprobs, None)
+
     def _output(self, t: _Tracked) -> RequestOutput:
         done = t.seq.status in _FINISH
-        return RequestOutput(t.req.request_id, t.req.prompt, list(t.req.prompt_token_ids), None,
-                             [self._completion(t)], finished=done)
+        completion = self._completion(t) if done else self._partial_completion(t)
+        return RequestOutput(t.req.request_id, t.req.prompt, list(t.req.prompt_token_ids), None, [completion],
+                             finished=done)
 
     # -- before serving ---------------------------------------------------------------------
 

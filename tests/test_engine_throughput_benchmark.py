@@ -1,0 +1,21 @@
+"""benchmarks/engine_throughput.py at a CPU size: every backend serves every token and writes its row."""
+
+import json
+
+from benchmarks import engine_throughput
+
+
+def test_engine_throughput_benchmark_rows(tmp_path):
+    out = tmp_path / "throughput.json"
+    argv = ["--small", "--workloads", "24x6", "--num-prompts", "6", "--max-num-seqs", "4", "--num-decode-steps", "1",
+            "4", "--max-num-batched-tokens", "32", "--out", str(out)]
+    assert engine_throughput.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["backend"], r["num_decode_steps"]) for r in rows] == [
+        ("engine", 1), ("engine", 4), ("llm", None), ("llm-inflight", None)]
+    for r in rows:
+        assert (r["input_tokens"], r["output_tokens"]) == (6 * 24, 6 * 6)
+        assert r["output_tokens_per_s"] > 0
+    one, four = rows[0]["engine_metrics"], rows[1]["engine_metrics"]
+    assert one["multi_step_visits"] == 0 < four["multi_step_visits"]
+    assert rows[0]["max_num_batched_tokens"] == 32 and rows[2]["max_num_batched_tokens"] is None
