@@ -73,6 +73,18 @@ def bytes_per_page(config: ModelConfig, page_size: int, dtype, kv_cache_dtype: s
     return 2 * config.num_layers * (values + scales)
 
 
+def free_device_bytes(devices, utilization: float) -> float | None:
+    """The least, over `devices`, of `utilization` x the allocator's limit minus the bytes in use;
+    None where a device reports no limit (the CPU)."""
+    free = []
+    for device in devices:
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return None
+        free.append(stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0))
+    return min(free)
+
+
 def contiguous_page_table(batch: int, pages_per_seq: int) -> np.ndarray:
     """Sequence b owns pages 1 + b*pages_per_seq ... : the simple layout of one batched call."""
     first = SCRATCH_PAGE + 1

@@ -18,7 +18,7 @@ from jaxllm.checkpoint import load_config, load_params
 from jaxllm.compile_cache import enable_compilation_cache
 from jaxllm.config import ATTENTION_BACKENDS, ModelConfig
 from jaxllm.completion import build_completion, logprob_dict
-from jaxllm.kv_cache import contiguous_page_table, init_cache, pages_for
+from jaxllm.kv_cache import bytes_per_page, contiguous_page_table, free_device_bytes, init_cache, pages_for
 from jaxllm.ops.kv_quant import check_kv_cache_dtype
 from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.quantization import check_method as check_quantization, quantize_params
@@ -56,6 +56,10 @@ BATCHING = ("static", "inflight")
 # tokens take 0.9 GB (a batch of 256 x 1024 tokens in one call took 14 GB and ran out of memory
 # beside its KV cache on an H200).
 DEFAULT_PREFILL_TOKENS = 16384
+
+# Share of each device's allocator limit (less what is in use: the weights) that one static batch's
+# KV cache may take; the rest is left to the forward's activations.
+STATIC_KV_MEMORY_SHARE = 0.8
 
 # Decode steps per host visit of LLM.generate's engine: long enough that the host's share is small
 # beside the steps, short enough that a finished request's slot does not idle long.
@@ -315,8 +319,9 @@ class LLM:
             if self._inflight_applies(requests):
                 results = self._generate_inflight(requests, bar)
                 return self._group(requests, results, finished=True)
-            for start in range(0, len(requests), self.max_num_seqs):
-                batch = requests[start:start + self.max_num_seqs]
+            size = self._static_batch_size(requests)
+            for start in range(0, len(requests), size):
+                batch = requests[start:start + size]
                 *_, final = self._run_batch(batch)
                 results.update(final)
                 bar.update(len(batch))
@@ -337,10 +342,36 @@ class LLM:
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive integer, got {interval!r}")
         requests = self._requests(prompts, sampling_params)
-        for start in range(0, len(requests), self.max_num_seqs):
-            batch = requests[start:start + self.max_num_seqs]
+        size = self._static_batch_size(requests)
+        for start in range(0, len(requests), size):
+            batch = requests[start:start + size]
             for results in self._run_batch(batch, interval):
                 yield self._group(batch, results, finished=None)
+
+    def _static_batch_size(self, requests: list[Request]) -> int:
+        """Requests per static batch: `max_num_seqs`, or fewer where the devices report how much
+        memory is free and that many rows' KV cache would not fit in STATIC_KV_MEMORY_SHARE of it."""
+        devices = list(self.mesh.devices.flat)
+        free = free_device_bytes(devices, STATIC_KV_MEMORY_SHARE)
+        if free is None:
+            return self.max_num_seqs
+        row_pages = self._pages_per_row(requests, min(len(requests), self.max_num_seqs))
+        per_row = row_pages * bytes_per_page(self.config, self.page_size, self.config.dtype,
+                                             self.kv_cache_dtype) / len(devices)
+        fit = int(free // per_row) - 1  # less one row's worth for the scratch page
+        if fit < 1:
+            raise ValueError(
+                f"the KV cache of one request of up to {row_pages * self.page_size} tokens needs "
+                f"{per_row / 2**30:.2f} GiB per device, more than the {max(free, 0) / 2**30:.2f} GiB free for it: "
+                f"lower max_tokens or max_model_len, or use kv_cache_dtype='fp8_e4m3' or tensor_parallel_size > 1")
+        return min(self.max_num_seqs, 1 << (fit.bit_length() - 1))  # a batch of n takes bucket(n) rows
+
+    def _pages_per_row(self, batch: list[Request], rows: int) -> int:
+        """KV pages each row of a static batch of these requests takes."""
+        prompt_len = bucket(max(len(r.prompt_token_ids) for r in batch), 16)
+        max_new = bucket(max(min(r.params.max_tokens, self.max_model_len - len(r.prompt_token_ids)) for r in batch), 16)
+        extra = self.speculator.extra_tokens if self.speculator and self.speculator.applies(rows) else 0
+        return pages_for(prompt_len + max_new + extra, self.page_size)
 
     def _inflight_applies(self, requests: list[Request]) -> bool:
         if self.batching != "inflight" or not requests:
@@ -428,7 +459,7 @@ class LLM:
         max_new = bucket(max(max_tokens), 16)
         speculator = self.speculator if self.speculator and self.speculator.applies(len(batch)) else None
         extra = speculator.extra_tokens if speculator else 0
-        pages_per_seq = pages_for(prompt_len + max_new + extra, self.page_size)
+        pages_per_seq = self._pages_per_row(batch, len(batch))
 
         tokens = np.zeros((rows, prompt_len), np.int32)
         prompt_lens = np.zeros(rows, np.int32)

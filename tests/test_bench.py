@@ -176,6 +176,7 @@ def test_throughput_produces_every_output_token(capsys, model_dir, tmp_path, bac
         assert metrics["multi_step_visits"] > 0
         assert metrics["generation_tokens"] == num * out_len  # the warmup is not counted
         assert metrics["num_preemptions"] >= 0 and 0 <= metrics["prefix_cache_hit_rate"] <= 1
+        assert 0 < metrics["device_wait_s"] < metrics["step_s"] <= record["elapsed_s"] * 1.5
     else:
         assert record["engine_metrics"] is None
     assert f"throughput ({backend})" in out and "output tokens/s" in out

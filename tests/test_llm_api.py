@@ -357,3 +357,27 @@ def test_prefill_in_row_slices_gives_the_same_outputs(llm, greedy_runs):
                                    atol=1e-5)
     with pytest.raises(ValueError, match="max_num_batched_tokens must be a positive integer, got 0"):
         LLM.from_params(llm.config, llm.params, llm.mesh, max_num_batched_tokens=0)
+
+
+def test_static_batches_shrink_to_the_free_memory(llm, greedy_runs, monkeypatch):
+    """Where a device reports its free memory, a static batch holds only as many requests as its
+    KV cache fits in (a power of two), with the same outputs; none fitting is a clear error."""
+    import jaxllm.llm as llm_module
+    from jaxllm.kv_cache import bytes_per_page
+
+    requests = llm._requests(PROMPTS, greedy(32))
+    per_row = llm._pages_per_row(requests, 5) * bytes_per_page(llm.config, llm.page_size, llm.config.dtype)
+    seen = []
+    real = LLM._run_batch
+
+    def spy(self, batch, interval=None):
+        seen.append(len(batch))
+        return real(self, batch, interval)
+
+    monkeypatch.setattr(LLM, "_run_batch", spy)
+    monkeypatch.setattr(llm_module, "free_device_bytes", lambda devices, share: 3.5 * per_row)
+    assert tokens_of(llm.generate(PROMPTS, greedy(32), use_tqdm=False)) == tokens_of(greedy_runs)
+    assert seen == [2, 2, 1]  # 3.5 rows of memory, less the scratch page: 2 rows, batches of 2
+    monkeypatch.setattr(llm_module, "free_device_bytes", lambda devices, share: 1.5 * per_row)
+    with pytest.raises(ValueError, match=r"the KV cache of one request of up to \d+ tokens needs .* GiB per device"):
+        llm.generate(PROMPTS, greedy(32), use_tqdm=False)

@@ -10,6 +10,7 @@ added and aborted between steps.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence as Seq
 
 import jax
@@ -23,7 +24,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.engine.kv_cache_manager import KVCacheManager
 from jaxllm.engine.metrics import EngineMetrics, StepTotals, collect_metrics, step_totals
 from jaxllm.engine.scheduler import Scheduler, Sequence, Status
-from jaxllm.kv_cache import AttentionMeta, bytes_per_page, init_cache
+from jaxllm.kv_cache import AttentionMeta, bytes_per_page, free_device_bytes, init_cache
 from jaxllm.llm import LLM, bucket
 from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.requests import Request
@@ -85,13 +86,10 @@ def pages_from_memory(model: ModelConfig, page_size: int, utilization: float, de
                       kv_cache_dtype: str = "auto") -> int:
     """Pages that fit in `utilization` of each device's allocator limit, after what is in use."""
     per_page = bytes_per_page(model, page_size, model.dtype, kv_cache_dtype) // len(devices)  # heads split
-    free = []
-    for device in devices:
-        stats = device.memory_stats() or {}
-        if "bytes_limit" not in stats:
-            return CPU_DEFAULT_PAGES
-        free.append(stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0))
-    pages = int(min(free) // per_page)
+    free = free_device_bytes(devices, utilization)
+    if free is None:
+        return CPU_DEFAULT_PAGES
+    pages = int(free // per_page)
     if pages < 2:
         raise ValueError(f"gpu_memory_utilization={utilization} leaves room for {max(pages, 0)} KV pages "
                          f"of {per_page} bytes; at least 2 are needed: raise it or shorten max_model_len")
@@ -125,6 +123,7 @@ class Engine:
         self._tracked: dict[str, _Tracked] = {}  # live sequences only: a finished one is dropped
         self._generate_calls = 0
         self._totals = StepTotals()
+        self._wait_s = 0.0  # this step's time blocked on the device
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -168,6 +167,19 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled batch; returns the outputs of requests that advanced (finished or not)."""
+        start, self._wait_s = time.perf_counter(), 0.0
+        outputs = self._step()
+        self._totals += StepTotals(step_s=time.perf_counter() - start, device_wait_s=self._wait_s)
+        return outputs
+
+    def _device_get(self, tree):
+        """jax.device_get, timed as time blocked on the device."""
+        start = time.perf_counter()
+        tree = jax.device_get(tree)
+        self._wait_s += time.perf_counter() - start
+        return tree
+
+    def _step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         self._totals += StepTotals(num_preemptions=len(out.preempted))
         if not out.scheduled:
@@ -249,7 +261,7 @@ class Engine:
         limits = runner.Limits(stop_ids, max_tokens, np.int32(self.scheduler.length_limit))
         state = runner.decode(llm.params, state, st, limits, np.int32(max(budgets.values())), config=cfg, logprobs_k=k)
         self.cache = state.cache
-        tokens, generated, logprob, rank, top_ids, top_lps = jax.device_get(
+        tokens, generated, logprob, rank, top_ids, top_lps = self._device_get(
             (state.tokens, state.num_generated, state.logprob, state.rank, state.top_ids, state.top_lps))
 
         row_of = {s.request_id: i for i, s in enumerate(scheduled)}
@@ -286,7 +298,7 @@ class Engine:
         groups = [by_width[w] for w in sorted(by_width)]
         k = max((t.req.params.logprobs for t in batch if t.req.params.logprobs is not None), default=None)
         # Both calls are dispatched before either result is read.
-        results = jax.device_get([self._run_rows([scheduled[i] for i in g], [batch[i] for i in g], k) for g in groups])
+        results = self._device_get([self._run_rows([scheduled[i] for i in g], [batch[i] for i in g], k) for g in groups])
         token = np.zeros(len(scheduled), np.int32)
         logprobs = None if k is None else [None] * 4
         for g, (t, lp) in zip(groups, results):

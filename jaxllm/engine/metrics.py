@@ -18,6 +18,8 @@ class StepTotals:
     generation_tokens: int = 0  # tokens sampled and kept
     num_preemptions: int = 0
     multi_step_visits: int = 0  # scheduler visits that ran several decode steps on the device
+    step_s: float = 0.0  # wall time inside Engine.step()
+    device_wait_s: float = 0.0  # of it, blocked on device results (the rest is host work)
 
     def __add__(self, other: StepTotals) -> StepTotals:
         return StepTotals(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
@@ -49,6 +51,8 @@ class EngineMetrics:
     prompt_tokens_computed: int
     generation_tokens: int
     multi_step_visits: int
+    step_s: float  # wall time inside Engine.step()
+    device_wait_s: float  # of it, blocked on device results: step_s - device_wait_s is host work
 
 
 def collect_metrics(scheduler: Scheduler, kv: KVCacheManager, totals: StepTotals) -> EngineMetrics:
@@ -67,4 +71,6 @@ def collect_metrics(scheduler: Scheduler, kv: KVCacheManager, totals: StepTotals
         prompt_tokens_computed=totals.prompt_tokens_computed,
         generation_tokens=totals.generation_tokens,
         multi_step_visits=totals.multi_step_visits,
+        step_s=totals.step_s,
+        device_wait_s=totals.device_wait_s,
     )
