@@ -321,3 +321,12 @@ def test_streamed_outputs_grow_into_the_final_one(llm):
             if w.logprobs is not None:
                 np.testing.assert_allclose([e[t].logprob for e, t in zip(final.logprobs, final.token_ids)],
                                            [e[t].logprob for e, t in zip(w.logprobs, w.token_ids)], atol=1e-5)
+
+
+def test_warmup_skips_shapes_the_budget_never_takes(llm):
+    """A 64-token budget holds one chunk of 33-64 tokens and up to 7 of 9-16: warmup compiles no
+    [8, 64] step (which serving could never run), only the rows each width can take."""
+    engine = Engine(llm, EngineConfig(num_pages=96, page_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                                      num_decode_steps=4))
+    assert [engine._max_rows(w) for w in (1, 2, 16, 64)] == [8, 8, 8, 1]
+    assert engine.warmup([40]) == 4 + 1 + 4  # decode steps of rows 1-8, one 64-wide row, decode loops

@@ -390,11 +390,19 @@ class Engine:
 
     # -- before serving ---------------------------------------------------------------------
 
+    def _max_rows(self, width: int) -> int:
+        """The most rows a device call of this width bucket takes: chunks in it hold more than
+        width / 2 tokens each (decodes, width 1, are limited by max_num_seqs alone)."""
+        cfg = self.config
+        most = cfg.max_num_seqs if width == 1 else min(cfg.max_num_seqs, cfg.max_num_batched_tokens // (width // 2 + 1))
+        return bucket(max(most, 1))
+
     def warmup(self, prompt_lens: Seq[int] = ()) -> int:
         """Compiles, before serving, the shapes that batches of 1 to max_num_seqs sequences take
         without logprobs or penalties: one decode step, the several-step decode loop, and prefill
-        steps of each prompt length given (chunked to the token budget, decodes beside them).
-        Runs each on padding rows, which write only the scratch page; returns how many it ran."""
+        calls of each prompt length given (chunked to the token budget; as many rows of a width as
+        the budget allows chunks of that width bucket). Runs each on padding rows, which write only
+        the scratch page; returns how many it ran."""
         cfg, llm = self.llm.config, self.llm
         if any(not isinstance(n, (int, np.integer)) or n < 1 for n in prompt_lens):
             raise ValueError(f"prompt_lens must be positive integers, got {list(prompt_lens)}")
@@ -404,6 +412,8 @@ class Engine:
             st = make_sampling_tensors([], [], rows, cfg.vocab_size)
             page_table = np.zeros((rows, self._pmax), np.int32)
             for width in sorted(widths):
+                if rows > self._max_rows(width):
+                    continue
                 meta = AttentionMeta(np.full((rows, width), -1, np.int32), page_table, np.zeros(rows, np.int32))
                 _, _, self.cache = runner.engine_step(
                     llm.params, self.cache, np.zeros((rows, width), np.int32), meta, np.zeros(rows, np.int32), st,
