@@ -225,6 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill", action="store_true", help="the prefill kernel's cases instead")
     parser.add_argument("--kv-dtypes", default=None,
                         help=f"comma-separated subset of {','.join(KV_DTYPES)}: our decode kernel over those pages")
+    parser.add_argument("--page-size", type=int, default=None,
+                        help="with --kv-dtypes: tokens per page instead of each case's (a TMA copy moves one page)")
     args = parser.parse_args(argv)
     result = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, device=str(jax.devices()[0]),
                   copy_bandwidth=COPY_BANDWIDTH, heads=(HQ, HKV, D))
@@ -233,8 +235,8 @@ def main(argv=None) -> int:
         if not names or any(n not in KV_DTYPES for n in names):
             raise ValueError(f"--kv-dtypes {args.kv_dtypes!r}: choose from {','.join(KV_DTYPES)}")
         rows = []
-        for case in CASES[:2]:
-            rows.append(run_kv_dtype_case(*case, names, QUANTIZED_CONFIGS))
+        for batch, context, page_size in CASES[:2]:
+            rows.append(run_kv_dtype_case(batch, context, args.page_size or page_size, names, QUANTIZED_CONFIGS))
             with open(args.out, "w") as f:  # after each case: a run cut short keeps what it measured
                 json.dump({**result, "rows": rows}, f, indent=1)
         print(summary(rows))
