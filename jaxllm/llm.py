@@ -387,8 +387,14 @@ class LLM:
         rows = bucket(min(len(requests), self.max_num_seqs))
         longest = max(min(len(r.prompt_token_ids) + r.params.max_tokens, self.max_model_len) for r in requests)
         prompt = bucket(max(len(r.prompt_token_ids) for r in requests), 16)
+        num_pages = rows * pages_for(bucket(longest, 16), self.page_size) + 1
+        devices = list(self.mesh.devices.flat)
+        free = free_device_bytes(devices, STATIC_KV_MEMORY_SHARE)
+        if free is not None:  # fewer pages than all rows need at once: the engine queues or preempts
+            per_page = bytes_per_page(self.config, self.page_size, self.config.dtype, self.kv_cache_dtype) / len(devices)
+            num_pages = max(2, min(num_pages, int(free // per_page)))
         engine = Engine(self, EngineConfig(
-            num_pages=rows * pages_for(bucket(longest, 16), self.page_size) + 1, page_size=self.page_size,
+            num_pages=num_pages, page_size=self.page_size,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=rows * prompt,
             num_decode_steps=INFLIGHT_DECODE_STEPS, mixed_batches=False))
         for req in requests:

@@ -86,3 +86,30 @@ def test_inflight_stop_strings_and_fallback_for_prompt_logprobs(pair):
 def test_batching_must_be_known(path):
     with pytest.raises(ValueError, match=r"batching='continuous' is not supported; choose one of \('static', 'inflight'\)"):
         LLM(path, batching="continuous", progress=False)
+
+
+def test_inflight_pool_shrinks_to_free_memory_and_stays_exact(pair, monkeypatch):
+    """Where the device reports little free memory, the engine's pool holds fewer pages than every
+    row at once: requests queue and get preempted, and outputs still equal static batches'."""
+    import jaxllm.llm as llm_module
+    from jaxllm.engine.engine import Engine
+    from jaxllm.kv_cache import bytes_per_page
+
+    static, inflight = pair
+    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)] * len(PROMPTS)
+    want = static.generate(PROMPTS, params, use_tqdm=False)
+    per_page = bytes_per_page(inflight.config, inflight.page_size, inflight.config.dtype)
+    monkeypatch.setattr(llm_module, "free_device_bytes", lambda devices, share: 24.5 * per_page)
+    engines = []
+    init = Engine.__init__
+
+    def spy(self, llm, config):
+        init(self, llm, config)
+        engines.append(self)
+
+    monkeypatch.setattr(Engine, "__init__", spy)
+    got = inflight.generate(PROMPTS, params, use_tqdm=False)
+    assert _summary(got) == _summary(want)
+    (engine,) = engines
+    assert engine.config.num_pages == 24  # not the 4 x 16 + 1 that four rows of up to 64 tokens take
+    assert engine.metrics().num_preemptions > 0
