@@ -1,8 +1,8 @@
-"""In-flight batching engine: scheduler and KV-cache manager on the host, one jitted step on device.
+"""In-flight batching engine: scheduler and KV-cache manager on the host, jitted steps on device.
 
 Each `step()` asks the scheduler for a ragged batch (prefill chunks and decodes together under one
-token budget), runs it through `runner.engine_step` over the shared page pool, and feeds the
-sampled tokens back. When every scheduled sequence decodes, one step runs up to
+token budget), runs it through `runner.engine_step` over the shared page pool (one call per width
+bucket of its rows), and feeds the sampled tokens back. When every scheduled sequence decodes, one step runs up to
 `EngineConfig.num_decode_steps` decode steps in the on-device decode loop instead. Requests can be
 added and aborted between steps.
 """
@@ -297,7 +297,7 @@ class Engine:
             by_width.setdefault(bucket(s.num_tokens), []).append(i)
         groups = [by_width[w] for w in sorted(by_width)]
         k = max((t.req.params.logprobs for t in batch if t.req.params.logprobs is not None), default=None)
-        # Both calls are dispatched before either result is read.
+        # Every call is dispatched before any result is read.
         results = self._device_get([self._run_rows([scheduled[i] for i in g], [batch[i] for i in g], k) for g in groups])
         token = np.zeros(len(scheduled), np.int32)
         logprobs = None if k is None else [None] * 4
