@@ -312,3 +312,24 @@ def test_several_decode_steps_per_visit_stream_in_chunks(llm, alone):
     assert any(len(outs) < len(expect) for outs, expect in zip(results, alone))  # some yield held several
     assert aengine.metrics().multi_step_visits > 0
     assert_all_pages_back(aengine)
+
+
+def test_next_step_starts_before_consumers_take_outputs(llm):
+    """With nobody waiting to add or abort, the step loop starts step k+1 before a stream's
+    consumer receives step k's output (the consumer then runs while the step computes)."""
+    async def main():
+        aengine = AsyncLLM(llm, CFG)
+        start, log = aengine._start_step, []
+
+        def logged_start():
+            log.append("start")
+            return start()
+
+        aengine._start_step = logged_start
+        async for out in aengine.generate(prompt(0), greedy(6), "p"):
+            log.append(len(out.outputs[0].token_ids))
+        return aengine, log
+
+    aengine, log = run(main())
+    assert log == ["start", "start", 1, "start", 2, "start", 3, "start", 4, "start", 5, 6]
+    assert_all_pages_back(aengine)

@@ -8,6 +8,10 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 
+# In a child process: the jax 0.10.2 CPU compiler crashed (SIGSEGV) in the full suite's process as
+# its compiled-program count grew, here; see conftest.py.
+pytestmark = pytest.mark.isolated_module
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
 TINY = ["--max-files", "40", "--steps", "30", "--steps-per-call", "10", "--warmup", "5", "--batch", "4",
         "--seq-len", "64", "--vocab-size", "600", "--d-model", "32", "--layers", "2", "--heads", "4",

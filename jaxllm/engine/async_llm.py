@@ -51,7 +51,8 @@ class AsyncLLM:
         if not isinstance(config, EngineConfig):
             raise ValueError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.engine = Engine(llm, config)
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # held while the engine is in use (a step, an add, an abort)
+        self._lock_wanted = 0  # add/abort/shutdown calls waiting for the lock
         self._streams: dict[str, _Stream] = {}  # active requests by id
         self._orphans: set[str] = set()  # requests whose consumer left early; aborted before the next step
         self._loop_task: asyncio.Task | None = None
@@ -75,7 +76,8 @@ class AsyncLLM:
         if params is not None and not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or None, got {type(params).__name__}")
         num_samples = (params or self.engine.llm.get_default_sampling_params()).n
-        async with self._lock:
+        await self._locked()
+        try:
             if self._closed:
                 raise RuntimeError("AsyncLLM was shut down; make a new one to generate")
             if request_id in self._streams:
@@ -84,6 +86,8 @@ class AsyncLLM:
             self.engine.add_request(request_id, prompt, params)
             stream = self._streams[request_id] = _Stream(num_samples)
             self._metrics = self.engine.metrics()
+        finally:
+            self._lock.release()
         self._start_loop()
         try:
             while True:
@@ -110,12 +114,15 @@ class AsyncLLM:
         stream = self._streams.get(request_id) if isinstance(request_id, str) else None
         if stream is None:
             raise ValueError(f"cannot abort request_id {request_id!r}: no active request has that id")
-        async with self._lock:
+        await self._locked()
+        try:
             if self._streams.get(request_id) is not stream:
                 return  # finished (or failed) in the step that was running
             del self._streams[request_id]
             self.engine.abort(request_id)
             self._metrics = self.engine.metrics()
+        finally:
+            self._lock.release()
         stream.queue.put_nowait(_END)
 
     def metrics(self) -> EngineMetrics:
@@ -125,7 +132,8 @@ class AsyncLLM:
     async def shutdown(self) -> None:
         """Aborts every active request (their streams stop) and waits for the step loop to end;
         later generate() calls raise RuntimeError. Calling it again does nothing."""
-        async with self._lock:
+        await self._locked()
+        try:
             self._closed = True
             streams = list(self._streams.values())
             for request_id in self._streams:
@@ -133,6 +141,8 @@ class AsyncLLM:
             self._streams.clear()
             self._abort_orphans()
             self._metrics = self.engine.metrics()
+        finally:
+            self._lock.release()
         for stream in streams:
             stream.queue.put_nowait(_END)
         if self._loop_task is not None:
@@ -147,29 +157,57 @@ class AsyncLLM:
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
     async def _run_loop(self) -> None:
-        """Steps the engine until no request is unfinished, handing outputs to their streams."""
+        """Steps the engine until no request is unfinished, handing outputs to their streams.
+
+        While no add, abort or shutdown waits for the lock, the next step starts (keeping the lock)
+        before the streams' consumers take this step's outputs, so they run while it computes."""
+        step = None  # a step started while the lock stayed held
         while True:
-            async with self._lock:
-                try:
+            if step is None:
+                await self._lock.acquire()
+            try:
+                if step is None:
                     self._abort_orphans()
                     if not self.engine.has_unfinished_requests():
                         return
-                    self._deliver(await self._step_in_thread())
-                except Exception as err:
-                    self._fail_all(err)
-                    return
-                except asyncio.CancelledError:
-                    self._fail_all(RuntimeError("the AsyncLLM step loop was cancelled"))
-                    raise
-                finally:
+                    step = self._start_step()
+                outputs = await self._finish_step(step)
+                step = None
+                self._deliver(outputs)
+                if not self._lock_wanted and not self._orphans and self.engine.has_unfinished_requests():
                     self._metrics = self.engine.metrics()
-            await asyncio.sleep(0)  # let waiting add/abort calls take the lock (asyncio.Lock is FIFO)
+                    step = self._start_step()
+            except Exception as err:
+                step = None
+                self._fail_all(err)
+                return
+            except asyncio.CancelledError:
+                step = None
+                self._fail_all(RuntimeError("the AsyncLLM step loop was cancelled"))
+                raise
+            finally:
+                if step is None:
+                    self._metrics = self.engine.metrics()
+                    self._lock.release()
+            if step is None:
+                await asyncio.sleep(0)  # let waiting add/abort calls take the lock (asyncio.Lock is FIFO)
 
-    async def _step_in_thread(self) -> list[RequestOutput]:
-        """engine.step() in a worker thread; returns only once the step is over, even if cancelled."""
+    async def _locked(self):
+        """Takes the lock, counted as wanted while waiting (the step loop then starts no step early)."""
+        self._lock_wanted += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._lock_wanted -= 1
+
+    def _start_step(self) -> asyncio.Future:
+        """engine.step() in a worker thread."""
         # run_in_executor is what asyncio.to_thread does underneath, but it gives a bare future that
         # no task cancellation reaches: the lock is never released while a step still runs.
-        step = asyncio.get_running_loop().run_in_executor(None, self.engine.step)
+        return asyncio.get_running_loop().run_in_executor(None, self.engine.step)
+
+    async def _finish_step(self, step: asyncio.Future) -> list[RequestOutput]:
+        """The step's outputs, once it is over, even if cancelled meanwhile."""
         cancelled = False
         while not step.done():
             try:
