@@ -46,7 +46,7 @@ CASES = [  # batch, context, page size
 CONFIGS = [DecodeConfig(64, 2), DecodeConfig(64, 3), DecodeConfig(64, 4), DecodeConfig(128, 2), DecodeConfig(128, 3)]
 HQ, HKV, D = 32, 8, 128
 KV_DTYPES = {"bf16": None, "fp8": "fp8_e4m3", "int8": "int8"}  # name -> kv_cache_dtype
-QUANTIZED_CONFIGS = [DecodeConfig(64, 4), DecodeConfig(64, 6)]
+QUANTIZED_CONFIGS = [DecodeConfig(64, 4), DecodeConfig(64, 6), DecodeConfig(64, 4, dequant_warpgroups=2)]
 
 
 def time_ms(fn, *args, iters: int = 20) -> float:
@@ -182,7 +182,7 @@ def run_kv_dtype_case(batch: int, context: int, page_size: int, kv_dtypes, confi
         for cfg in cfgs:
             fn = jax.jit(lambda q, k, v, t, n, s, cfg=cfg: paged_decode_attention(
                 q, k, v, 0, t, n, scale=scale, config=cfg, **s))
-            key = f"ours_kv{cfg.block_kv}_st{cfg.num_stages}"
+            key = f"ours_kv{cfg.block_kv}_st{cfg.num_stages}" + ("_wg2" if cfg.dequant_warpgroups == 2 else "")
             try:
                 ms = time_ms(fn, q, *pages, table, lens, scales)
                 got = np.asarray(fn(q, *pages, table, lens, scales), np.float32)

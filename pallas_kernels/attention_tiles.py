@@ -215,22 +215,24 @@ def memory_loop(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, 
 
 
 def dequantize_loop(tiles: Tiles, src, staged, arrived, out, ready, free, *, begin, steps, num_stages: int,
-                    **page_args):
-    """The memory warpgroup over 8-bit pages: copies K/V tiles with their scales `num_stages` deep
+                    tensors: tuple[int, ...] = (0, 1), **page_args):
+    """A memory warpgroup over 8-bit pages: copies K/V tiles with their scales `num_stages` deep
     (`src` = k, v, k_scale, v_scale refs into `staged` = k8, v8, k_scales, v_scales, on `arrived`),
     and writes each, dequantized, into a free slot of `out` (DEQUANTIZED_SLOTS deep), marking it
-    `ready`; the compute warpgroup marks slots `free` as for `memory_loop`."""
+    `ready`; the compute warpgroup marks slots `free` as for `memory_loop`. `tensors` picks K (0)
+    and/or V (1): two warpgroups can take one each."""
     k_ref, v_ref, ks_ref, vs_ref = src
     k8, v8, k_scales, v_scales = staged
     block_kv = page_args["block_kv"]
+    sources = ((k_ref, ks_ref, k8, k_scales), (v_ref, vs_ref, v8, v_scales))
 
     def issue(step):
         slot = lax.rem(step, num_stages)
         token = begin + step * block_kv
-        copy_quantized_pages(k_ref, ks_ref, k8.at[slot], k_scales.at[slot], arrived[0].at[slot], token=token,
-                             **page_args)
-        copy_quantized_pages(v_ref, vs_ref, v8.at[slot], v_scales.at[slot], arrived[1].at[slot], token=token,
-                             **page_args)
+        for i in tensors:
+            ref, scale_ref, values, scales = sources[i]
+            copy_quantized_pages(ref, scale_ref, values.at[slot], scales.at[slot], arrived[i].at[slot], token=token,
+                                 **page_args)
 
     def prologue(step, carry):
         issue(step)
@@ -240,7 +242,8 @@ def dequantize_loop(tiles: Tiles, src, staged, arrived, out, ready, free, *, beg
 
     def convert(step, carry):
         slot, out_slot = lax.rem(step, num_stages), lax.rem(step, DEQUANTIZED_SLOTS)
-        for values, scales, i in ((k8, k_scales, 0), (v8, v_scales, 1)):
+        for i in tensors:
+            values, scales = sources[i][2:]
             plgpu.barrier_wait(arrived[i].at[slot])
 
             @pl.when(step >= DEQUANTIZED_SLOTS)
@@ -265,5 +268,5 @@ def dequantize_loop(tiles: Tiles, src, staged, arrived, out, ready, free, *, beg
 
         @pl.when(step >= DEQUANTIZED_SLOTS)
         def _(step=step):
-            for i in range(2):
+            for i in tensors:
                 plgpu.barrier_wait(free[i].at[lax.rem(step, DEQUANTIZED_SLOTS)])

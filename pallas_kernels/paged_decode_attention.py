@@ -43,6 +43,8 @@ class DecodeConfig:
     block_kv: int = 64  # keys per pipeline step
     num_stages: int = 4  # K/V tiles in flight per block (8-bit tiles, for quantized pages)
     num_splits: int | None = None
+    # Quantized pages: warpgroups that copy and dequantize tiles (2: one for K, one for V).
+    dequant_warpgroups: int = 1
 
     def __post_init__(self):
         if self.block_kv % 64:
@@ -51,6 +53,8 @@ class DecodeConfig:
             raise ValueError(f"num_stages={self.num_stages} must be at least 1")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"num_splits={self.num_splits} must be at least 1")
+        if self.dequant_warpgroups not in (1, 2):
+            raise ValueError(f"dequant_warpgroups={self.dequant_warpgroups} must be 1 or 2")
 
 
 def window_start(kv_lens: Int[Array, "B"], window) -> Int[Array, "B"]:
@@ -148,7 +152,8 @@ def paged_decode_attention(
     lens = kv_lens.astype(jnp.int32)
     starts = window_start(lens, window)
     kernel = _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, block_kv,
-                    config.num_stages, float(scale), interpret, k_pages.dtype if quantized else None)
+                    config.num_stages, float(scale), interpret, k_pages.dtype if quantized else None,
+                    config.dequant_warpgroups if quantized else 1)
     pages = (k_pages, v_pages)
     if quantized:  # a page's scales, every head's, as one contiguous row: one copy a page
         pages += tuple(s.reshape(layers, num_pages, page_size * kv_heads) for s in (k_scale, v_scale))
@@ -174,8 +179,9 @@ def _merge_splits(out, lse):
 
 @functools.lru_cache(maxsize=None)
 def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, block_kv, num_stages,
-           scale, interpret, page_dtype=None):
-    """`page_dtype`: the 8-bit type of quantized pages (then scales follow v), None for `dtype` pages."""
+           scale, interpret, page_dtype=None, dequant_wgs=1):
+    """`page_dtype`: the 8-bit type of quantized pages (then scales follow v), None for `dtype` pages;
+    `dequant_wgs` warpgroups copy and dequantize them."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -233,17 +239,23 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, s])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 1)
-        def _memory():
-            page_args = {"layer": layer_ref[0], "table_ref": table_ref, "b": b, "h": h,
-                         "page_size": page_size, "block_kv": block_kv, "pmax": pmax}
-            if quantized:
-                dequantize_loop(tiles, page_refs, staged, arrived, (k_smem, v_smem), (k_bar, v_bar),
-                                (k_free, v_free), begin=begin, steps=steps, num_stages=num_stages, **page_args)
-            else:
+        def page_args():
+            return {"layer": layer_ref[0], "table_ref": table_ref, "b": b, "h": h,
+                    "page_size": page_size, "block_kv": block_kv, "pmax": pmax}
+
+        if not quantized:
+            @pl.when(wg == 1)
+            def _memory():
                 k_ref, v_ref = page_refs
                 memory_loop(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, begin=begin,
-                            steps=steps, num_stages=num_stages, **page_args)
+                            steps=steps, num_stages=num_stages, **page_args())
+        else:  # one warpgroup copies and dequantizes K and V, or two take one each
+            for w, tensors in enumerate(((0, 1),) if dequant_wgs == 1 else ((0,), (1,)), start=1):
+                @pl.when(wg == w)
+                def _dequantize(tensors=tensors):
+                    dequantize_loop(tiles, page_refs, staged, arrived, (k_smem, v_smem), (k_bar, v_bar),
+                                    (k_free, v_free), begin=begin, steps=steps, num_stages=num_stages,
+                                    tensors=tensors, **page_args())
 
     def entry(q_ref, *refs):
         *page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref = refs
@@ -281,7 +293,7 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
         out_type=out_type,
         grid=grid,
         grid_names=names,
-        num_threads=2,
+        num_threads=1 + dequant_wgs,
         thread_name="wg",
         compiler_params=compat.lane_compiler_params(approx_math=True) if quantized else
         plgpu.CompilerParams(approx_math=True),

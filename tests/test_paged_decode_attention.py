@@ -73,21 +73,22 @@ def _quantized(k, v, kind, seed):
     return out  # k8, k_scale, v8, v_scale
 
 
-QUANTIZED_CASES = [  # kind, kv_heads, groups, page_size, pmax, lens, window, stages, splits
-    ("int8", 1, 4, 32, 4, [100, 7], 0, 2, 2),  # the short row's second split is empty
-    ("fp8_e4m3", 2, 4, 16, 8, [128, 70], 50, 3, 1),  # sliding window
-    ("fp8_e4m3", 2, 8, 128, 2, [200, 0], 0, 2, 1),  # pages larger than a tile, 4 steps; an empty row
+QUANTIZED_CASES = [  # kind, kv_heads, groups, page_size, pmax, lens, window, stages, splits, dequantizing wgs
+    ("int8", 1, 4, 32, 4, [100, 7], 0, 2, 2, 1),  # the short row's second split is empty
+    ("fp8_e4m3", 2, 4, 16, 8, [128, 70], 50, 3, 1, 1),  # sliding window
+    ("fp8_e4m3", 2, 8, 128, 2, [200, 0], 0, 2, 1, 1),  # pages larger than a tile, 4 steps; an empty row
+    ("int8", 2, 4, 16, 8, [128, 70], 0, 2, 2, 2),  # K and V dequantized by a warpgroup each
 ]
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind,kv_heads,groups,page_size,pmax,lens,window,stages,splits", QUANTIZED_CASES)
+@pytest.mark.parametrize("kind,kv_heads,groups,page_size,pmax,lens,window,stages,splits,wgs", QUANTIZED_CASES)
 def test_kernel_over_quantized_pages_matches_reference(kind, kv_heads, groups, page_size, pmax, lens, window,
-                                                       stages, splits):
+                                                       stages, splits, wgs):
     q, k, v, table, lens = _inputs(len(lens) + groups + page_size, len(lens), kv_heads, groups, 64, page_size,
                                    pmax, lens)
     k8, ks, v8, vs = _quantized(k, v, kind, groups)
-    cfg = DecodeConfig(block_kv=64, num_stages=stages, num_splits=splits)
+    cfg = DecodeConfig(block_kv=64, num_stages=stages, num_splits=splits, dequant_warpgroups=wgs)
     got = paged_decode_attention(q, k8, v8, 1, table, lens, window, scale=0.125, k_scale=ks, v_scale=vs,
                                  config=cfg, interpret=True)
     want = paged_decode_attention_reference(q, k8, v8, 1, table, lens, window, scale=0.125, k_scale=ks, v_scale=vs)
@@ -216,6 +217,8 @@ def test_config_validation():
         DecodeConfig(block_kv=96)
     with pytest.raises(ValueError, match="num_stages=0"):
         DecodeConfig(num_stages=0)
+    with pytest.raises(ValueError, match="dequant_warpgroups=3 must be 1 or 2"):
+        DecodeConfig(dequant_warpgroups=3)
 
 
 @pytest.fixture(scope="module")
