@@ -15,6 +15,7 @@ Blocks then run heads-fastest, so the heads of a sequence, which share each page
 them from L2 at about the same time. Measured on an H200 (benchmarks/results_attention_quantized_kv_h200.json)
 this is correct but slower than bf16 pages (fp8 0.61x, int8 0.46x at batch 64 x 4096): the one
 dequantizing warpgroup is the bottleneck, and without it the pipeline still takes the bf16 time.
+`DecodeConfig(dequant_warpgroups=2)` gives K and V a dequantizing warpgroup each (not yet measured).
 """
 
 from __future__ import annotations
