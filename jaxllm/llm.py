@@ -395,7 +395,7 @@ class LLM:
             num_pages = max(2, min(num_pages, int(free // per_page)))
         engine = Engine(self, EngineConfig(
             num_pages=num_pages, page_size=self.page_size,
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=rows * prompt,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=min(rows * prompt, self.max_num_batched_tokens),
             num_decode_steps=INFLIGHT_DECODE_STEPS, mixed_batches=False))
         for req in requests:
             engine.add(req)

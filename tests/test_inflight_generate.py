@@ -113,3 +113,25 @@ def test_inflight_pool_shrinks_to_free_memory_and_stays_exact(pair, monkeypatch)
     (engine,) = engines
     assert engine.config.num_pages == 24  # not the 4 x 16 + 1 that four rows of up to 64 tokens take
     assert engine.metrics().num_preemptions > 0
+
+
+
+def test_inflight_prefill_steps_stay_within_max_num_batched_tokens(path, pair, monkeypatch):
+    """LLM(max_num_batched_tokens) bounds the engine's prefill steps too (prompts then go in
+    chunks), with the same outputs."""
+    from jaxllm.engine.engine import Engine
+
+    static, _ = pair
+    small = LLM(path, dtype="float32", max_model_len=80, max_num_seqs=4, page_size=4, progress=False, seed=3,
+                batching="inflight", max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    budgets, init = [], Engine.__init__
+
+    def spy(self, llm, config):
+        init(self, llm, config)
+        budgets.append(self.config.max_num_batched_tokens)
+
+    monkeypatch.setattr(Engine, "__init__", spy)
+    got = small.generate(PROMPTS, params, use_tqdm=False)
+    assert budgets == [16]  # not 4 rows x 32 prompt tokens
+    assert _summary(got) == _summary(static.generate(PROMPTS, params, use_tqdm=False))
