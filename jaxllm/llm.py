@@ -351,13 +351,11 @@ class LLM:
     def _static_batch_size(self, requests: list[Request]) -> int:
         """Requests per static batch: `max_num_seqs`, or fewer where the devices report how much
         memory is free and that many rows' KV cache would not fit in STATIC_KV_MEMORY_SHARE of it."""
-        devices = list(self.mesh.devices.flat)
-        free = free_device_bytes(devices, STATIC_KV_MEMORY_SHARE)
+        free = free_device_bytes(list(self.mesh.devices.flat), STATIC_KV_MEMORY_SHARE)
         if free is None:
             return self.max_num_seqs
         row_pages = self._pages_per_row(requests, min(len(requests), self.max_num_seqs))
-        per_row = row_pages * bytes_per_page(self.config, self.page_size, self.config.dtype,
-                                             self.kv_cache_dtype) / len(devices)
+        per_row = row_pages * self._kv_page_bytes()
         fit = int(free // per_row) - 1  # less one row's worth for the scratch page
         if fit < 1:
             raise ValueError(
@@ -365,6 +363,11 @@ class LLM:
                 f"{per_row / 2**30:.2f} GiB per device, more than the {max(free, 0) / 2**30:.2f} GiB free for it: "
                 f"lower max_tokens or max_model_len, or use kv_cache_dtype='fp8_e4m3' or tensor_parallel_size > 1")
         return min(self.max_num_seqs, 1 << (fit.bit_length() - 1))  # a batch of n takes bucket(n) rows
+
+    def _kv_page_bytes(self) -> float:
+        """Bytes one KV page of this LLM takes on each device (its heads split over them)."""
+        return bytes_per_page(self.config, self.page_size, self.config.dtype,
+                              self.kv_cache_dtype) / self.mesh.devices.size
 
     def _pages_per_row(self, batch: list[Request], rows: int) -> int:
         """KV pages each row of a static batch of these requests takes."""
@@ -388,11 +391,9 @@ class LLM:
         longest = max(min(len(r.prompt_token_ids) + r.params.max_tokens, self.max_model_len) for r in requests)
         prompt = bucket(max(len(r.prompt_token_ids) for r in requests), 16)
         num_pages = rows * pages_for(bucket(longest, 16), self.page_size) + 1
-        devices = list(self.mesh.devices.flat)
-        free = free_device_bytes(devices, STATIC_KV_MEMORY_SHARE)
+        free = free_device_bytes(list(self.mesh.devices.flat), STATIC_KV_MEMORY_SHARE)
         if free is not None:  # fewer pages than all rows need at once: the engine queues or preempts
-            per_page = bytes_per_page(self.config, self.page_size, self.config.dtype, self.kv_cache_dtype) / len(devices)
-            num_pages = max(2, min(num_pages, int(free // per_page)))
+            num_pages = max(2, min(num_pages, int(free // self._kv_page_bytes())))
         engine = Engine(self, EngineConfig(
             num_pages=num_pages, page_size=self.page_size,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=min(rows * prompt, self.max_num_batched_tokens),

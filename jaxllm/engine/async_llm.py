@@ -8,6 +8,7 @@ one asyncio.Lock, because the engine is not thread-safe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -76,8 +77,7 @@ class AsyncLLM:
         if params is not None and not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or None, got {type(params).__name__}")
         num_samples = (params or self.engine.llm.get_default_sampling_params()).n
-        await self._locked()
-        try:
+        async with self._holding_lock():
             if self._closed:
                 raise RuntimeError("AsyncLLM was shut down; make a new one to generate")
             if request_id in self._streams:
@@ -86,8 +86,6 @@ class AsyncLLM:
             self.engine.add_request(request_id, prompt, params)
             stream = self._streams[request_id] = _Stream(num_samples)
             self._metrics = self.engine.metrics()
-        finally:
-            self._lock.release()
         self._start_loop()
         try:
             while True:
@@ -114,15 +112,12 @@ class AsyncLLM:
         stream = self._streams.get(request_id) if isinstance(request_id, str) else None
         if stream is None:
             raise ValueError(f"cannot abort request_id {request_id!r}: no active request has that id")
-        await self._locked()
-        try:
+        async with self._holding_lock():
             if self._streams.get(request_id) is not stream:
                 return  # finished (or failed) in the step that was running
             del self._streams[request_id]
             self.engine.abort(request_id)
             self._metrics = self.engine.metrics()
-        finally:
-            self._lock.release()
         stream.queue.put_nowait(_END)
 
     def metrics(self) -> EngineMetrics:
@@ -132,8 +127,7 @@ class AsyncLLM:
     async def shutdown(self) -> None:
         """Aborts every active request (their streams stop) and waits for the step loop to end;
         later generate() calls raise RuntimeError. Calling it again does nothing."""
-        await self._locked()
-        try:
+        async with self._holding_lock():
             self._closed = True
             streams = list(self._streams.values())
             for request_id in self._streams:
@@ -141,8 +135,6 @@ class AsyncLLM:
             self._streams.clear()
             self._abort_orphans()
             self._metrics = self.engine.metrics()
-        finally:
-            self._lock.release()
         for stream in streams:
             stream.queue.put_nowait(_END)
         if self._loop_task is not None:
@@ -192,13 +184,19 @@ class AsyncLLM:
             if step is None:
                 await asyncio.sleep(0)  # let waiting add/abort calls take the lock (asyncio.Lock is FIFO)
 
-    async def _locked(self):
-        """Takes the lock, counted as wanted while waiting (the step loop then starts no step early)."""
+    @contextlib.asynccontextmanager
+    async def _holding_lock(self):
+        """Holds the lock, counted as wanted while waiting for it (the step loop then starts no
+        step early)."""
         self._lock_wanted += 1
         try:
             await self._lock.acquire()
         finally:
             self._lock_wanted -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _start_step(self) -> asyncio.Future:
         """engine.step() in a worker thread."""

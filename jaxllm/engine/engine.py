@@ -2,9 +2,9 @@
 
 Each `step()` asks the scheduler for a ragged batch (prefill chunks and decodes together under one
 token budget), runs it through `runner.engine_step` over the shared page pool (one call per width
-bucket of its rows), and feeds the sampled tokens back. When every scheduled sequence decodes, one step runs up to
-`EngineConfig.num_decode_steps` decode steps in the on-device decode loop instead. Requests can be
-added and aborted between steps.
+bucket of its rows), and feeds the sampled tokens back. When every scheduled sequence decodes, one
+step runs up to `EngineConfig.num_decode_steps` decode steps in the on-device decode loop instead.
+Requests can be added and aborted between steps.
 """
 
 from __future__ import annotations
@@ -300,13 +300,11 @@ class Engine:
         # Every call is dispatched before any result is read.
         results = self._device_get([self._run_rows([scheduled[i] for i in g], [batch[i] for i in g], k) for g in groups])
         token = np.zeros(len(scheduled), np.int32)
-        logprobs = None if k is None else [None] * 4
+        logprobs = None if k is None else [np.zeros((len(scheduled),) + x.shape[1:], x.dtype) for x in results[0][1]]
         for g, (t, lp) in zip(groups, results):
             token[g] = t[:len(g)]
-            for j in range(4 if lp is not None else 0):
-                if logprobs[j] is None:
-                    logprobs[j] = np.zeros((len(scheduled),) + lp[j].shape[1:], lp[j].dtype)
-                logprobs[j][g] = lp[j][:len(g)]
+            for whole, part in zip(logprobs or (), lp or ()):
+                whole[g] = part[:len(g)]
         return token, logprobs
 
     def _run_rows(self, scheduled, batch: list[_Tracked], logprobs_k: int | None):

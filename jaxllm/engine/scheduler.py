@@ -92,8 +92,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        # False: a step with prefill chunks holds no decodes (prefill first), so a batch is never
-        # padded to rows x chunk length for decodes' sake.
+        # False: a step with prefill chunks holds no decodes (prefill first; LLM.generate's engine).
         if not isinstance(mixed_batches, bool):
             raise ValueError(f"mixed_batches must be True or False, got {mixed_batches!r}")
         self.mixed_batches = mixed_batches
