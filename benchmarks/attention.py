@@ -46,7 +46,8 @@ CASES = [  # batch, context, page size
 CONFIGS = [DecodeConfig(64, 2), DecodeConfig(64, 3), DecodeConfig(64, 4), DecodeConfig(128, 2), DecodeConfig(128, 3)]
 HQ, HKV, D = 32, 8, 128
 KV_DTYPES = {"bf16": None, "fp8": "fp8_e4m3", "int8": "int8"}  # name -> kv_cache_dtype
-QUANTIZED_CONFIGS = [DecodeConfig(64, 4), DecodeConfig(64, 6), DecodeConfig(64, 4, dequant_warpgroups=2)]
+QUANTIZED_CONFIGS = [DecodeConfig(64, 4, dequant_warpgroups=1), DecodeConfig(64, 6, dequant_warpgroups=1),
+                     DecodeConfig(64, 4, dequant_warpgroups=2)]
 
 
 def time_ms(fn, *args, iters: int = 20) -> float:

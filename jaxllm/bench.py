@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 from jaxtyping import Float, Int
 
@@ -29,7 +30,7 @@ BACKENDS = ("engine", "llm")
 PERCENTILES = (50, 90, 99)
 # Engine counters that grow over a run; a benchmark reports their change over the timed part.
 _COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "steps", "prompt_tokens_computed",
-             "generation_tokens", "multi_step_visits", "step_s", "device_wait_s")
+             "generation_tokens", "multi_step_visits", "step_s", "device_s")
 
 
 def _is_int(value: object) -> bool:
@@ -354,6 +355,25 @@ def _metrics_delta(before: EngineMetrics, after: EngineMetrics) -> dict:
     return delta
 
 
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles = [0, 0.0]  # XLA compilations in this process so far, and their seconds
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event == _BACKEND_COMPILE_EVENT:
+        _compiles[0] += 1
+        _compiles[1] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_count() -> tuple[int, float]:
+    """(XLA compilations, their seconds) in this process so far: a serving run that compiles is
+    measuring the compiler, not the engine."""
+    return _compiles[0], _compiles[1]
+
+
 class _Rates:
     """Requests and output tokens per second of `elapsed_s`."""
 
@@ -377,7 +397,7 @@ class ThroughputResult(_Rates):
     elapsed_s: float
     engine_config: EngineConfig | None = None  # as run (num_pages resolved); None for the llm backend
     engine_metrics: dict | None = None  # counter changes over the timed run
-
+    compiles: tuple[int, float] = (0, 0.0)  # XLA compilations during the timed run, and their seconds
 
     @property
     def total_tokens_per_s(self) -> float:
@@ -388,7 +408,8 @@ class ThroughputResult(_Rates):
         return {"benchmark": "throughput", "backend": self.backend, "num_requests": self.num_requests,
                 "input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "elapsed_s": self.elapsed_s,
                 "requests_per_s": self.requests_per_s, "output_tokens_per_s": self.output_tokens_per_s,
-                "total_tokens_per_s": self.total_tokens_per_s, "engine_metrics": self.engine_metrics}
+                "total_tokens_per_s": self.total_tokens_per_s, "engine_metrics": self.engine_metrics,
+                "compiles_while_timed": self.compiles[0], "compile_s_while_timed": self.compiles[1]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +421,7 @@ class LatencyResult(_Rates):
     elapsed_s: float  # start to the last token
     engine_config: EngineConfig
     engine_metrics: dict  # counter changes over the timed run
+    compiles: tuple[int, float] = (0, 0.0)  # XLA compilations during the timed run, and their seconds
 
     @property
     def num_requests(self) -> int:
@@ -438,7 +460,8 @@ class LatencyResult(_Rates):
                 "requests_per_s": self.requests_per_s, "output_tokens_per_s": self.output_tokens_per_s,
                 "ttft_ms": dataclasses.asdict(self.ttft_ms), "tpot_ms": dataclasses.asdict(self.tpot_ms),
                 "itl_ms": dataclasses.asdict(self.itl_ms),
-                "engine_metrics": self.engine_metrics, "requests": requests}
+                "engine_metrics": self.engine_metrics, "compiles_while_timed": self.compiles[0],
+                "compile_s_while_timed": self.compiles[1], "requests": requests}
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -524,12 +547,13 @@ async def _run_engine(llm: LLM, requests: list[BenchRequest], offsets, config: E
                 await asyncio.gather(*(_submit(aengine, r, f"warmup-{i}", start, 0.0) for i, r in enumerate(fresh)))
             else:
                 await _ramp(aengine, fresh[:aengine.engine.config.max_num_seqs])
-        before = aengine.metrics()
+        before, compiled = aengine.metrics(), compile_count()
         start = time.perf_counter()
         traces = await asyncio.gather(*(_submit(aengine, r, f"bench-{i}", start, float(t))
                                         for i, (r, t) in enumerate(zip(requests, offsets))))
         elapsed = max(t.last_token for t in traces)
-        return tuple(traces), elapsed, aengine.engine.config, _metrics_delta(before, aengine.metrics())
+        compiles = tuple(now - then for now, then in zip(compile_count(), compiled))
+        return tuple(traces), elapsed, aengine.engine.config, _metrics_delta(before, aengine.metrics()), compiles
     finally:
         await aengine.shutdown()
 
@@ -545,10 +569,10 @@ def run_throughput(llm: LLM, requests: Sequence[BenchRequest], *, backend: str =
     check_engine_config(engine_config)
     input_tokens = sum(r.input_len for r in requests)
     if backend == "engine":
-        traces, elapsed, config, metrics = asyncio.run(
+        traces, elapsed, config, metrics, compiles = asyncio.run(
             _run_engine(llm, requests, np.zeros(len(requests)), engine_config, warmup, seed))
         return ThroughputResult("engine", len(requests), input_tokens, sum(t.output_len for t in traces), elapsed,
-                                config, metrics)
+                                config, metrics, compiles)
 
     def generate(batch):
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in batch]
@@ -556,11 +580,12 @@ def run_throughput(llm: LLM, requests: Sequence[BenchRequest], *, backend: str =
 
     if warmup:
         generate(_warmup_requests(requests, llm, seed))
-    start = time.perf_counter()
+    compiled, start = compile_count(), time.perf_counter()
     outputs = generate(requests)
     elapsed = time.perf_counter() - start
+    compiles = tuple(now - then for now, then in zip(compile_count(), compiled))
     return ThroughputResult("llm", len(requests), input_tokens,
-                            sum(len(o.outputs[0].token_ids) for o in outputs), elapsed)
+                            sum(len(o.outputs[0].token_ids) for o in outputs), elapsed, compiles=compiles)
 
 
 def run_latency(llm: LLM, requests: Sequence[BenchRequest], *, request_rate: float = math.inf,
@@ -571,8 +596,9 @@ def run_latency(llm: LLM, requests: Sequence[BenchRequest], *, request_rate: flo
     requests = _check_requests(requests, llm)
     check_engine_config(engine_config)
     offsets = arrival_offsets(len(requests), request_rate, seed)
-    traces, elapsed, config, metrics = asyncio.run(_run_engine(llm, requests, offsets, engine_config, warmup, seed))
-    return LatencyResult(float(request_rate), traces, elapsed, config, metrics)
+    traces, elapsed, config, metrics, compiles = asyncio.run(
+        _run_engine(llm, requests, offsets, engine_config, warmup, seed))
+    return LatencyResult(float(request_rate), traces, elapsed, config, metrics, compiles)
 
 
 # -- the table --------------------------------------------------------------------------------

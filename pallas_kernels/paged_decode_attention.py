@@ -12,10 +12,11 @@ copies the 8-bit tiles and their pages' scales, and dequantizes each tile (value
 to q's dtype, exactly as `jaxllm.ops.kv_quant.dequantize`) into a bf16/fp16 tile for the same
 wgmma path, overlapping the conversion with the compute warpgroup's work on the previous tile.
 Blocks then run heads-fastest, so the heads of a sequence, which share each page's scale rows, read
-them from L2 at about the same time. Measured on an H200 (benchmarks/results_attention_quantized_kv_h200.json)
-this is correct but slower than bf16 pages (fp8 0.61x, int8 0.46x at batch 64 x 4096): the one
-dequantizing warpgroup is the bottleneck, and without it the pipeline still takes the bf16 time.
-`DecodeConfig(dequant_warpgroups=2)` gives K and V a dequantizing warpgroup each (not yet measured).
+them from L2 at about the same time. K and V each have their own dequantizing warpgroup
+(`DecodeConfig.dequant_warpgroups=2`, the default): on an H200 that took batch 64 x 4096 fp8 pages
+from 0.454 to 0.355 ms and int8 from 0.610 to 0.441 ms (one warpgroup for both was the bottleneck),
+still slower than bf16 pages (0.267 ms): the compute warpgroup itself needs about the bf16 time
+(benchmarks/results_attention_quantized_kv_wg2_h200.json, NOTES.md).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ class DecodeConfig:
     block_kv: int = 64  # keys per pipeline step
     num_stages: int = 4  # K/V tiles in flight per block (8-bit tiles, for quantized pages)
     num_splits: int | None = None
-    # Quantized pages: warpgroups that copy and dequantize tiles (2: one for K, one for V).
-    dequant_warpgroups: int = 1
+    # Quantized pages: warpgroups that copy and dequantize tiles (2: one for K, one for V; 1 was
+    # 1.3x slower on an H200).
+    dequant_warpgroups: int = 2
 
     def __post_init__(self):
         if self.block_kv % 64:

@@ -4,6 +4,8 @@ latency runs through the CLI on a tiny checkpoint (counts, JSON keys, arrival or
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,10 +17,11 @@ MAX_MODEL_LEN = 64
 # Small engine sizes so the tiny model compiles few, small shapes.
 ENGINE = ["--page-size", 4, "--num-pages", 96, "--max-num-seqs", 4, "--max-num-batched-tokens", 32, "--num-decode-steps", 3]
 THROUGHPUT_KEYS = {"benchmark", "config", "backend", "num_requests", "input_tokens", "output_tokens", "elapsed_s",
-                   "requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "engine_metrics"}
+                   "requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "engine_metrics",
+                   "compiles_while_timed", "compile_s_while_timed"}
 LATENCY_KEYS = {"benchmark", "config", "request_rate", "num_requests", "input_tokens", "output_tokens", "elapsed_s",
                 "requests_per_s", "output_tokens_per_s", "ttft_ms", "tpot_ms", "itl_ms", "engine_metrics",
-                "requests"}
+                "compiles_while_timed", "compile_s_while_timed", "requests"}
 STAT_KEYS = {"count", "mean", "p50", "p90", "p99"}
 
 
@@ -176,7 +179,7 @@ def test_throughput_produces_every_output_token(capsys, model_dir, tmp_path, bac
         assert metrics["multi_step_visits"] > 0
         assert metrics["generation_tokens"] == num * out_len  # the warmup is not counted
         assert metrics["num_preemptions"] >= 0 and 0 <= metrics["prefix_cache_hit_rate"] <= 1
-        assert 0 < metrics["device_wait_s"] < metrics["step_s"] <= record["elapsed_s"] * 1.5
+        assert 0 < metrics["device_s"] < metrics["step_s"] <= record["elapsed_s"] * 1.5
     else:
         assert record["engine_metrics"] is None
     assert f"throughput ({backend})" in out and "output tokens/s" in out
@@ -308,3 +311,18 @@ def test_dataset_rejects_random_only_flags(capsys, model_dir, tmp_path):
     for flag, value in (("--input-len", 8), ("--range-ratio", 0.2), ("--num-prompts", 3)):
         code, _, err = run(capsys, "bench", "latency", "--dataset", path, "--model", model_dir, flag, value)
         assert code == 2 and flag.lstrip("-").replace("-", "_") in err.replace("-", "_"), err
+
+
+def test_compile_count_counts_new_compilations_only():
+    from jaxllm.bench import compile_count
+
+    scale = float(RNG.normal())  # a constant no earlier test compiled
+    f = jax.jit(lambda x: x * scale + 1.0)
+    x, y, z = (jnp.asarray(RNG.normal(size=(n, 5)), jnp.float32) for n in (3, 3, 2))
+    n0, s0 = compile_count()
+    f(x).block_until_ready()
+    n1, s1 = compile_count()
+    f(y).block_until_ready()  # same shape: the cached executable
+    assert (n1 - n0, compile_count()[0] - n1) == (1, 0) and s1 > s0
+    f(z).block_until_ready()  # a new shape compiles again
+    assert compile_count()[0] == n1 + 1

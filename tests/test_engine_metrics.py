@@ -134,4 +134,4 @@ def test_multi_step_visits_count_device_steps(llm):
     m = engine.metrics()
     assert grown == [1, 5, 9, 10]
     assert (m.steps, m.multi_step_visits, m.generation_tokens) == (10, 3, 10)
-    assert 0 < m.device_wait_s < m.step_s  # one wait per visit, inside the steps' wall time
+    assert 0 < m.device_s < m.step_s  # one wait per visit, inside the steps' wall time

@@ -25,3 +25,20 @@ def test_engine_throughput_benchmark_rows(tmp_path):
     one, four = rows[0]["engine_metrics"], rows[1]["engine_metrics"]
     assert one["multi_step_visits"] == 0 < four["multi_step_visits"]
     assert rows[0]["max_num_batched_tokens"] == 32 and rows[2]["max_num_batched_tokens"] is None
+
+
+def test_engine_host_profile_benchmark(tmp_path):
+    """The synchronous-engine profile: its timed and profiled passes serve the same schedule as the
+    compiling pass, without compiling, and the profile names the engine's own functions."""
+    from benchmarks import engine_host_profile
+
+    out = tmp_path / "profile.json"
+    argv = ["--small", "--workload", "20x6", "--num-prompts", "6", "--max-num-seqs", "4",
+            "--max-num-batched-tokens", "32", "--out", str(out)]
+    assert engine_host_profile.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["compile"]["compiles"] > 0 and r["timed"]["compiles"] == r["profiled"]["compiles"] == 0
+    assert r["compile"]["steps"] == r["timed"]["steps"] == r["profiled"]["steps"] > 6
+    for run in ("timed", "profiled"):
+        assert 0 < r[run]["device_s"] < r[run]["step_s"] <= r[run]["elapsed_s"]
+    assert any("engine.py" in row["function"] and "_step" in row["function"] for row in r["top_cumulative"])

@@ -481,3 +481,39 @@ def test_unmixed_batches_keep_prefills_and_decodes_apart():
     assert kinds[:3] == ["prefill", "prefill", "prefill"]  # a (5) + b (3 of 12), b (8), b (1) + c (3) ...
     assert "decode" in kinds and kinds.index("decode") > 0
     kv.check_invariants()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_update_decodes_at_once_equals_token_by_token(seed):
+    """Sequences outside `watched` take their tokens in one go: the same outputs, computed counts,
+    finishes, page tables and prefix-cache entries as one token at a time."""
+    rng = random.Random(seed)
+    prompts = {rid: [rng.randint(1, 50) for _ in range(rng.randint(2, 9))] for rid in "abcd"}
+    limits = {rid: rng.randint(3, 14) for rid in "abcd"}
+    results = []
+    for watched in (None, set()):
+        kv, sched = make(128, 4, max_model_len=20)
+        seqs = {rid: Sequence(rid, list(p), limits[rid]) for rid, p in prompts.items()}
+        for seq in seqs.values():
+            sched.add(seq)
+        sched.update({s.request_id: 3 for s in sched.schedule().scheduled})
+        calls, finished, draw = [], [], random.Random(seed + 10)
+        while sched.has_unfinished():
+            sched.schedule()
+            budgets = sched.reserve_decode_steps(5)
+            tokens = {rid: [draw.randint(1, 60) for _ in range(b)] for rid, b in budgets.items()}
+            tables = {rid: list(kv.page_table(rid)) for rid in budgets}
+            done = sched.update_decodes(tokens, lambda q, j: calls.append((q.request_id, j)), watched)
+            finished += [s.request_id for s in done]
+            kv.check_invariants()
+        # Prefix hits of each whole output: the pages registered for reuse.
+        hits = {rid: kv.allocate_prompt(f"again-{rid}", seq.prompt_token_ids + seq.output_token_ids + [0])
+                for rid, seq in seqs.items()}
+        state = {rid: (seq.output_token_ids, seq.num_computed_tokens, seq.status) for rid, seq in seqs.items()}
+        last_calls = {rid: max(j for r, j in calls if r == rid) for rid in seqs}
+        results.append((finished, hits, state, last_calls, tables))
+    assert results[0] == results[1]
+    finished, hits, state, _, _ = results[0]
+    assert sorted(finished) == list("abcd") and all(s[2] is Status.FINISHED_LENGTH for s in state.values())
+    assert all(len(state[rid][0]) == limits[rid] or len(prompts[rid]) + len(state[rid][0]) == 20 for rid in seqs)
+    assert sum(hits.values()) > 0  # full pages were registered

@@ -136,6 +136,10 @@ class KVCacheManager:
         table.extend(self._take_fresh_page() for _ in range(num_new))
         return True
 
+    def has_uncached_full_pages(self, seq_id: str, num_tokens: int) -> bool:
+        """Whether `num_tokens` computed tokens fill a page that cache_full_pages has not registered."""
+        return self.enable_prefix_caching and num_tokens // self.page_size > len(self._seq_hashes[seq_id])
+
     def cache_full_pages(self, seq_id: str, token_ids: Sequence[int]) -> None:
         """Register the sequence's full pages (whose K/V for `token_ids` is written) for reuse."""
         table = self._table(seq_id)

@@ -19,7 +19,9 @@ class StepTotals:
     num_preemptions: int = 0
     multi_step_visits: int = 0  # scheduler visits that ran several decode steps on the device
     step_s: float = 0.0  # wall time inside Engine.step()
-    device_wait_s: float = 0.0  # of it, blocked on device results (the rest is host work)
+    # Of it, inside device calls: their dispatch (a GPU holds it until a device while-loop ends)
+    # and waits for results. The rest is host work.
+    device_s: float = 0.0
 
     def __add__(self, other: StepTotals) -> StepTotals:
         return StepTotals(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
@@ -52,7 +54,7 @@ class EngineMetrics:
     generation_tokens: int
     multi_step_visits: int
     step_s: float  # wall time inside Engine.step()
-    device_wait_s: float  # of it, blocked on device results: step_s - device_wait_s is host work
+    device_s: float  # of it, inside device calls (dispatch and result waits): step_s - device_s is host work
 
 
 def collect_metrics(scheduler: Scheduler, kv: KVCacheManager, totals: StepTotals) -> EngineMetrics:
@@ -72,5 +74,5 @@ def collect_metrics(scheduler: Scheduler, kv: KVCacheManager, totals: StepTotals
         generation_tokens=totals.generation_tokens,
         multi_step_visits=totals.multi_step_visits,
         step_s=totals.step_s,
-        device_wait_s=totals.device_wait_s,
+        device_s=totals.device_s,
     )

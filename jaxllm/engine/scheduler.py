@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import enum
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 
 from jaxllm.engine.kv_cache_manager import KVCacheManager
 
@@ -53,6 +53,15 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """all_token_ids[start:stop] without building all_token_ids (a decode needs one token)."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n:stop - n]
+        if stop <= n:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - n]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,11 +228,13 @@ class Scheduler:
         return budgets
 
     def update_decodes(self, tokens: Mapping[str, list[int]],
-                       on_token: Callable[[Sequence, int], None] | None = None) -> list[Sequence]:
+                       on_token: Callable[[Sequence, int], None] | None = None,
+                       watched: Container[str] | None = None) -> list[Sequence]:
         """Records the decode steps reserved by `reserve_decode_steps`: `tokens[id]` are the tokens
         the device sampled for the sequence, in order (at least one, at most its budget). After each
         token, `on_token(seq, j)` may finish the sequence (a stop string): its later tokens are then
-        dropped. Returns the sequences that reached their length limit (pages freed)."""
+        dropped. Sequences not in `watched` (when given) take their tokens at once and `on_token`
+        sees only the last one. Returns the sequences that reached their length limit (pages freed)."""
         reserved, pending = self._reserved, self._pending
         if not reserved:
             raise ValueError("update_decodes() needs a reserve_decode_steps() after the last schedule()")
@@ -239,6 +250,13 @@ class Scheduler:
         finished = []
         for rid in sorted(live, key=lambda r: pending[r][1].arrival):
             seq = pending[rid][1]
+            if watched is not None and rid not in watched:
+                taken, ended = self._advance_decodes(seq, tokens[rid])
+                if ended:
+                    finished.append(seq)
+                if on_token is not None:
+                    on_token(seq, taken - 1)
+                continue
             for j, token in enumerate(tokens[rid]):
                 if self._advance(seq, ScheduledSeq(rid, seq.num_computed_tokens, 1), token):
                     finished.append(seq)
@@ -329,11 +347,25 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq.request_id, cached, n))
             budget -= n
 
+    def _advance_decodes(self, seq: Sequence, tokens: list[int]) -> tuple[int, bool]:
+        """`_advance` of one decode token after another, at once: (tokens taken, whether the
+        sequence reached its length limit, which drops the tokens after it)."""
+        taken = min(len(tokens), seq.max_tokens - len(seq.output_token_ids), self._length_limit - seq.num_tokens)
+        seq.num_computed_tokens += taken
+        seq.output_token_ids.extend(tokens[:taken])
+        if self.kv.has_uncached_full_pages(seq.request_id, seq.num_computed_tokens):
+            self.kv.cache_full_pages(seq.request_id, seq.token_ids(0, seq.num_computed_tokens))
+        if len(seq.output_token_ids) < seq.max_tokens and seq.num_tokens < self._length_limit:
+            return taken, False
+        self.finish(seq.request_id, Status.FINISHED_LENGTH)
+        return taken, True
+
     def _advance(self, seq: Sequence, s: ScheduledSeq, token: int | None) -> bool:
         """Apply one computed chunk (and its sampled token); True if the sequence finished."""
         complete = s.start + s.num_tokens == seq.num_tokens
         seq.num_computed_tokens += s.num_tokens
-        self.kv.cache_full_pages(seq.request_id, seq.all_token_ids[: seq.num_computed_tokens])
+        if self.kv.has_uncached_full_pages(seq.request_id, seq.num_computed_tokens):  # 1 token in page_size
+            self.kv.cache_full_pages(seq.request_id, seq.token_ids(0, seq.num_computed_tokens))
         if not complete:
             return False
         seq.output_token_ids.append(int(token))
@@ -344,6 +376,8 @@ class Scheduler:
 
 
 def _check_token(request_id: str, token) -> None:
+    if type(token) is int and token >= 0:  # what .tolist() gives; the ABC check below is slow
+        return
     if not isinstance(token, numbers.Integral) or isinstance(token, bool) or token < 0:
         raise ValueError(
             f"request_id={request_id!r} completed its scheduled tokens, so sampled[{request_id!r}] must be "
