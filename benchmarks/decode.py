@@ -7,7 +7,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.shapes import BF16_MATMUL, COPY_BANDWIDTH, llama3_8b
+from benchmarks.shapes import BF16_MATMUL, COPY_BANDWIDTH, llama3_8b, tiny
 from jaxllm import LLM, SamplingParams
 from jaxllm.checkpoint import random_params
 from jaxllm.sharding import ParallelConfig, make_mesh
@@ -28,8 +28,7 @@ def _timed(fn, repeats: int) -> list[float]:
 
 
 SMALL = dict(prompt_len=16, new_tokens=16, prefill_len=64, repeats=1,
-             config=llama3_8b().replace(vocab_size=512, hidden_size=128, intermediate_size=256,
-                                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32))
+             config=tiny())
 
 
 def run(batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, prefill_len: int | None = 2048,

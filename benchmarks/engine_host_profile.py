@@ -17,13 +17,10 @@ import time
 
 import jax
 
-from benchmarks.shapes import llama3_8b
+from benchmarks.shapes import random_model
 from jaxllm import LLM, SamplingParams
 from jaxllm.bench import RandomWorkload, compile_count
-from jaxllm.checkpoint import random_params
 from jaxllm.engine.engine import Engine, EngineConfig
-from jaxllm.sharding import ParallelConfig, make_mesh
-from models.llama import unstack_layers
 
 
 def _serve(engine: Engine, requests, n_out: int, tag: str) -> dict:
@@ -64,11 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="a tiny model, to smoke-test on a CPU")
     parser.add_argument("--out", default="results_engine_host_profile.json")
     args = parser.parse_args(argv)
-    from benchmarks.decode import SMALL
-
-    config = SMALL["config"] if args.small else llama3_8b()
-    mesh = make_mesh(ParallelConfig(1))
-    params = unstack_layers(random_params(config, mesh))
+    config, mesh, params = random_model(args.small)
     n_in, n_out = map(int, args.workload.split("x"))
     llm = LLM.from_params(config, params, mesh, max_model_len=n_in + n_out + 16, max_num_seqs=args.max_num_seqs)
     engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, num_decode_steps=args.num_decode_steps,

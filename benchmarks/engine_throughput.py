@@ -14,13 +14,10 @@ import time
 
 import jax
 
-from benchmarks.shapes import llama3_8b
+from benchmarks.shapes import random_model
 from jaxllm import LLM
 from jaxllm.bench import RandomWorkload, run_throughput
-from jaxllm.checkpoint import random_params
 from jaxllm.engine.engine import EngineConfig
-from jaxllm.sharding import ParallelConfig, make_mesh
-from models.llama import unstack_layers
 
 
 def main(argv=None) -> int:
@@ -39,11 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="a tiny model, to smoke-test on a CPU")
     parser.add_argument("--out", default="results_engine_throughput.json")
     args = parser.parse_args(argv)
-    from benchmarks.decode import SMALL
-
-    config = SMALL["config"] if args.small else llama3_8b()
-    mesh = make_mesh(ParallelConfig(1))
-    params = unstack_layers(random_params(config, mesh))
+    config, mesh, params = random_model(args.small)
     rows = []
     for workload in args.workloads:
         n_in, n_out = map(int, workload.split("x"))

@@ -78,18 +78,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results_prefix_reuse.json")
     args = parser.parse_args(argv)
 
-    from benchmarks.decode import SMALL
-    from benchmarks.shapes import llama3_8b
-    from jaxllm.checkpoint import random_params
-    from jaxllm.sharding import ParallelConfig, make_mesh
-    from models.llama import unstack_layers
+    from benchmarks.shapes import random_model
 
     if args.small:
         args.num_requests, args.prefix_len, args.suffix_len, args.output_len = 8, 64, 8, 2
         args.page_size, args.max_num_batched_tokens = 8, 128
-    config = SMALL["config"] if args.small else llama3_8b()
-    mesh = make_mesh(ParallelConfig(1))
-    params = unstack_layers(random_params(config, mesh))
+    config, mesh, params = random_model(args.small)
     max_len = args.prefix_len + args.suffix_len + args.output_len + 16
     llm = LLM.from_params(config, params, mesh, max_model_len=max_len, max_num_seqs=args.num_requests,
                           page_size=args.page_size)

@@ -24,3 +24,21 @@ def llama3_8b(dtype: str = "bfloat16", max_position_embeddings: int = 8192) -> M
         eos_token_ids=(128001,),
         dtype=dtype,
     )
+
+
+def tiny() -> ModelConfig:
+    """The 8B shape shrunk to run in seconds on a CPU (the benchmarks' --small smoke runs)."""
+    return llama3_8b().replace(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=32)
+
+
+def random_model(small: bool = False):
+    """(config, mesh, params): the 8B shape (or `tiny()`) on one device with random weights, layers
+    unstacked as `LLM` serves them."""
+    from jaxllm.checkpoint import random_params
+    from jaxllm.sharding import ParallelConfig, make_mesh
+    from models.llama import unstack_layers
+
+    config = tiny() if small else llama3_8b()
+    mesh = make_mesh(ParallelConfig(1))
+    return config, mesh, unstack_layers(random_params(config, mesh))
