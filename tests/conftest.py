@@ -10,13 +10,20 @@ first tensor-parallel test (twice) and in a sampling test (once), each time afte
 interpret-mode kernel tests had run in the same process; compiling fp8 code did the same before. The
 affected tests pass alone and after any one other file. A crash loses every later test's result,
 so the kernels' interpret tests, the fp8 tests and the multi-device tests run in their own processes.
+
+The isolated modules' processes start as soon as collection ends, one at a time beside the main
+process (CI has two cores), and their tests are moved to the end of the run, so the main process
+works through the other tests meanwhile. JAXLLM_TEST_SERIAL=1 runs each module's process only when
+its first test is reached.
 """
 
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -25,6 +32,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _CHILD = os.environ.get("JAXLLM_TEST_ISOLATED") == "1"
 _module_results: dict[str, dict[str, str | None]] = {}
+_module_futures: dict[str, Future] = {}
+_background: ThreadPoolExecutor | None = None
+_live_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
 
 
 def pytest_configure(config):
@@ -34,34 +45,84 @@ def pytest_configure(config):
 
 def _child(args: list[str], rootpath) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAXLLM_TEST_ISOLATED": "1"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-                          cwd=str(rootpath), env=env, capture_output=True, text=True, timeout=1800)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    with subprocess.Popen(cmd, cwd=str(rootpath), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        with _children_lock:
+            _live_children.add(proc)
+        try:
+            out, err = proc.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            err += "\n(killed after 1800 s)"
+        finally:
+            with _children_lock:
+                _live_children.discard(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _run_module(path: str, rootpath) -> dict[str, str | None]:
+    """{test name: None if it passed, else the failure text}, from one process over the module."""
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = os.path.join(tmp, "results.xml")
+        proc = _child([path, f"--junitxml={xml}"], rootpath)
+        outcomes = {}
+        if os.path.exists(xml):
+            for case in ET.parse(xml).iter("testcase"):
+                bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+                skipped = case.find("skipped")
+                outcomes[case.get("name")] = (None if bad is None and skipped is None else
+                                              (bad if bad is not None else skipped).get("message", "failed"))
+        outcomes["__output__"] = proc.stdout[-4000:] + proc.stderr[-2000:]
+        return outcomes
 
 
 def _module_outcomes(item) -> dict[str, str | None]:
-    """{test name: None if it passed, else the failure text} for the item's module, run once."""
+    """The outcomes of the item's module: from its background process, else run now (once)."""
     path = str(item.path)
     if path not in _module_results:
-        with tempfile.TemporaryDirectory() as tmp:
-            xml = os.path.join(tmp, "results.xml")
-            proc = _child([path, f"--junitxml={xml}"], item.config.rootpath)
-            outcomes = {}
-            if os.path.exists(xml):
-                for case in ET.parse(xml).iter("testcase"):
-                    bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-                    skipped = case.find("skipped")
-                    outcomes[case.get("name")] = (None if bad is None and skipped is None else
-                                                  (bad if bad is not None else skipped).get("message", "failed"))
-            outcomes["__output__"] = proc.stdout[-4000:] + proc.stderr[-2000:]
-            _module_results[path] = outcomes
+        future = _module_futures.get(path)
+        _module_results[path] = future.result() if future is not None else _run_module(path, item.config.rootpath)
     return _module_results[path]
+
+
+def _isolated_module(item) -> bool:
+    return item.get_closest_marker("isolated_module") is not None
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Isolated modules' tests last (their processes run meanwhile); the order within each kept."""
+    if _CHILD or os.environ.get("JAXLLM_TEST_SERIAL") == "1":
+        return
+    items[:] = [i for i in items if not _isolated_module(i)] + [i for i in items if _isolated_module(i)]
+
+
+def pytest_collection_finish(session):
+    global _background
+    if _CHILD or os.environ.get("JAXLLM_TEST_SERIAL") == "1":
+        return
+    paths = list(dict.fromkeys(str(i.path) for i in session.items if _isolated_module(i)))
+    if paths:
+        _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isolated-modules")
+        for path in paths:
+            _module_futures[path] = _background.submit(_run_module, path, session.config.rootpath)
+
+
+def pytest_sessionfinish(session):
+    """An interrupted or failing-fast run leaves no module process behind."""
+    if _background is not None:
+        _background.shutdown(wait=False, cancel_futures=True)
+        with _children_lock:
+            for proc in _live_children:
+                proc.kill()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_call(item):
     if _CHILD:
         return
-    if item.get_closest_marker("isolated_module") is not None:
+    if _isolated_module(item):
         outcomes = _module_outcomes(item)
         if item.name not in outcomes:
             pytest.fail(f"{item.nodeid} did not run in its module's process:\n{outcomes['__output__']}",
