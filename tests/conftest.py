@@ -13,7 +13,7 @@ so the kernels' interpret tests, the fp8 tests and the multi-device tests run in
 
 The isolated modules' processes start as soon as collection ends, one at a time beside the main
 process (CI has two cores), and their tests are moved to the end of the run, so the main process
-works through the other tests meanwhile. JAXLLM_TEST_SERIAL=1 runs each module's process only when
+works through the other tests meanwhile, then runs the modules not yet started itself. JAXLLM_TEST_SERIAL=1 runs each module's process only when
 its first test is reached.
 """
 
@@ -79,11 +79,15 @@ def _run_module(path: str, rootpath) -> dict[str, str | None]:
 
 
 def _module_outcomes(item) -> dict[str, str | None]:
-    """The outcomes of the item's module: from its background process, else run now (once)."""
+    """The outcomes of the item's module: from its background process, or run now (once) when the
+    background has not started it (then both cores work on the isolated modules)."""
     path = str(item.path)
     if path not in _module_results:
         future = _module_futures.get(path)
-        _module_results[path] = future.result() if future is not None else _run_module(path, item.config.rootpath)
+        if future is not None and not future.cancel():
+            _module_results[path] = future.result()
+        else:
+            _module_results[path] = _run_module(path, item.config.rootpath)
     return _module_results[path]
 
 
