@@ -13,8 +13,8 @@ so the kernels' interpret tests, the fp8 tests and the multi-device tests run in
 
 The isolated modules' processes start as soon as collection ends, one at a time beside the main
 process (CI has two cores), and their tests are moved to the end of the run, so the main process
-works through the other tests meanwhile, then runs the modules not yet started itself. JAXLLM_TEST_SERIAL=1 runs each module's process only when
-its first test is reached.
+works through the other tests meanwhile, then runs the modules not yet started itself.
+JAXLLM_TEST_SERIAL=1 runs each module's process only when its first test is reached.
 """
 
 import os
@@ -31,6 +31,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _CHILD = os.environ.get("JAXLLM_TEST_ISOLATED") == "1"
+_BESIDE = not _CHILD and os.environ.get("JAXLLM_TEST_SERIAL") != "1"  # module processes beside this one
 _module_results: dict[str, dict[str, str | None]] = {}
 _module_futures: dict[str, Future] = {}
 _background: ThreadPoolExecutor | None = None
@@ -97,14 +98,14 @@ def _isolated_module(item) -> bool:
 
 def pytest_collection_modifyitems(session, config, items):
     """Isolated modules' tests last (their processes run meanwhile); the order within each kept."""
-    if _CHILD or os.environ.get("JAXLLM_TEST_SERIAL") == "1":
+    if not _BESIDE:
         return
     items[:] = [i for i in items if not _isolated_module(i)] + [i for i in items if _isolated_module(i)]
 
 
 def pytest_collection_finish(session):
     global _background
-    if _CHILD or os.environ.get("JAXLLM_TEST_SERIAL") == "1":
+    if not _BESIDE:
         return
     paths = list(dict.fromkeys(str(i.path) for i in session.items if _isolated_module(i)))
     if paths:

@@ -186,7 +186,8 @@ class Engine:
 
     def _device(self, fn, *args, **kwargs):
         """fn(*args, **kwargs), timed as device time: jax.device_get, or a jitted call, whose
-        dispatch returns at once on a CPU but on a GPU only once a device while-loop has ended."""
+        dispatch returns at once on a CPU but on a GPU only after the device has reached its last
+        while-loop or lax.cond predicate (the host reads those back)."""
         start = time.perf_counter()
         out = fn(*args, **kwargs)
         self._device_s += time.perf_counter() - start
@@ -296,8 +297,8 @@ class Engine:
         new = {s.request_id: tokens[i, 1:generated[i]].tolist() for i, s in enumerate(scheduled)}
         # Rows checked token by token: logprobs or stop strings, or a stop token before the last
         # (the device ends a row at its stop tokens, so that is not expected). The rest at once.
-        watched = {rid for rid, t in zip(new, batch) if t.req.params.logprobs is not None or t.req.params.stop
-                   or not t.stop_ids.isdisjoint(new[rid][:-1])}
+        watched = {s.request_id for s, t in zip(scheduled, batch) if t.req.params.logprobs is not None
+                   or t.req.params.stop or not t.stop_ids.isdisjoint(new[s.request_id][:-1])}
         self.scheduler.update_decodes(new, on_token, watched)
         kept = sum(len(t.seq.output_token_ids) - n for t, n in zip(batch, done_before))
         self._totals += StepTotals(steps=int(max(generated[:len(batch)])) - 1,

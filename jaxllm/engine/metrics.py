@@ -19,8 +19,8 @@ class StepTotals:
     num_preemptions: int = 0
     multi_step_visits: int = 0  # scheduler visits that ran several decode steps on the device
     step_s: float = 0.0  # wall time inside Engine.step()
-    # Of it, inside device calls: their dispatch (a GPU holds it until a device while-loop ends)
-    # and waits for results. The rest is host work.
+    # Of it, inside device calls: their dispatch (on a GPU it waits for the device to reach each
+    # while-loop or lax.cond predicate) and waits for results. The rest is host work.
     device_s: float = 0.0
 
     def __add__(self, other: StepTotals) -> StepTotals:

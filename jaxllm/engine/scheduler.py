@@ -353,22 +353,26 @@ class Scheduler:
         taken = min(len(tokens), seq.max_tokens - len(seq.output_token_ids), self._length_limit - seq.num_tokens)
         seq.num_computed_tokens += taken
         seq.output_token_ids.extend(tokens[:taken])
-        if self.kv.has_uncached_full_pages(seq.request_id, seq.num_computed_tokens):
-            self.kv.cache_full_pages(seq.request_id, seq.token_ids(0, seq.num_computed_tokens))
-        if len(seq.output_token_ids) < seq.max_tokens and seq.num_tokens < self._length_limit:
-            return taken, False
-        self.finish(seq.request_id, Status.FINISHED_LENGTH)
-        return taken, True
+        self._cache_full_pages(seq)
+        return taken, self._finish_at_length_limit(seq)
 
     def _advance(self, seq: Sequence, s: ScheduledSeq, token: int | None) -> bool:
         """Apply one computed chunk (and its sampled token); True if the sequence finished."""
         complete = s.start + s.num_tokens == seq.num_tokens
         seq.num_computed_tokens += s.num_tokens
-        if self.kv.has_uncached_full_pages(seq.request_id, seq.num_computed_tokens):  # 1 token in page_size
-            self.kv.cache_full_pages(seq.request_id, seq.token_ids(0, seq.num_computed_tokens))
+        self._cache_full_pages(seq)
         if not complete:
             return False
         seq.output_token_ids.append(int(token))
+        return self._finish_at_length_limit(seq)
+
+    def _cache_full_pages(self, seq: Sequence) -> None:
+        """Registers pages its computed tokens filled since the last call (1 token in page_size)."""
+        if self.kv.has_uncached_full_pages(seq.request_id, seq.num_computed_tokens):
+            self.kv.cache_full_pages(seq.request_id, seq.token_ids(0, seq.num_computed_tokens))
+
+    def _finish_at_length_limit(self, seq: Sequence) -> bool:
+        """Finishes the sequence if its output reached max_tokens or the context its length limit."""
         if len(seq.output_token_ids) < seq.max_tokens and seq.num_tokens < self._length_limit:
             return False
         self.finish(seq.request_id, Status.FINISHED_LENGTH)
