@@ -24,13 +24,16 @@ from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.quantization import check_method as check_quantization, quantize_params
 from jaxllm.quantized_checkpoint import checkpoint_quantization, load_quantized
 from jaxllm.requests import Request, make_requests
-from jaxllm.sampling import make_sampling_tensors
+from jaxllm.sampling import make_sampling_tensors, sampling_mode
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.sharding import ParallelConfig, cache_sharding, check_divisible, make_mesh
 from jaxllm.speculative.config import SpeculativeConfig
 from models import get_model_spec
 
 STOP_STRING_CHECK_STEPS = 16  # decode steps between host checks, only when stop strings are set
+# Decode steps between the device loop's checks for "all rows done" (`runner.decode`'s check_every):
+# each check is a round trip to the host that leaves the GPU idle while the next step launches.
+DECODE_CHECK_EVERY = 4
 _FINISH = {runner.FINISHED_LENGTH: "length", runner.FINISHED_STOP: "stop"}
 
 
@@ -480,6 +483,9 @@ class LLM:
         limits = runner.Limits(stop_ids, np.array(max_tokens + [1] * (rows - len(batch)), np.int32),
                                np.int32(self.max_model_len))
         st = make_sampling_tensors([r.params for r in batch], [r.seed for r in batch], rows, cfg.vocab_size)
+        # Chosen here, not on the device: a device-side choice (lax.cond) makes the host wait each step.
+        mode = sampling_mode([r.params for r in batch], cfg.vocab_size)
+        penalties = any(r.params.has_penalties for r in batch)
         logprobs_k = max((r.params.logprobs for r in batch if r.params.logprobs is not None), default=None)
         prompt_k = max((r.params.prompt_logprobs for r in batch if r.params.prompt_logprobs is not None),
                        default=None)
@@ -495,7 +501,7 @@ class LLM:
             parts.append(runner.prefill(
                 self.params, cache, tokens[part], prompt_lens[part], page_table[part], _rows(st, part),
                 _rows(limits, part), config=cfg, max_new=max_new, logprobs_k=logprobs_k,
-                prompt_logprobs_k=prompt_k, return_hidden=medusa,
+                prompt_logprobs_k=prompt_k, return_hidden=medusa, sampling_mode=mode,
             ))
             cache = parts[-1][0].cache
         state, prompt_lp, *hidden = _concat_rows(parts, cache)
@@ -526,10 +532,13 @@ class LLM:
                     state = state._replace(done=jax.numpy.asarray(done))
             if spec is None:
                 state = runner.decode(self.params, state, st, limits, np.int32(min(interval, steps)),
-                                      config=cfg, logprobs_k=logprobs_k)
+                                      config=cfg, logprobs_k=logprobs_k, sampling_mode=mode,
+                                      check_every=DECODE_CHECK_EVERY)
             else:
                 state, spec = speculator.decode(self.params, state, spec, st, limits,
-                                                np.int32(min(interval, steps)), config=cfg, logprobs_k=logprobs_k)
+                                                np.int32(min(interval, steps)), config=cfg, logprobs_k=logprobs_k,
+                                                sampling_mode=mode, penalties=penalties,
+                                                check_every=DECODE_CHECK_EVERY)
             steps -= interval
 
     def _stop_ids(self, params: SamplingParams) -> list[int]:

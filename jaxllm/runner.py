@@ -124,7 +124,7 @@ def _record(state: DecodeState, logits, token, st, limits: Limits, logprobs_k: i
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new", "logprobs_k", "prompt_logprobs_k", "return_hidden"),
+    static_argnames=("config", "max_new", "logprobs_k", "prompt_logprobs_k", "return_hidden", "sampling_mode"),
     donate_argnames=("cache",),
 )
 def prefill(
@@ -141,8 +141,9 @@ def prefill(
     logprobs_k: int | None,
     prompt_logprobs_k: int | None,
     return_hidden: bool = False,
+    sampling_mode: str = "auto",
 ):
-    """Caches every prompt's K/V and samples each request's first token.
+    """Caches every prompt's K/V and samples each request's first token (`sampling.sample`'s `mode`).
 
     Returns (DecodeState, PromptLogprobs or None), plus each row's last hidden state [B, D] when
     `return_hidden` (Medusa heads read it)."""
@@ -174,14 +175,15 @@ def prefill(
         tokens=jnp.zeros((batch, max_new), jnp.int32), prompt_mask=prompt_mask,
         output_counts=jnp.zeros((batch, vocab), jnp.int32), logprobs_k=logprobs_k,
     )
-    token = sampling.sample(logits, st, state.num_generated, prompt_mask, state.output_counts)
+    token = sampling.sample(logits, st, state.num_generated, prompt_mask, state.output_counts, sampling_mode)
     state = _record(state, logits, token, st, limits, logprobs_k)
     if return_hidden:
         return state, prompt_lp, hidden[rows, last]
     return state, prompt_lp
 
 
-@functools.partial(jax.jit, static_argnames=("config", "logprobs_k"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("config", "logprobs_k", "sampling_mode", "trip_count", "check_every"),
+                   donate_argnames=("state",))
 def decode(
     params: dict,
     state: DecodeState,
@@ -191,29 +193,56 @@ def decode(
     *,
     config: ModelConfig,
     logprobs_k: int | None,
+    sampling_mode: str = "auto",
+    trip_count: int | None = None,
+    check_every: int = 1,
 ) -> DecodeState:
-    """Up to `num_steps` decode steps in one `lax.while_loop`, stopping early once all rows are done."""
+    """Up to `num_steps` decode steps, sampling with `sampling.sample`'s `mode`; rows done, or past
+    `num_steps`, are left unchanged.
+
+    With `trip_count` None, a `lax.while_loop` that stops once all rows are done or `num_steps` is
+    reached, looking every `check_every` steps: XLA's GPU runtime reads a while-loop predicate back
+    to the host, and the device idles while the host launches the next iteration, so rarer checks
+    cost less (and compute up to `check_every - 1` steps nobody keeps). With `trip_count`, exactly
+    that many steps and no predicate on the host: the call returns before the loop runs."""
     model = get_model_spec(config.architecture).model
     rows = jnp.arange(state.tokens.shape[0])
     capacity = state.tokens.shape[1]
+    if trip_count is not None and not 1 <= trip_count < capacity:
+        raise ValueError(f"trip_count must be in [1, {capacity - 1}] (the output buffer's width - 1), "
+                         f"got {trip_count}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+
+    def step(i, s):
+        frozen = s.done | (i >= num_steps) | (s.num_generated >= capacity)
+        last = s.tokens[rows, jnp.maximum(s.num_generated - 1, 0)]
+        position = jnp.where(frozen, -1, s.prompt_lens + s.num_generated - 1)
+        meta = AttentionMeta(position[:, None], s.page_table, position + 1)
+        hidden, cache = model.forward_hidden(params, last[:, None], meta, s.cache, config)
+        s = s._replace(cache=cache)
+        logits = model.logits(params, hidden[:, 0])
+        token = sampling.sample(logits, st, s.num_generated, s.prompt_mask, s.output_counts, sampling_mode)
+        logprobs = None
+        if logprobs_k is not None:
+            logprobs = jax.tree.map(lambda x: x[:, None], sampling.token_logprobs(logits, token, logprobs_k))
+        return record(s, token[:, None], (~frozen).astype(jnp.int32), limits, logprobs)
+
+    if trip_count is not None:
+        return jax.lax.fori_loop(0, trip_count, step, state)
 
     def cond(carry):
         i, s = carry
         return (i < num_steps) & ~jnp.all(s.done) & (i < capacity)
 
-    def body(carry):
+    def steps(carry):
         i, s = carry
-        last = s.tokens[rows, jnp.maximum(s.num_generated - 1, 0)]
-        position = s.prompt_lens + s.num_generated - 1
-        position = jnp.where(s.done, -1, position)
-        meta = AttentionMeta(position[:, None], s.page_table, position + 1)
-        hidden, cache = model.forward_hidden(params, last[:, None], meta, s.cache, config)
-        s = s._replace(cache=cache)
-        logits = model.logits(params, hidden[:, 0])
-        token = sampling.sample(logits, st, s.num_generated, s.prompt_mask, s.output_counts)
-        return i + 1, _record(s, logits, token, st, limits, logprobs_k)
+        if check_every == 1:
+            return i + 1, step(i, s)
+        # static bounds: XLA knows the inner loop's trip count and reads nothing back inside it
+        return i + check_every, jax.lax.fori_loop(0, check_every, lambda j, s: step(i + j, s), s)
 
-    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    _, state = jax.lax.while_loop(cond, steps, (jnp.int32(0), state))
     return state
 
 
@@ -232,7 +261,7 @@ def score(
     return jnp.where(t[:, 1:] < lengths[:, None], picked, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "logprobs_k"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "logprobs_k", "sampling_mode"), donate_argnames=("cache",))
 def engine_step(
     params: dict,
     cache: KVCache,
@@ -246,6 +275,7 @@ def engine_step(
     *,
     config: ModelConfig,
     logprobs_k: int | None,
+    sampling_mode: str = "auto",
 ):
     """One engine step over a ragged batch: row b computes tokens at `meta.positions[b]` (prefill
     chunks and decodes alike, -1 padding), then samples a token from its position `last[b]`.
@@ -259,6 +289,6 @@ def engine_step(
     if prompt_mask is None:
         prompt_mask = jnp.zeros(logits.shape, bool)
         output_counts = jnp.zeros(logits.shape, jnp.int32)
-    token = sampling.sample(logits, st, steps, prompt_mask, output_counts)
+    token = sampling.sample(logits, st, steps, prompt_mask, output_counts, sampling_mode)
     logprobs = sampling.token_logprobs(logits, token, logprobs_k) if logprobs_k is not None else None
     return token, logprobs, cache

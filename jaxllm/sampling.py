@@ -12,6 +12,13 @@ from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from jaxllm.sampling_params import GREEDY_EPS, SEED_MAX, SEED_MIN, SamplingParams
 
+# The static sampling paths a jitted step compiles for, chosen on the host from the batch's params
+# (`sampling_mode`): "greedy" takes the argmax; "unsorted" also draws the rows that neither top-k
+# nor top-p restricts, without sorting the vocabulary; "sorted" draws every kind of row. "auto"
+# picks among them on the device with `lax.cond`, whose predicate XLA's GPU runtime copies to the
+# host: a host-device round trip per call (or per loop iteration) that keeps dispatch synchronous.
+SAMPLING_MODES = ("greedy", "unsorted", "sorted")
+
 
 class SamplingTensors(NamedTuple):
     """Per-row sampling parameters; one row per request, padded rows are greedy."""
@@ -83,6 +90,28 @@ def make_sampling_tensors(
         keys=keys,
         step_offset=col(step_offsets, 0, np.int32),
     )
+
+
+def _filters(p: SamplingParams, vocab_size: int) -> bool:
+    return p.temperature >= GREEDY_EPS and (0 < p.top_k < vocab_size or p.top_p < 1.0)
+
+
+def sampling_mode(params: Sequence[SamplingParams], vocab_size: int, greedy: bool = True) -> str:
+    """The cheapest of SAMPLING_MODES that samples every row of `params` right; `greedy=False`
+    answers "unsorted" for an all-greedy batch (one executable fewer to compile)."""
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
+    if any(_filters(p, vocab_size) for p in params):
+        return "sorted"
+    if greedy and all(p.temperature < GREEDY_EPS for p in params):
+        return "greedy"
+    return "unsorted"
+
+
+def check_mode(mode: str) -> None:
+    if mode not in SAMPLING_MODES + ("auto",):
+        raise ValueError(f"sampling mode must be one of {SAMPLING_MODES + ('auto',)}, got {mode!r}")
 
 
 def _check_batch(logits, st: SamplingTensors, **arrays) -> None:
@@ -165,21 +194,34 @@ def _probs_row(logits, temperature, top_k, top_p, min_p):
     return jnp.zeros_like(probs).at[order].set(probs)
 
 
-def target_probs(logits: Float[Array, "B V"], st: SamplingTensors) -> Float[Array, "B V"]:
+def _probs_row_unsorted(logits, temperature, min_p):
+    scaled = logits / temperature
+    return jax.nn.softmax(jnp.where(scaled >= jnp.max(scaled) + jnp.log(min_p), scaled, -jnp.inf))
+
+
+def target_probs(logits: Float[Array, "B V"], st: SamplingTensors, mode: str = "auto") -> Float[Array, "B V"]:
     """The distribution `sample` draws from, for already-penalised logits: one-hot on the argmax for
-    greedy rows, else softmax(logits / temperature) restricted by top-k, top-p and min-p."""
+    greedy rows, else softmax(logits / temperature) restricted by top-k, top-p and min-p. `mode` as
+    in `sample`."""
+    check_mode(mode)
     _check_batch(logits, st)
     logits = logits.astype(jnp.float32)
     temperature = st.temperature.astype(jnp.float32)
     greedy = temperature < GREEDY_EPS
     one_hot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    safe_t, min_p = jnp.where(greedy, 1.0, temperature), st.min_p.astype(jnp.float32)
 
     def mixed():
-        probs = jax.vmap(_probs_row)(logits, jnp.where(greedy, 1.0, temperature), st.top_k.astype(jnp.int32),
-                                     st.top_p.astype(jnp.float32), st.min_p.astype(jnp.float32))
+        if mode == "unsorted":
+            probs = jax.vmap(_probs_row_unsorted)(logits, safe_t, min_p)
+        else:
+            probs = jax.vmap(_probs_row)(logits, safe_t, st.top_k.astype(jnp.int32), st.top_p.astype(jnp.float32),
+                                         min_p)
         return jnp.where(greedy[:, None], one_hot, probs)
 
-    return jax.lax.cond(jnp.all(greedy), lambda: one_hot, mixed)
+    if mode == "auto":
+        return jax.lax.cond(jnp.all(greedy), lambda: one_hot, mixed)
+    return one_hot if mode == "greedy" else mixed()
 
 
 def sample(
@@ -188,8 +230,13 @@ def sample(
     step: Int[Array, "B"],
     prompt_mask: Bool[Array, "B V"],
     output_counts: Int[Array, "B V"],
+    mode: str = "auto",
 ) -> Int[Array, "B"]:
-    """Apply penalties, then greedy (temperature < 1e-5) or seeded top-k/top-p/min-p sampling per row."""
+    """Apply penalties, then greedy (temperature < 1e-5) or seeded top-k/top-p/min-p sampling per row.
+
+    `mode` is one of SAMPLING_MODES, chosen on the host by `sampling_mode` (a mode too small for a
+    row samples it wrongly), or "auto": the same result, chosen on the device."""
+    check_mode(mode)
     step = jnp.asarray(step)
     _check_batch(logits, st, step=step, prompt_mask=prompt_mask, output_counts=output_counts)
     logits = apply_penalties(logits, prompt_mask, output_counts, st)
@@ -211,13 +258,19 @@ def sample(
         return jnp.where(sorted_rows, jax.vmap(_sample_row)(logits, safe_t, top_k, top_p, min_p, keys, steps),
                          unsorted())
 
-    def mixed():
-        sampled = jax.lax.cond(jnp.any(sorted_rows), with_sort, unsorted)
-        return jnp.where(greedy, argmax, sampled).astype(jnp.int32)
+    def mixed(draw):
+        return jnp.where(greedy, argmax, draw()).astype(jnp.int32)
 
     # The per-row sort over the whole vocabulary runs only when a row uses top-k or top-p (1.5 ms a
     # step at batch 128 of a 128k vocabulary on an H200); an all-greedy batch samples nothing.
-    return jax.lax.cond(jnp.all(greedy), lambda: argmax, mixed)
+    if mode == "greedy":
+        return argmax
+    if mode == "unsorted":
+        return mixed(unsorted)
+    if mode == "sorted":
+        return mixed(with_sort)
+    return jax.lax.cond(jnp.all(greedy), lambda: argmax,
+                        lambda: mixed(lambda: jax.lax.cond(jnp.any(sorted_rows), with_sort, unsorted)))
 
 
 def token_logprobs(

@@ -137,6 +137,11 @@ class SamplingParams:
         """True when sampling reduces to argmax."""
         return self.temperature < GREEDY_EPS
 
+    @property
+    def has_penalties(self) -> bool:
+        """True when a repetition, presence or frequency penalty changes the logits."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def validate_against_vocab(self, vocab_size: int) -> None:
         """Raise ValueError if stop ids or logprob counts exceed `vocab_size` (top_k is clamped instead)."""
         if not _is_int(vocab_size) or vocab_size < 1:

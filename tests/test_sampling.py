@@ -470,3 +470,64 @@ def test_sample_rejects_mismatched_shapes():
         sample(logits, st4, jnp.zeros((3,), jnp.int32), pm, oc)
     with pytest.raises(ValueError, match=r"logits must have shape \(B, V\)"):
         apply_penalties(logits[0], pm, oc, st)
+
+
+def test_sampling_mode_is_the_cheapest_path_that_fits():
+    from jaxllm.sampling import sampling_mode
+
+    greedy, plain = SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, min_p=0.1)
+    assert sampling_mode([greedy, greedy], V) == "greedy"
+    assert sampling_mode([greedy], V, greedy=False) == "unsorted"
+    assert sampling_mode([greedy, plain], V) == "unsorted"
+    assert sampling_mode([plain, SamplingParams(temperature=0.7, top_k=V)], V) == "unsorted"  # top_k off
+    assert sampling_mode([SamplingParams(temperature=0.0, top_p=0.5)], V) == "greedy"  # greedy ignores top-p
+    assert sampling_mode([plain, SamplingParams(temperature=0.7, top_k=V - 1)], V) == "sorted"
+    assert sampling_mode([greedy, SamplingParams(top_p=0.9)], V) == "sorted"
+    with pytest.raises(ValueError, match="params\\[1\\] must be a SamplingParams, got dict"):
+        sampling_mode([greedy, {}], V)
+
+
+def test_host_chosen_modes_sample_what_the_device_choice_samples():
+    """Every mode at least as wide as `sampling_mode`'s answer draws the tokens and gives the
+    distribution that mode="auto" (lax.cond on the device) does; a narrower one does not."""
+    from jaxllm.sampling import SAMPLING_MODES, sampling_mode, target_probs
+
+    rng = np.random.default_rng(17)
+    batches = [
+        [SamplingParams(temperature=0.0)] * 3,
+        [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3, min_p=0.05), SamplingParams(temperature=2.0)],
+        [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3), SamplingParams(temperature=0.9, top_p=0.8),
+         SamplingParams(temperature=1.5, top_k=5, repetition_penalty=1.3)],
+    ]
+    fn = jax.jit(sample, static_argnames="mode")
+    probs_fn = jax.jit(target_probs, static_argnames="mode")
+    for params in batches:
+        b = len(params)
+        st = make_sampling_tensors(params, list(range(b)), b, V)
+        needed = SAMPLING_MODES.index(sampling_mode(params, V))
+        for step in range(8):
+            logits = random_logits(rng, b)
+            pm, oc = rng.random((b, V)) < 0.2, rng.integers(0, 3, (b, V)).astype(np.int32)
+            steps = jnp.full((b,), step, jnp.int32)
+            want = np.asarray(fn(logits, st, steps, pm, oc, mode="auto"))
+            want_p = np.asarray(probs_fn(logits, st, mode="auto"))
+            for mode in SAMPLING_MODES[needed:]:
+                np.testing.assert_array_equal(fn(logits, st, steps, pm, oc, mode=mode), want, err_msg=mode)
+                np.testing.assert_allclose(probs_fn(logits, st, mode=mode), want_p, atol=1e-6, err_msg=mode)
+    # a narrower mode than the batch needs samples it wrongly (the choice matters)
+    params = batches[2]
+    st = make_sampling_tensors(params, [0, 1, 2, 3], 4, V)
+    logits = random_logits(rng, 4)
+    pm, oc = np.zeros((4, V), bool), np.zeros((4, V), np.int32)
+    p_sorted = np.asarray(probs_fn(logits, st, mode="sorted"))
+    assert not np.allclose(np.asarray(probs_fn(logits, st, mode="unsorted"))[2:], p_sorted[2:], atol=1e-3)
+    assert np.count_nonzero(p_sorted[3]) <= 5
+    draws = [fn(logits, st, jnp.full((4,), s, jnp.int32), pm, oc, mode="greedy")[1] for s in range(4)]
+    assert len(set(int(d) for d in draws)) == 1  # greedy mode never draws the sampled row
+
+
+def test_unknown_sampling_mode_is_refused():
+    st = make_sampling_tensors([SamplingParams()], [0], 1, V)
+    logits = np.zeros((1, V), np.float32) + np.arange(V)
+    with pytest.raises(ValueError, match="sampling mode must be one of .*'greedy'.*got 'fast'"):
+        sample(logits, st, jnp.zeros(1, jnp.int32), np.zeros((1, V), bool), np.zeros((1, V), np.int32), mode="fast")

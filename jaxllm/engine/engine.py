@@ -10,6 +10,7 @@ Requests can be added and aborted between steps.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Sequence as Seq
 
@@ -28,7 +29,7 @@ from jaxllm.kv_cache import AttentionMeta, bytes_per_page, free_device_bytes, in
 from jaxllm.llm import LLM, bucket
 from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.requests import Request
-from jaxllm.sampling import make_sampling_tensors
+from jaxllm.sampling import make_sampling_tensors, sampling_mode
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.sharding import cache_sharding
 
@@ -97,10 +98,6 @@ def pages_from_memory(model: ModelConfig, page_size: int, utilization: float, de
         raise ValueError(f"gpu_memory_utilization={utilization} leaves room for {max(pages, 0)} KV pages "
                          f"of {per_page} bytes; at least 2 are needed: raise it or shorten max_model_len")
     return pages
-
-
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 class Engine:
@@ -254,7 +251,7 @@ class Engine:
         stops = [sorted(t.stop_ids) for t in batch]
         stop_ids = np.full((rows, bucket(max(map(len, stops)), _MIN_STOP_COLUMNS)), -1, np.int32)
         max_tokens = np.ones(rows, np.int32)
-        penalised = any(_has_penalty(t.req.params) for t in batch)
+        penalised = any(t.req.params.has_penalties for t in batch)
         # Without penalties the loop still carries these: made on the device, nothing crosses.
         zeros = np.zeros if penalised else jnp.zeros
         prompt_mask = zeros((rows, cfg.vocab_size), bool)
@@ -276,8 +273,11 @@ class Engine:
         st = make_sampling_tensors([t.req.params for t in batch], [t.req.seed for t in batch], rows, cfg.vocab_size,
                                    step_offsets=[n - 1 for n in done_before])
         limits = runner.Limits(stop_ids, max_tokens, np.int32(self.scheduler.length_limit))
+        # A fixed trip count (rows past their budget stop at their own limits) and a sampling mode
+        # chosen here keep every predicate on the device: the call returns before the loop runs.
         state = self._device(runner.decode, llm.params, state, st, limits, np.int32(max(budgets.values())),
-                             config=cfg, logprobs_k=k)
+                             config=cfg, logprobs_k=k, sampling_mode=self._mode(batch),
+                             trip_count=self.config.num_decode_steps)
         self.cache = state.cache
         tokens, generated, logprob, rank, top_ids, top_lps = self._device_get(
             (state.tokens, state.num_generated, state.logprob, state.rank, state.top_ids, state.top_lps))
@@ -344,7 +344,7 @@ class Engine:
         last = np.zeros(rows, np.int32)
         steps = np.zeros(rows, np.int32)
         # Penalty inputs cross to the device only when some row uses a penalty.
-        penalised = any(_has_penalty(t.req.params) for t in batch)
+        penalised = any(t.req.params.has_penalties for t in batch)
         prompt_mask = np.zeros((rows, cfg.vocab_size), bool) if penalised else None
         output_counts = np.zeros((rows, cfg.vocab_size), np.int32) if penalised else None
         for i, (s, t, table) in enumerate(zip(scheduled, batch, tables)):
@@ -360,9 +360,13 @@ class Engine:
         st = make_sampling_tensors([t.req.params for t in batch], [t.req.seed for t in batch], rows, cfg.vocab_size)
         token, logprobs, self.cache = self._device(
             runner.engine_step, llm.params, self.cache, tokens, AttentionMeta(positions, page_table, kv_lens), last, st, steps,
-            prompt_mask, output_counts, config=cfg, logprobs_k=logprobs_k,
+            prompt_mask, output_counts, config=cfg, logprobs_k=logprobs_k, sampling_mode=self._mode(batch),
         )
         return token, logprobs
+
+    def _mode(self, batch: list[_Tracked]) -> str:
+        """The batch's sampling mode; greedy batches share "unsorted" (one executable fewer per shape)."""
+        return sampling_mode([t.req.params for t in batch], self.llm.config.vocab_size, greedy=False)
 
     def _check_stop(self, t: _Tracked) -> None:
         """Stop tokens and stop strings end a running sequence on the host."""
@@ -416,18 +420,27 @@ class Engine:
         most = cfg.max_num_seqs if width == 1 else min(cfg.max_num_seqs, cfg.max_num_batched_tokens // (width // 2 + 1))
         return bucket(max(most, 1))
 
-    def warmup(self, prompt_lens: Seq[int] = ()) -> int:
+    def warmup(self, prompt_lens: Seq[int] = (), sampling_modes: Seq[str] | None = None) -> int:
         """Compiles, before serving, the shapes that batches of 1 to max_num_seqs sequences take
         without logprobs or penalties: one decode step, the several-step decode loop, and prefill
         calls of each prompt length given (chunked to the token budget; as many rows of a width as
-        the budget allows chunks of that width bucket). Runs each on padding rows, which write only
-        the scratch page; returns how many it ran."""
+        the budget allows chunks of that width bucket), for each sampling mode (default: "unsorted",
+        which greedy and plain-temperature batches use, and the mode of the model's default
+        sampling params). Runs each on padding rows, which write only the scratch page; returns how
+        many it ran."""
         cfg, llm = self.llm.config, self.llm
         if any(not isinstance(n, (int, np.integer)) or n < 1 for n in prompt_lens):
             raise ValueError(f"prompt_lens must be positive integers, got {list(prompt_lens)}")
+        if sampling_modes is None:
+            default = sampling_mode([llm.get_default_sampling_params()], cfg.vocab_size, greedy=False)
+            sampling_modes = sorted({"unsorted", default})
+        for mode in sampling_modes:
+            if mode not in ("unsorted", "sorted"):
+                raise ValueError(f"the engine samples in modes 'unsorted' and 'sorted', got {mode!r}")
         widths = {1} | {bucket(min(int(n), self.config.max_num_batched_tokens)) for n in prompt_lens}
         runs = 0
-        for rows in sorted({bucket(r) for r in range(1, self.config.max_num_seqs + 1)}):
+        for rows, mode in itertools.product(sorted({bucket(r) for r in range(1, self.config.max_num_seqs + 1)}),
+                                            sampling_modes):
             st = make_sampling_tensors([], [], rows, cfg.vocab_size)
             page_table = np.zeros((rows, self._pmax), np.int32)
             for width in sorted(widths):
@@ -436,7 +449,7 @@ class Engine:
                 meta = AttentionMeta(np.full((rows, width), -1, np.int32), page_table, np.zeros(rows, np.int32))
                 _, _, self.cache = runner.engine_step(
                     llm.params, self.cache, np.zeros((rows, width), np.int32), meta, np.zeros(rows, np.int32), st,
-                    np.zeros(rows, np.int32), None, None, config=cfg, logprobs_k=None)
+                    np.zeros(rows, np.int32), None, None, config=cfg, logprobs_k=None, sampling_mode=mode)
                 runs += 1
             if self.config.num_decode_steps > 1:
                 width = bucket(1 + self.config.num_decode_steps)
@@ -447,7 +460,8 @@ class Engine:
                     output_counts=jnp.zeros((rows, cfg.vocab_size), np.int32), logprobs_k=None)
                 limits = runner.Limits(np.full((rows, _MIN_STOP_COLUMNS), -1, np.int32), np.ones(rows, np.int32),
                                        np.int32(self.scheduler.length_limit))
-                self.cache = runner.decode(llm.params, state, st, limits, np.int32(1), config=cfg, logprobs_k=None).cache
+                self.cache = runner.decode(llm.params, state, st, limits, np.int32(1), config=cfg, logprobs_k=None,
+                                           sampling_mode=mode, trip_count=self.config.num_decode_steps).cache
                 runs += 1
         return runs
 

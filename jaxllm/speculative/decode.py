@@ -75,7 +75,7 @@ _DRAFT_SALT = 0xD0
 
 
 def propose_draft(draft_params, cache: KVCache, history, page_table, last, p, live, st, step, *,
-                  draft_config: ModelConfig, k: int):
+                  draft_config: ModelConfig, k: int, sampling_mode: str = "auto"):
     """k tokens from the draft model, each sampled from its (temperature, top-k/p) distribution.
 
     The first forward also (re)writes the token before `last`: the step before may have accepted a
@@ -89,7 +89,7 @@ def propose_draft(draft_params, cache: KVCache, history, page_table, last, p, li
     logits = model.logits(draft_params, hidden[:, 1])
     drafts, dists = [], []
     for i in range(k):
-        q = sampling.target_probs(logits, st)
+        q = sampling.target_probs(logits, st, sampling_mode)
         d = acceptance.draw(acceptance.row_keys(st.keys, step, _DRAFT_SALT + i, 1)[:, 0], q)
         drafts.append(d)
         dists.append(q)
@@ -102,7 +102,7 @@ def propose_draft(draft_params, cache: KVCache, history, page_table, last, p, li
 
 
 def _chain_step(params, s: runner.DecodeState, sp: SpecState, st, limits, draft_params, *,
-                config, plan: Plan, logprobs_k, draft_config):
+                config, plan: Plan, logprobs_k, draft_config, sampling_mode, penalties):
     """One propose / verify / accept / record step for a chain of proposals (n-gram, draft model)."""
     model = get_model_spec(config.architecture).model
     rows = jnp.arange(s.tokens.shape[0])
@@ -117,7 +117,7 @@ def _chain_step(params, s: runner.DecodeState, sp: SpecState, st, limits, draft_
     else:
         drafts, draft_probs, draft_cache = propose_draft(
             draft_params, sp.draft_cache, sp.history, s.page_table, last, p, live, st, n,
-            draft_config=draft_config, k=k)
+            draft_config=draft_config, k=k, sampling_mode=sampling_mode)
         proposed = jnp.full_like(n, k)
     proposed = jnp.where(live, proposed, 0)
 
@@ -127,17 +127,17 @@ def _chain_step(params, s: runner.DecodeState, sp: SpecState, st, limits, draft_
         meta = AttentionMeta(pos, s.page_table, jnp.where(live, p + k + 1, 0))
         hidden, cache = model.forward_hidden(params, tokens, meta, cache, config)
         logits = model.logits(params, hidden)  # [B, k+1, V]
-        scores = verify.penalised(logits, s, st, tokens, _chain_seen(k))
+        scores = verify.penalised(logits, s, st, tokens, _chain_seen(k), penalties)
 
         def greedy():  # one-hot targets make rejection sampling "keep while equal to the argmax"
             best = jnp.argmax(scores, axis=-1).astype(jnp.int32)
             return acceptance.accept_greedy_chain(best, drafts, proposed)
 
         def sampled():
-            probs = verify.target_probs(scores, st)
+            probs = verify.target_probs(scores, st, sampling_mode)
             return acceptance.accept_chain(probs, drafts, proposed, st.keys, n, draft_probs)
 
-        verdict = jax.lax.cond(jnp.all(st.temperature < sampling.GREEDY_EPS), greedy, sampled)
+        verdict = verify.choose_verdict(sampling_mode, st, greedy, sampled)
         emitted = jnp.concatenate([drafts, jnp.zeros_like(last)[:, None]], axis=1)
         emitted = emitted.at[rows, verdict.num_accepted].set(verdict.next_token)
         return cache, emitted, verdict.num_accepted, verify.logprobs(logits, emitted, logprobs_k)
@@ -147,7 +147,7 @@ def _chain_step(params, s: runner.DecodeState, sp: SpecState, st, limits, draft_
         meta = AttentionMeta(pos[:, None], s.page_table, pos + 1)
         hidden, cache = model.forward_hidden(params, last[:, None], meta, cache, config)
         logits = model.logits(params, hidden[:, 0])
-        token = sampling.sample(logits, st, n, s.prompt_mask, s.output_counts)
+        token = sampling.sample(logits, st, n, s.prompt_mask, s.output_counts, sampling_mode)
         emitted = jnp.zeros((rows.shape[0], k + 1), jnp.int32).at[:, 0].set(token)
         lp = verify.logprobs(logits[:, None], token[:, None], logprobs_k)
         if lp is not None:
@@ -173,7 +173,7 @@ def _chain_step(params, s: runner.DecodeState, sp: SpecState, st, limits, draft_
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "plan", "logprobs_k", "draft_config"),
+    static_argnames=("config", "plan", "logprobs_k", "draft_config", "sampling_mode", "penalties", "check_every"),
     donate_argnames=("state", "spec"),
 )
 def spec_decode(
@@ -190,24 +190,40 @@ def spec_decode(
     plan: Plan,
     logprobs_k: int | None,
     draft_config: ModelConfig | None = None,
+    sampling_mode: str = "auto",
+    penalties: bool | None = None,
+    check_every: int = 1,
 ) -> tuple[runner.DecodeState, SpecState]:
     """Up to `num_steps` speculative steps (each emits 1 to k+1 tokens per row), stopping once all
-    rows are done."""
+    rows are done, looked at every `check_every` steps (as `runner.decode`). `sampling_mode` as in
+    `sampling.sample`; `penalties`: whether some row has one (None: looked at on the device)."""
     capacity = state.tokens.shape[1]
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
 
     def cond(carry):
         i, s, _ = carry
         return (i < num_steps) & ~jnp.all(s.done) & (i < capacity)
 
-    def body(carry):
-        i, s, sp = carry
+    def one_step(i, s, sp):
+        # past num_steps (the last check's remainder) every row sits out this step, as if done
+        done = s.done
+        s = s._replace(done=done | (i >= num_steps))
         if plan.method == "medusa":
             s, sp = medusa_step(params, medusa_heads, s, sp, st, limits, config=config, plan=plan,
-                                logprobs_k=logprobs_k)
+                                logprobs_k=logprobs_k, sampling_mode=sampling_mode, penalties=penalties)
         else:
             s, sp = _chain_step(params, s, sp, st, limits, draft_params, config=config, plan=plan,
-                                logprobs_k=logprobs_k, draft_config=draft_config)
-        return i + 1, s, sp
+                                logprobs_k=logprobs_k, draft_config=draft_config, sampling_mode=sampling_mode,
+                                penalties=penalties)
+        return s._replace(done=jnp.where(i >= num_steps, done, s.done)), sp
+
+    def body(carry):
+        i, s, sp = carry
+        if check_every == 1:
+            return (i + 1, *one_step(i, s, sp))
+        s, sp = jax.lax.fori_loop(0, check_every, lambda j, c: one_step(i + j, *c), (s, sp))
+        return i + check_every, s, sp
 
     _, state, spec = jax.lax.while_loop(cond, body, (jnp.int32(0), state, spec))
     return state, spec

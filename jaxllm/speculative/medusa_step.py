@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from jaxllm import runner, sampling
+from jaxllm import runner
 from jaxllm.kv_cache import AttentionMeta, KVCache
 from jaxllm.ops.attention import slot_address
 from jaxllm.speculative import acceptance, verify
@@ -34,7 +33,8 @@ def move_kv(cache: KVCache, page_table: Int[Array, "B Pmax"], src: Int[Array, "B
     return KVCache(*(move(x) for x in cache))
 
 
-def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config, plan, logprobs_k):
+def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config, plan, logprobs_k,
+                sampling_mode: str = "auto", penalties: bool | None = None):
     model = get_model_spec(config.architecture).model
     tree = _tree(plan.tree, plan.k)
     n_nodes, depth = tree.num_nodes, tree.max_depth
@@ -50,20 +50,20 @@ def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config,
     hidden, cache = model.forward_hidden(params, candidates, meta, s.cache, config)
     logits = model.logits(params, hidden)  # [B, N, V]
     seen = tree.ancestor_mask & (np.arange(n_nodes) >= 1)[None, :]  # the root is already output
-    scores = verify.penalised(logits, s, st, candidates, seen)
+    scores = verify.penalised(logits, s, st, candidates, seen, penalties)
 
     def greedy():  # what either rule does with one-hot targets, without the per-child walk
         best = jnp.argmax(scores, axis=-1).astype(jnp.int32)
         return acceptance.accept_greedy_tree(best, candidates, tree.parent, tree.paths)
 
     def sampled():
-        probs = verify.target_probs(scores, st)
+        probs = verify.target_probs(scores, st, sampling_mode)
         if plan.acceptance == "typical":
             return acceptance.accept_typical(probs, candidates, tree.parent, tree.paths, st.keys, n,
                                              threshold=plan.typical_threshold, alpha=plan.typical_alpha)
         return acceptance.accept_tree(probs, candidates, tree.parent, tree.rank, depth, st.keys, n)
 
-    verdict = jax.lax.cond(jnp.all(st.temperature < sampling.GREEDY_EPS), greedy, sampled)
+    verdict = verify.choose_verdict(sampling_mode, st, greedy, sampled)
     path, accepted = verdict.path, verdict.num_accepted
 
     kept = (jnp.arange(depth)[None] < accepted[:, None]) & live[:, None]

@@ -116,9 +116,11 @@ class Speculator:
                                          config=self.draft_config)
         return init_spec_state(tokens, prompt_lens, state.tokens[:, 0], capacity, self.plan.k, draft_cache, hidden)
 
-    def decode(self, params, state, spec: SpecState, st, limits, num_steps, *, config, logprobs_k):
+    def decode(self, params, state, spec: SpecState, st, limits, num_steps, *, config, logprobs_k,
+               sampling_mode: str = "auto", penalties: bool | None = None, check_every: int = 1):
         return spec_decode(params, state, spec, st, limits, num_steps, self.draft_params, self.medusa_heads,
-                           config=config, plan=self.plan, logprobs_k=logprobs_k, draft_config=self.draft_config)
+                           config=config, plan=self.plan, logprobs_k=logprobs_k, draft_config=self.draft_config,
+                           sampling_mode=sampling_mode, penalties=penalties, check_every=check_every)
 
     @staticmethod
     def stats(spec: SpecState, row: int) -> SpecDecodeStats:

@@ -26,9 +26,11 @@ def penalised(
     st: sampling.SamplingTensors,
     tokens: Int[Array, "B T"],
     seen: Bool[np.ndarray, "T T"],
+    penalties: bool | None = None,
 ) -> Float[Array, "B T V"]:
     """Logits after penalties, float32. Position t counts tokens[:, u] as output where seen[t, u]
-    (the proposals on its path, as they will be if accepted) besides the row's output so far."""
+    (the proposals on its path, as they will be if accepted) besides the row's output so far.
+    `penalties`: whether some row has one, known on the host (None: looked at on the device)."""
     batch, t, vocab = logits.shape
 
     def apply():
@@ -38,14 +40,28 @@ def penalised(
                                        _flat(state.output_counts[:, None] + extra), tile(st, t))
         return out.reshape(batch, t, vocab)
 
+    if penalties is not None:
+        return apply() if penalties else logits.astype(jnp.float32)
     neutral = (st.repetition_penalty == 1.0) & (st.presence_penalty == 0.0) & (st.frequency_penalty == 0.0)
     return jax.lax.cond(jnp.all(neutral), lambda: logits.astype(jnp.float32), apply)
 
 
-def target_probs(penalised_logits: Float[Array, "B T V"], st: sampling.SamplingTensors) -> Float[Array, "B T V"]:
+def target_probs(penalised_logits: Float[Array, "B T V"], st: sampling.SamplingTensors,
+                 mode: str = "auto") -> Float[Array, "B T V"]:
     """`sampling.target_probs` at every position."""
     batch, t, vocab = penalised_logits.shape
-    return sampling.target_probs(_flat(penalised_logits), tile(st, t)).reshape(batch, t, vocab)
+    return sampling.target_probs(_flat(penalised_logits), tile(st, t), mode).reshape(batch, t, vocab)
+
+
+def choose_verdict(mode: str, st: sampling.SamplingTensors, greedy, sampled):
+    """greedy() for an all-greedy batch, else sampled() (which takes greedy rows too): by the host's
+    sampling mode, or on the device when it is "auto"."""
+    sampling.check_mode(mode)
+    if mode == "greedy":
+        return greedy()
+    if mode == "auto":
+        return jax.lax.cond(jnp.all(st.temperature < sampling.GREEDY_EPS), greedy, sampled)
+    return sampled()
 
 
 def logprobs(logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], k: int | None):
