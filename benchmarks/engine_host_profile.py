@@ -1,6 +1,7 @@
 """Where an engine step's wall time goes: the synchronous `Engine` (no AsyncLLM thread) on a
-random-token workload, once untimed (compiles), once timed, once under cProfile; the JSON holds
-both runs' step/device-wait totals and the profile's top functions by own and cumulative time.
+random-token workload, once untimed (compiles), then timed with async scheduling on, off and on
+again (same engine and programs), once under cProfile; the JSON holds each run's step and device
+totals and the profile's top functions by own and cumulative time.
 
     PYTHONPATH=. python -m benchmarks.engine_host_profile --workload 128x128 --num-prompts 1024 --out p.json
     PYTHONPATH=. python -m benchmarks.engine_host_profile --small --out /tmp/p.json   # CPU smoke run
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import pstats
@@ -38,6 +40,7 @@ def _serve(engine: Engine, requests, n_out: int, tag: str) -> dict:
     return dict(elapsed_s=elapsed, output_tokens_per_s=len(requests) * n_out / elapsed, step_calls=calls,
                 steps=m.steps - before.steps, step_s=m.step_s - before.step_s,
                 device_s=m.device_s - before.device_s,
+                chained_visits=m.chained_visits - before.chained_visits,
                 compiles=compile_count()[0] - compiled[0])
 
 
@@ -71,7 +74,8 @@ def main(argv=None) -> int:
     engine = Engine(llm, engine_config)
     result = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, workload=args.workload,
                   num_prompts=args.num_prompts, max_num_seqs=args.max_num_seqs)
-    for tag in ("compile", "timed"):
+    for tag, chain in (("compile", True), ("timed", True), ("timed_sync", False), ("timed_again", True)):
+        engine.config = dataclasses.replace(engine_config, async_scheduling=chain)
         requests = RandomWorkload(args.num_prompts, n_in, n_out, seed=len(tag)).sample(config.vocab_size)
         result[tag] = _serve(engine, requests, n_out, tag)
         print(tag, result[tag], flush=True)

@@ -30,7 +30,7 @@ BACKENDS = ("engine", "llm")
 PERCENTILES = (50, 90, 99)
 # Engine counters that grow over a run; a benchmark reports their change over the timed part.
 _COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "steps", "prompt_tokens_computed",
-             "generation_tokens", "multi_step_visits", "step_s", "device_s")
+             "generation_tokens", "multi_step_visits", "chained_visits", "step_s", "device_s")
 
 
 def _is_int(value: object) -> bool:

@@ -41,6 +41,16 @@ def _as_prompt(item: Any, index: int, tokenizer) -> tuple[str | None, list[int]]
     )
 
 
+def _token_ids(ids: list, index: int, vocab_size: int) -> list[int]:
+    """`ids` as plain ints, each in [0, vocab_size)."""
+    if all(type(t) is int for t in ids) and 0 <= min(ids) and max(ids) < vocab_size:
+        return ids  # the usual case, without an ABC check per token
+    bad = [t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt {index} has token id {bad[0]!r} outside the vocabulary [0, {vocab_size})")
+    return [int(t) for t in ids]  # numpy integers from array prompts become plain ints
+
+
 def make_requests(
     prompts: Any,
     params: SamplingParams | Sequence[SamplingParams] | None,
@@ -72,11 +82,7 @@ def make_requests(
         text, ids = _as_prompt(item, i, tokenizer)
         if not ids:
             raise ValueError(f"prompt {i} is empty: at least one token is needed")
-        bad = [t for t in ids
-               if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {vocab_size})")
-        ids = [int(t) for t in ids]  # numpy integers from array prompts become plain ints
+        ids = _token_ids(ids, i, vocab_size)
         if len(ids) >= max_model_len:
             raise ValueError(
                 f"prompt {i} has {len(ids)} tokens, but max_model_len is {max_model_len}: "

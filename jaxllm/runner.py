@@ -198,7 +198,8 @@ def decode(
     check_every: int = 1,
 ) -> DecodeState:
     """Up to `num_steps` decode steps, sampling with `sampling.sample`'s `mode`; rows done, or past
-    `num_steps`, are left unchanged.
+    `num_steps`, are left unchanged. `state.prompt_mask`/`output_counts` None (no row has a
+    penalty) are zeros made on the device.
 
     With `trip_count` None, a `lax.while_loop` that stops once all rows are done or `num_steps` is
     reached, looking every `check_every` steps: XLA's GPU runtime reads a while-loop predicate back
@@ -208,6 +209,9 @@ def decode(
     model = get_model_spec(config.architecture).model
     rows = jnp.arange(state.tokens.shape[0])
     capacity = state.tokens.shape[1]
+    if state.prompt_mask is None:  # no row has a penalty: the counts start here, nothing crosses
+        shape = (state.tokens.shape[0], config.vocab_size)
+        state = state._replace(prompt_mask=jnp.zeros(shape, bool), output_counts=jnp.zeros(shape, jnp.int32))
     if trip_count is not None and not 1 <= trip_count < capacity:
         raise ValueError(f"trip_count must be in [1, {capacity - 1}] (the output buffer's width - 1), "
                          f"got {trip_count}")
@@ -244,6 +248,31 @@ def decode(
 
     _, state = jax.lax.while_loop(cond, steps, (jnp.int32(0), state))
     return state
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def next_decode_state(
+    cache: KVCache,
+    state: DecodeState,
+    st: sampling.SamplingTensors,
+    limits: Limits,
+    page_table: Int[Array, "B Pmax"],
+    keep: Bool[Array, "B"],
+) -> tuple[DecodeState, sampling.SamplingTensors, Limits]:
+    """The inputs of a decode call that continues `state`'s rows where it left them (each row's
+    output restarting from its last token, as the engine's decode visits begin), over `cache` and a
+    grown `page_table`; rows not in `keep` (or done) sit it out. Penalty inputs None stay None
+    (`decode` makes them). For async scheduling: built on the device before the host reads `state`."""
+    rows = jnp.arange(state.tokens.shape[0])
+    n = state.num_generated
+    taken = jnp.maximum(n - 1, 0)  # tokens the last call added after its first
+    k = state.top_ids.shape[2]
+    new = new_decode_state(
+        cache, page_table, state.prompt_lens + taken, num_generated=jnp.minimum(n, 1), done=state.done | ~keep,
+        tokens=jnp.zeros_like(state.tokens).at[:, 0].set(state.tokens[rows, taken]),
+        prompt_mask=state.prompt_mask, output_counts=state.output_counts, logprobs_k=k)
+    return (new, st._replace(step_offset=st.step_offset + taken),
+            limits._replace(max_tokens=limits.max_tokens - taken))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

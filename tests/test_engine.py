@@ -237,7 +237,8 @@ def test_warmup_compiles_every_shape_serving_then_takes(llm):
     prompts = [RNG.integers(0, 256, n).tolist() for n in (9, 12, 16, 10, 14)]  # all one width bucket: 16
     want = [llm.generate([{"prompt_token_ids": p}], greedy(7), use_tqdm=False)[0].outputs[0].token_ids
             for p in prompts]  # (LLM.generate compiles the decode loop for its own shapes)
-    assert engine.warmup([16]) == 3 * 3  # rows 1, 2, 4 x (decode step, 16-token prefill, decode loop)
+    # rows 1, 2, 4 x (decode step, 16-token prefill, decode loop, decode loop continuing the last)
+    assert engine.warmup([16]) == 3 * 4
     compiled = runner.engine_step._cache_size(), runner.decode._cache_size()
     for i, p in enumerate(prompts[:2]):
         engine.add_request(f"w{i}", {"prompt_token_ids": p}, greedy(7))
@@ -329,4 +330,5 @@ def test_warmup_skips_shapes_the_budget_never_takes(llm):
     engine = Engine(llm, EngineConfig(num_pages=96, page_size=4, max_num_seqs=8, max_num_batched_tokens=64,
                                       num_decode_steps=4))
     assert [engine._max_rows(w) for w in (1, 2, 16, 64)] == [8, 8, 8, 1]
-    assert engine.warmup([40]) == 4 + 1 + 4  # decode steps of rows 1-8, one 64-wide row, decode loops
+    # decode steps of rows 1-8, one 64-wide row, decode loops (and their continuations)
+    assert engine.warmup([40]) == 4 + 1 + 4 * 2

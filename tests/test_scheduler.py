@@ -517,3 +517,42 @@ def test_update_decodes_at_once_equals_token_by_token(seed):
     assert sorted(finished) == list("abcd") and all(s[2] is Status.FINISHED_LENGTH for s in state.values())
     assert all(len(state[rid][0]) == limits[rid] or len(prompts[rid]) + len(state[rid][0]) == 20 for rid in seqs)
     assert sum(hits.values()) > 0  # full pages were registered
+
+
+def test_reserve_next_decode_steps_reserves_the_visit_after_and_records_in_order():
+    kv, sched = make(64, 4, max_model_len=40)
+    _decoding(sched, kv, {"a": 5, "b": 26, "c": 9}, max_tokens=12)
+    assert sched.reserve_decode_steps(4) == {"a": 4, "b": 4, "c": 4}
+    sched.finish("c", Status.FINISHED_ABORTED)  # aborted while its visit runs: no next visit
+    # a: 1 + 4 outputs of 12, 4 more; b: 27 + 4 tokens of max_model_len 40, 4 more
+    assert sched.reserve_next_decode_steps(4) == {"a": 4, "b": 4}
+    assert len(kv.page_table("a")) == _pages(5 + 8, 4) and len(kv.page_table("b")) == _pages(26 + 8, 4)
+    assert sched.reserve_next_decode_steps(4) is None  # one visit ahead at most
+    with pytest.raises(ValueError, match="call update_decodes"):
+        sched.schedule()
+    sched.update_decodes({"a": [1, 2, 3, 4], "b": [5, 6, 7, 8]})
+    with pytest.raises(ValueError, match=r"\['a'\]; the running reserved ones are \['a', 'b'\]"):
+        sched.update_decodes({"a": [9]})
+    sched.update_decodes({"a": [9, 10], "b": [11, 12, 13, 14]})  # a row may stop early (a stop token)
+    assert sched._live["a"].output_token_ids == [7, 1, 2, 3, 4, 9, 10]
+    assert sched._live["b"].output_token_ids == [7, 5, 6, 7, 8, 11, 12, 13, 14]
+    kv.check_invariants()
+    # the next reservation: a has 5 outputs left (4, then 1), b 3 (then none: it sits out)
+    sched.schedule()
+    assert sched.reserve_decode_steps(4) == {"a": 4, "b": 3}
+    assert sched.reserve_next_decode_steps(4) == {"a": 1}
+
+
+def test_reserve_next_decode_steps_needs_free_pages_and_a_reserved_visit():
+    kv, sched = make(64, 4)
+    _decoding(sched, kv, {"a": 3})
+    assert sched.reserve_next_decode_steps(4) is None  # nothing reserved yet
+    kv, sched = make(6, 4)  # 5 usable pages
+    _decoding(sched, kv, {"a": 3, "b": 3}, max_tokens=20)  # one page each
+    assert sched.reserve_decode_steps(2) == {"a": 2, "b": 2}
+    tables = {rid: kv.page_table(rid) for rid in ("a", "b")}
+    assert sched.reserve_next_decode_steps(8) is None  # each would need three more pages
+    assert {rid: kv.page_table(rid) for rid in ("a", "b")} == tables
+    sched.update_decodes({"a": [1, 2], "b": [3, 4]})
+    sched.schedule()  # nothing was left reserved
+    kv.check_invariants()

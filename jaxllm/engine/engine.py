@@ -10,12 +10,12 @@ Requests can be added and aborted between steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Sequence as Seq
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import runner
@@ -53,6 +53,20 @@ class _Tracked:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Visit:
+    """A dispatched several-step decode call: its rows (scheduled order), inputs, and device state."""
+
+    scheduled: list
+    batch: list[_Tracked]
+    st: object  # SamplingTensors
+    limits: runner.Limits
+    logprobs_k: int | None
+    mode: str
+    budgets: dict[str, int]  # the rows that take part, with their most tokens
+    state: runner.DecodeState | None = None  # without the cache, which the engine holds
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Engine sizes. `num_pages=None` sizes the page pool from `gpu_memory_utilization` of the
     memory the device allocator may use (GPU), or takes CPU_DEFAULT_PAGES where it reports none."""
@@ -71,6 +85,10 @@ class EngineConfig:
     num_decode_steps: int = 8
     # False: prefill chunks and decodes never share a step (prefill first); see Scheduler.
     mixed_batches: bool = True
+    # True: a decode visit's successor for the same rows is dispatched before the visit is recorded,
+    # so the device computes while the host records (vLLM's async scheduling); a waiting request
+    # may then wait one visit longer for a slot that a stop token freed.
+    async_scheduling: bool = True
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -80,6 +98,8 @@ class EngineConfig:
             raise ValueError(f"num_decode_steps must be an integer >= 1, got {self.num_decode_steps!r}")
         if not isinstance(self.mixed_batches, bool):
             raise ValueError(f"mixed_batches must be True or False, got {self.mixed_batches!r}")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
 
 
 CPU_DEFAULT_PAGES = 1024
@@ -125,6 +145,7 @@ class Engine:
         self._generate_calls = 0
         self._totals = StepTotals()
         self._device_s = 0.0  # this step's time in device calls
+        self._inflight: _Visit | None = None  # a decode visit dispatched ahead (async scheduling)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -164,9 +185,13 @@ class Engine:
             if self._tracked[key].seq.status in (Status.WAITING, Status.RUNNING):
                 self.scheduler.abort(key)
             self._untrack(key)
+        visit = self._inflight
+        if visit is not None and all(t.seq.status is not Status.RUNNING for t in visit.batch):
+            self._inflight = None  # nothing of it is wanted now; settled so the scheduler moves on
+            self._record_visit(visit)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def metrics(self) -> EngineMetrics:
         """Queue and cache state now, and totals over all steps so far."""
@@ -194,6 +219,9 @@ class Engine:
         return self._device(jax.device_get, tree)
 
     def _step(self) -> list[RequestOutput]:
+        if self._inflight is not None:
+            visit, self._inflight = self._inflight, None
+            return self._pipeline(visit)
         out = self.scheduler.schedule()
         self._totals += StepTotals(num_preemptions=len(out.preempted))
         if not out.scheduled:
@@ -240,7 +268,7 @@ class Engine:
         The loop starts each row as if its output were just its last token: the rest of the output
         only enters through the page table, the penalty counts and the sampling step offset, so the
         loop's shapes depend on `num_decode_steps`, not on how long the outputs have grown."""
-        cfg, llm = self.llm.config, self.llm
+        cfg = self.llm.config
         rows = bucket(len(batch))
         done_before = [len(t.seq.output_token_ids) for t in batch]
         width = bucket(1 + self.config.num_decode_steps)  # one shape whatever the budgets
@@ -252,10 +280,9 @@ class Engine:
         stop_ids = np.full((rows, bucket(max(map(len, stops)), _MIN_STOP_COLUMNS)), -1, np.int32)
         max_tokens = np.ones(rows, np.int32)
         penalised = any(t.req.params.has_penalties for t in batch)
-        # Without penalties the loop still carries these: made on the device, nothing crosses.
-        zeros = np.zeros if penalised else jnp.zeros
-        prompt_mask = zeros((rows, cfg.vocab_size), bool)
-        output_counts = zeros((rows, cfg.vocab_size), np.int32)
+        # Without penalties the loop makes these on the device: nothing crosses.
+        prompt_mask = np.zeros((rows, cfg.vocab_size), bool) if penalised else None
+        output_counts = np.zeros((rows, cfg.vocab_size), np.int32) if penalised else None
         for i, (t, table, stop) in enumerate(zip(batch, tables, stops)):
             page_table[i, :len(table)] = table
             prompt_lens[i] = t.seq.num_tokens - 1
@@ -273,16 +300,65 @@ class Engine:
         st = make_sampling_tensors([t.req.params for t in batch], [t.req.seed for t in batch], rows, cfg.vocab_size,
                                    step_offsets=[n - 1 for n in done_before])
         limits = runner.Limits(stop_ids, max_tokens, np.int32(self.scheduler.length_limit))
+        visit = _Visit(list(scheduled), batch, st, limits, k, self._mode(batch), budgets)
+        return self._pipeline(self._dispatch_visit(visit, state, max(budgets.values())))
+
+    def _dispatch_visit(self, visit: _Visit, state, num_steps: int) -> _Visit:
         # A fixed trip count (rows past their budget stop at their own limits) and a sampling mode
         # chosen here keep every predicate on the device: the call returns before the loop runs.
-        state = self._device(runner.decode, llm.params, state, st, limits, np.int32(max(budgets.values())),
-                             config=cfg, logprobs_k=k, sampling_mode=self._mode(batch),
+        state = self._device(runner.decode, self.llm.params, state, visit.st, visit.limits, np.int32(num_steps),
+                             config=self.llm.config, logprobs_k=visit.logprobs_k, sampling_mode=visit.mode,
                              trip_count=self.config.num_decode_steps)
         self.cache = state.cache
+        return dataclasses.replace(visit, state=state._replace(cache=None))
+
+    def _pipeline(self, visit: _Visit) -> list[RequestOutput]:
+        """Records a dispatched decode visit; with async scheduling, first dispatches the visit
+        after it for the same rows (`_chain`), so the device runs that while the host records."""
+        self._inflight = self._chain(visit) if self.config.async_scheduling else None
+        return self._record_visit(visit)
+
+    def _chain(self, visit: _Visit) -> _Visit | None:
+        """The next decode visit of `visit`'s rows, built on the device from its state (each row's
+        last token, length, penalty counts and sampling step) and dispatched; None when a waiting
+        request could take a finishing row's slot, a row checks stop strings on the host, or the
+        scheduler cannot reserve it."""
+        sched = self.scheduler
+        if any(t.req.params.stop for t in visit.batch):
+            return None
+        rows_end = any(t.seq.max_tokens - len(t.seq.output_token_ids) <= self.config.num_decode_steps
+                       for t in visit.batch)
+        if sched.num_waiting() and (rows_end or sched.num_running() < sched.max_num_seqs):
+            return None
+        budgets = sched.reserve_next_decode_steps(self.config.num_decode_steps)
+        if budgets is None:
+            return None
+        page_table = np.zeros((bucket(len(visit.batch)), self._pmax), np.int32)
+        keep = np.zeros(len(page_table), bool)
+        for i, s in enumerate(visit.scheduled):
+            if s.request_id in budgets:
+                table = self.kv.page_table(s.request_id)
+                page_table[i, :len(table)] = table
+                keep[i] = True
+        prev = visit.state
+        if prev.prompt_mask is not None and not any(t.req.params.has_penalties for t in visit.batch):
+            prev = prev._replace(prompt_mask=None, output_counts=None)  # decode makes them: one program
+        state, st, limits = self._device(runner.next_decode_state, self.cache, prev, visit.st, visit.limits,
+                                         page_table, keep)
+        nxt = dataclasses.replace(visit, st=st, limits=limits, budgets=budgets)
+        self._totals += StepTotals(chained_visits=1)
+        return self._dispatch_visit(nxt, state, max(budgets.values()))
+
+    def _record_visit(self, visit: _Visit) -> list[RequestOutput]:
+        """Reads a decode visit's tokens and records them one by one (rows finished or aborted
+        since it was dispatched are skipped); returns the outputs of its rows."""
+        scheduled, batch, state = visit.scheduled, visit.batch, visit.state
         tokens, generated, logprob, rank, top_ids, top_lps = self._device_get(
             (state.tokens, state.num_generated, state.logprob, state.rank, state.top_ids, state.top_lps))
-
-        row_of = {s.request_id: i for i, s in enumerate(scheduled)}
+        live = [i for i, t in enumerate(batch) if t.seq.status is Status.RUNNING
+                and scheduled[i].request_id in visit.budgets]
+        done_before = {i: len(batch[i].seq.output_token_ids) for i in live}
+        row_of = {scheduled[i].request_id: i for i in live}
 
         def on_token(seq, j):
             i = row_of[seq.request_id]
@@ -294,19 +370,19 @@ class Engine:
                 t.top_lps.append(top_lps[i, at])
             self._check_stop(t)
 
-        new = {s.request_id: tokens[i, 1:generated[i]].tolist() for i, s in enumerate(scheduled)}
+        new = {scheduled[i].request_id: tokens[i, 1:generated[i]].tolist() for i in live}
         # Rows checked token by token: logprobs or stop strings, or a stop token before the last
         # (the device ends a row at its stop tokens, so that is not expected). The rest at once.
-        watched = {s.request_id for s, t in zip(scheduled, batch) if t.req.params.logprobs is not None
-                   or t.req.params.stop or not t.stop_ids.isdisjoint(new[s.request_id][:-1])}
+        watched = {scheduled[i].request_id for i in live if batch[i].req.params.logprobs is not None
+                   or batch[i].req.params.stop or not batch[i].stop_ids.isdisjoint(new[scheduled[i].request_id][:-1])}
         self.scheduler.update_decodes(new, on_token, watched)
-        kept = sum(len(t.seq.output_token_ids) - n for t, n in zip(batch, done_before))
+        kept = sum(len(batch[i].seq.output_token_ids) - n for i, n in done_before.items())
         self._totals += StepTotals(steps=int(max(generated[:len(batch)])) - 1,
                                    generation_tokens=kept, multi_step_visits=1)
-        outputs = [self._output(t) for t in batch]
-        for t in batch:
-            if t.seq.status in _FINISH:
-                self._untrack(t.seq.request_id)
+        outputs = [self._output(batch[i]) for i in live]
+        for i in live:
+            if batch[i].seq.status in _FINISH:
+                self._untrack(batch[i].seq.request_id)
         return outputs
 
     def _run(self, scheduled, batch: list[_Tracked]):
@@ -456,13 +532,20 @@ class Engine:
                 state = runner.new_decode_state(
                     self.cache, page_table, np.zeros(rows, np.int32), num_generated=np.zeros(rows, np.int32),
                     done=np.ones(rows, bool), tokens=np.zeros((rows, width), np.int32),
-                    prompt_mask=jnp.zeros((rows, cfg.vocab_size), bool),
-                    output_counts=jnp.zeros((rows, cfg.vocab_size), np.int32), logprobs_k=None)
+                    prompt_mask=None, output_counts=None, logprobs_k=None)
                 limits = runner.Limits(np.full((rows, _MIN_STOP_COLUMNS), -1, np.int32), np.ones(rows, np.int32),
                                        np.int32(self.scheduler.length_limit))
-                self.cache = runner.decode(llm.params, state, st, limits, np.int32(1), config=cfg, logprobs_k=None,
-                                           sampling_mode=mode, trip_count=self.config.num_decode_steps).cache
+                decode = functools.partial(runner.decode, config=cfg, logprobs_k=None, sampling_mode=mode,
+                                           trip_count=self.config.num_decode_steps)
+                state = decode(llm.params, state, st, limits, np.int32(1))
+                self.cache = state.cache
                 runs += 1
+                if self.config.async_scheduling:  # a visit built on the device from the last: its own program
+                    chained, st_next, limits_next = runner.next_decode_state(
+                        self.cache, state._replace(cache=None, prompt_mask=None, output_counts=None), st, limits,
+                        page_table, np.zeros(rows, bool))
+                    self.cache = decode(llm.params, chained, st_next, limits_next, np.int32(1)).cache
+                    runs += 1
         return runs
 
     # -- offline use ------------------------------------------------------------------------

@@ -18,9 +18,11 @@ class StepTotals:
     generation_tokens: int = 0  # tokens sampled and kept
     num_preemptions: int = 0
     multi_step_visits: int = 0  # scheduler visits that ran several decode steps on the device
+    chained_visits: int = 0  # of them, dispatched before the visit before them was recorded (async)
     step_s: float = 0.0  # wall time inside Engine.step()
     # Of it, inside device calls: their dispatch (on a GPU it waits for the device to reach each
-    # while-loop or lax.cond predicate) and waits for results. The rest is host work.
+    # while-loop predicate of unknown trip count or lax.cond predicate) and waits for results. The
+    # rest is host work; with async scheduling, the device computes through part of it.
     device_s: float = 0.0
 
     def __add__(self, other: StepTotals) -> StepTotals:
@@ -53,6 +55,7 @@ class EngineMetrics:
     prompt_tokens_computed: int
     generation_tokens: int
     multi_step_visits: int
+    chained_visits: int  # multi-step visits dispatched ahead (async scheduling)
     step_s: float  # wall time inside Engine.step()
     device_s: float  # of it, inside device calls (dispatch and result waits): step_s - device_s is host work
 
@@ -73,6 +76,7 @@ def collect_metrics(scheduler: Scheduler, kv: KVCacheManager, totals: StepTotals
         prompt_tokens_computed=totals.prompt_tokens_computed,
         generation_tokens=totals.generation_tokens,
         multi_step_visits=totals.multi_step_visits,
+        chained_visits=totals.chained_visits,
         step_s=totals.step_s,
         device_s=totals.device_s,
     )

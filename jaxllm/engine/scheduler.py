@@ -113,6 +113,7 @@ class Scheduler:
         self._live: dict[str, Sequence] = {}
         self._pending: dict[str, tuple[ScheduledSeq, Sequence]] = {}  # last schedule(), awaiting update()
         self._reserved: dict[str, int] = {}  # decode budgets of the last reserve_decode_steps()
+        self._next: tuple[dict, dict[str, int]] | None = None  # (pending, budgets) reserved ahead
         self._next_arrival = 0
 
     # ----------------------------------------------------------------------------- queries
@@ -164,6 +165,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work: running sequences first, then waiting ones FCFS."""
+        if self._reserved:
+            raise ValueError("decode steps are reserved and not yet recorded: call update_decodes() first")
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[str] = []
@@ -227,6 +230,41 @@ class Scheduler:
         self._reserved = budgets
         return budgets
 
+    def reserve_next_decode_steps(self, num_steps: int) -> dict[str, int] | None:
+        """Before the last reserved decode steps are recorded, reserves the visit after them for the
+        same sequences (async scheduling: the device runs it while the host records the last), as
+        if each took its whole budget: each still running sequence that its limits let go on gets
+        min(num_steps, what they still allow) more tokens and the pages for them. Returns those
+        budgets (ids absent: the sequence sits the visit out), or None, changing nothing, when no
+        sequence goes on, the pages are not free, or a visit is already reserved ahead;
+        `update_decodes` then records the two visits in order."""
+        _check_positive_int("num_steps", num_steps)
+        if not self._reserved or self._next is not None:
+            return None
+        budgets, new_pages, grow = {}, 0, {}
+        for rid, budget in self._reserved.items():
+            s, seq = self._pending[rid]
+            if seq.status is not Status.RUNNING:
+                continue
+            end = s.start + budget  # tokens computed once the reserved visit is recorded, + its last
+            outputs = len(seq.output_token_ids) + budget
+            more = min(num_steps, seq.max_tokens - outputs, self._length_limit - (end + 1))
+            if more < 1:
+                continue
+            budgets[rid] = more
+            grow[rid] = end + more
+            have = len(self.kv.page_table(rid))
+            new_pages += max(0, _pages_for(end + more, self.kv.page_size) - have)
+        if not budgets or new_pages > self.kv.num_free_pages():
+            return None
+        for rid, n in grow.items():
+            grown = self.kv.append(rid, n)
+            assert grown, "pages were counted free"
+        pending = {rid: (ScheduledSeq(rid, self._pending[rid][0].start + self._reserved[rid], 1),
+                         self._pending[rid][1]) for rid in budgets}
+        self._next = (pending, budgets)
+        return budgets
+
     def update_decodes(self, tokens: Mapping[str, list[int]],
                        on_token: Callable[[Sequence, int], None] | None = None,
                        watched: Container[str] | None = None) -> list[Sequence]:
@@ -238,7 +276,7 @@ class Scheduler:
         reserved, pending = self._reserved, self._pending
         if not reserved:
             raise ValueError("update_decodes() needs a reserve_decode_steps() after the last schedule()")
-        live = {rid for rid, (_, seq) in pending.items() if seq.status is Status.RUNNING}
+        live = {rid for rid, (_, seq) in pending.items() if seq.status is Status.RUNNING and rid in reserved}
         if set(tokens) != live:
             raise ValueError(f"tokens has request ids {sorted(tokens)}; the running reserved ones are {sorted(live)}")
         for rid in live:
@@ -247,6 +285,9 @@ class Scheduler:
             for token in tokens[rid]:
                 _check_token(rid, token)
         self._reserved, self._pending = {}, {}
+        if self._next is not None:  # the visit reserved ahead is recorded next
+            self._pending, self._reserved = self._next
+            self._next = None
         finished = []
         for rid in sorted(live, key=lambda r: pending[r][1].arrival):
             seq = pending[rid][1]
