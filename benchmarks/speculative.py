@@ -11,6 +11,7 @@ cost). Bundled model and the Llama-3-8B shape with random weights. Greedy, eos i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sysconfig
 import time
@@ -103,6 +104,11 @@ def bundled(args) -> list[dict]:
     on = {"disable_by_batch_size": None}  # measured at every batch; "auto" would stop at 8 for this model
     ngram = {f"ngram k{k}": LLM(speculative_config={"method": "ngram", "num_speculative_tokens": k, **on}, **kw)
              for k in args.ngram_k}
+    if args.ngram_always_verify:  # no "no proposal in any row" cond (a host round trip a step on GPUs)
+        for k in args.ngram_k:
+            llm = LLM(speculative_config={"method": "ngram", "num_speculative_tokens": k, **on}, **kw)
+            llm.speculator.plan = dataclasses.replace(llm.speculator.plan, skip_when_empty=False)
+            ngram[f"ngram k{k} always verify"] = llm
     medusa = {}
     heads = Path(args.medusa or model_dir / "medusa")
     if heads.is_dir():
@@ -133,6 +139,11 @@ def llama8b(args) -> list[dict]:
     plain = LLM.from_params(config, params, mesh, **kw)
     specs = {"ngram k4": LLM.from_params(config, params, mesh,
                                          speculative_config={"method": "ngram", "num_speculative_tokens": 4}, **kw)}
+    if args.ngram_always_verify:
+        llm = LLM.from_params(config, params, mesh, speculative_config={"method": "ngram", "num_speculative_tokens": 4},
+                              **kw)
+        llm.speculator.plan = dataclasses.replace(llm.speculator.plan, skip_when_empty=False)
+        specs["ngram k4 always verify"] = llm
     rng = np.random.default_rng(0)
     block = rng.integers(0, config.vocab_size, 500).tolist()
     rows = []
@@ -158,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-bundled", action="store_true")
     parser.add_argument("--ngram-k", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--bundled-prompts", type=int, default=3, help="held-out files for batch-1 completion")
+    parser.add_argument("--ngram-always-verify", action="store_true",
+                        help="also n-gram rows that verify every step (no skip when nothing is proposed)")
     parser.add_argument("--llama-rows", default="greedy,sampled", help="8B rows: greedy, sampled or both")
     args = parser.parse_args(argv)
     rows = []

@@ -82,6 +82,31 @@ def test_ngram_greedy_equals_plain(ckpts, arch):
         assert all(a <= p for a, p in zip(s.accepted_per_position, s.proposed_per_position))
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_ngram_skipping_or_always_verifying_equals_plain(ckpts, skip):
+    """Steps with no proposal in any row run the plain forward (large models) or verify anyway (small
+    ones, the default for this tiny model): greedy output is plain decoding's either way."""
+    import dataclasses
+
+    from jaxllm.speculative.speculator import AUTO_LARGE_MODEL_BYTES, Speculator
+
+    path = ckpts["LlamaForCausalLM"]
+    plain = LLM(path, dtype="float32", progress=False)
+    spec = LLM(path, dtype="float32", progress=False,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})
+    assert spec.speculator.plan.skip_when_empty is False
+    large = Speculator(SpeculativeConfig("ngram", 3), plain.config, plain.mesh, weight_bytes=AUTO_LARGE_MODEL_BYTES)
+    assert large.plan.skip_when_empty is True
+    spec.speculator.plan = dataclasses.replace(spec.speculator.plan, skip_when_empty=skip)
+    # a repetitive prompt (proposals) beside a random one (steps where no row may have any)
+    prompts = repetitive_prompts(plain.config.vocab_size, [21]) + \
+        [{"prompt_token_ids": RNG.integers(3, plain.config.vocab_size, 6).tolist()}]
+    params = [greedy(25), greedy(14)]
+    want, got = plain.generate(prompts, params, use_tqdm=False), spec.generate(prompts, params, use_tqdm=False)
+    assert token_ids(got) == token_ids(want)
+    assert sum(o.outputs[0].spec_decode.num_draft_tokens for o in got) > 0
+
+
 def test_draft_model_greedy_equals_plain(ckpts, draft_ckpt):
     target = ckpts["LlamaForCausalLM"]
     plain = LLM(target, dtype="float32", progress=False)

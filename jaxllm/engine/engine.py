@@ -326,8 +326,9 @@ class Engine:
         sched = self.scheduler
         if any(t.req.params.stop for t in visit.batch):
             return None
-        rows_end = any(t.seq.max_tokens - len(t.seq.output_token_ids) <= self.config.num_decode_steps
-                       for t in visit.batch)
+        n = self.config.num_decode_steps
+        rows_end = any(t.seq.max_tokens - len(t.seq.output_token_ids) <= n or sched.length_limit - t.seq.num_tokens < n
+                       for t in visit.batch)  # some row ends by length in the visit: its slot is wanted
         if sched.num_waiting() and (rows_end or sched.num_running() < sched.max_num_seqs):
             return None
         budgets = sched.reserve_next_decode_steps(self.config.num_decode_steps)
