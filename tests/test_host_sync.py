@@ -140,3 +140,9 @@ def test_checking_every_few_steps_changes_no_output(ckpt, monkeypatch, speculati
     assert len({len(ids) for ids, _ in one}) > 1  # ragged
     if speculative:
         assert sum(stats.num_draft_tokens for _, stats in one) > 0  # the verify path ran
+
+
+def test_engine_warmup_takes_only_the_engines_sampling_modes(llm):
+    engine = Engine(llm, EngineConfig(num_pages=16, page_size=8, max_num_seqs=2))
+    with pytest.raises(ValueError, match="the engine samples in modes 'unsorted' and 'sorted', got 'greedy'"):
+        engine.warmup([8], sampling_modes=["greedy"])
