@@ -114,12 +114,40 @@ def record(state: DecodeState, tokens: Int[Array, "B T"], num_tokens: Int[Array,
     )
 
 
-def _record(state: DecodeState, logits, token, st, limits: Limits, logprobs_k: int | None) -> DecodeState:
-    """Appends `token` to every running row and updates its stop state."""
+def _record(state: DecodeState, logits, token, limits: Limits, logprobs_k: int | None,
+            active: Bool[Array, "B"] | None = None) -> DecodeState:
+    """Appends `token` to every running row (of those `active`, when given) and updates its stop state."""
     logprobs = None
     if logprobs_k is not None:
         logprobs = jax.tree.map(lambda x: x[:, None], sampling.token_logprobs(logits, token, logprobs_k))
-    return record(state, token[:, None], jnp.ones_like(token), limits, logprobs)
+    num_tokens = jnp.ones_like(token) if active is None else active.astype(jnp.int32)
+    return record(state, token[:, None], num_tokens, limits, logprobs)
+
+
+def check_steps(check_every: int) -> None:
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+
+
+def steps_while(step, carry, num_steps: Int[Array, ""], capacity: int, all_done, check_every: int):
+    """carry = step(i, carry) for i = 0, 1, ... while i < num_steps, i < capacity and not
+    all_done(carry), looked at every `check_every` steps (so up to check_every - 1 steps more run:
+    `step` must leave rows unchanged past num_steps). XLA's GPU runtime reads a while-loop predicate
+    back to the host and the device idles while the host launches the next iteration, so rarer
+    checks cost less; the inner loop's trip count is static, so nothing is read back inside it.
+    Callers check `check_every` (`check_steps`) before tracing their loops."""
+
+    def cond(c):
+        i, x = c
+        return (i < num_steps) & ~all_done(x) & (i < capacity)
+
+    def body(c):
+        i, x = c
+        if check_every == 1:
+            return i + 1, step(i, x)
+        return i + check_every, jax.lax.fori_loop(0, check_every, lambda j, x: step(i + j, x), x)
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), carry))[1]
 
 
 @functools.partial(
@@ -176,7 +204,7 @@ def prefill(
         output_counts=jnp.zeros((batch, vocab), jnp.int32), logprobs_k=logprobs_k,
     )
     token = sampling.sample(logits, st, state.num_generated, prompt_mask, state.output_counts, sampling_mode)
-    state = _record(state, logits, token, st, limits, logprobs_k)
+    state = _record(state, logits, token, limits, logprobs_k)
     if return_hidden:
         return state, prompt_lp, hidden[rows, last]
     return state, prompt_lp
@@ -201,11 +229,9 @@ def decode(
     `num_steps`, are left unchanged. `state.prompt_mask`/`output_counts` None (no row has a
     penalty) are zeros made on the device.
 
-    With `trip_count` None, a `lax.while_loop` that stops once all rows are done or `num_steps` is
-    reached, looking every `check_every` steps: XLA's GPU runtime reads a while-loop predicate back
-    to the host, and the device idles while the host launches the next iteration, so rarer checks
-    cost less (and compute up to `check_every - 1` steps nobody keeps). With `trip_count`, exactly
-    that many steps and no predicate on the host: the call returns before the loop runs."""
+    With `trip_count` None, the steps stop once all rows are done or `num_steps` is reached, looked
+    at every `check_every` steps (`steps_while`). With `trip_count`, exactly that many steps and no
+    predicate on the host: the call returns before the loop runs."""
     model = get_model_spec(config.architecture).model
     rows = jnp.arange(state.tokens.shape[0])
     capacity = state.tokens.shape[1]
@@ -215,8 +241,7 @@ def decode(
     if trip_count is not None and not 1 <= trip_count < capacity:
         raise ValueError(f"trip_count must be in [1, {capacity - 1}] (the output buffer's width - 1), "
                          f"got {trip_count}")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+    check_steps(check_every)
 
     def step(i, s):
         frozen = s.done | (i >= num_steps) | (s.num_generated >= capacity)
@@ -227,27 +252,11 @@ def decode(
         s = s._replace(cache=cache)
         logits = model.logits(params, hidden[:, 0])
         token = sampling.sample(logits, st, s.num_generated, s.prompt_mask, s.output_counts, sampling_mode)
-        logprobs = None
-        if logprobs_k is not None:
-            logprobs = jax.tree.map(lambda x: x[:, None], sampling.token_logprobs(logits, token, logprobs_k))
-        return record(s, token[:, None], (~frozen).astype(jnp.int32), limits, logprobs)
+        return _record(s, logits, token, limits, logprobs_k, active=~frozen)
 
     if trip_count is not None:
         return jax.lax.fori_loop(0, trip_count, step, state)
-
-    def cond(carry):
-        i, s = carry
-        return (i < num_steps) & ~jnp.all(s.done) & (i < capacity)
-
-    def steps(carry):
-        i, s = carry
-        if check_every == 1:
-            return i + 1, step(i, s)
-        # static bounds: XLA knows the inner loop's trip count and reads nothing back inside it
-        return i + check_every, jax.lax.fori_loop(0, check_every, lambda j, s: step(i + j, s), s)
-
-    _, state = jax.lax.while_loop(cond, steps, (jnp.int32(0), state))
-    return state
+    return steps_while(step, state, num_steps, capacity, lambda s: jnp.all(s.done), check_every)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

@@ -104,7 +104,7 @@ def sampling_mode(params: Sequence[SamplingParams], vocab_size: int, greedy: boo
             raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
     if any(_filters(p, vocab_size) for p in params):
         return "sorted"
-    if greedy and all(p.temperature < GREEDY_EPS for p in params):
+    if greedy and all(p.greedy for p in params):
         return "greedy"
     return "unsorted"
 

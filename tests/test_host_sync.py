@@ -107,7 +107,7 @@ def test_fixed_trip_count_decodes_what_the_while_loop_decodes(llm, params):
         np.testing.assert_allclose(other.logprob, while_loop.logprob, rtol=1e-6, atol=1e-6)
 
 
-def test_trip_count_outside_the_buffer_is_refused(llm):
+def test_bad_trip_count_or_check_interval_is_refused(llm):
     cfg, rows = llm.config, 1
     st = make_sampling_tensors([SamplingParams(temperature=0.0)], [0], rows, cfg.vocab_size)
     limits = runner.Limits(np.full((rows, 4), -1, np.int32), np.array([4], np.int32), np.int32(64))
@@ -117,6 +117,17 @@ def test_trip_count_outside_the_buffer_is_refused(llm):
                               logprobs_k=None, prompt_logprobs_k=None)
     with pytest.raises(ValueError, match=re.escape("trip_count must be in [1, 15]")):
         runner.decode(llm.params, state, st, limits, np.int32(4), config=cfg, logprobs_k=None, trip_count=16)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"check_every must be an integer >= 1, got {bad!r}"):
+            runner.decode(llm.params, state, st, limits, np.int32(4), config=cfg, logprobs_k=None, check_every=bad)
+
+
+def test_speculative_loop_refuses_a_bad_check_interval(ckpt):
+    spec = LLM(ckpt, dtype="float32", max_model_len=64, skip_tokenizer_init=True, progress=False,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="check_every must be an integer >= 1, got 0"):
+        spec.speculator.decode(spec.params, None, None, None, None, np.int32(4), config=spec.config,
+                               logprobs_k=None, check_every=0)
 
 
 @pytest.mark.parametrize("speculative", [None, {"method": "ngram", "num_speculative_tokens": 3}])

@@ -553,6 +553,8 @@ def test_reserve_next_decode_steps_needs_free_pages_and_a_reserved_visit():
     tables = {rid: kv.page_table(rid) for rid in ("a", "b")}
     assert sched.reserve_next_decode_steps(8) is None  # each would need three more pages
     assert {rid: kv.page_table(rid) for rid in ("a", "b")} == tables
+    with pytest.raises(ValueError, match="num_steps=0"):
+        sched.reserve_next_decode_steps(0)
     sched.update_decodes({"a": [1, 2], "b": [3, 4]})
     sched.schedule()  # nothing was left reserved
     kv.check_invariants()

@@ -195,18 +195,13 @@ def spec_decode(
     check_every: int = 1,
 ) -> tuple[runner.DecodeState, SpecState]:
     """Up to `num_steps` speculative steps (each emits 1 to k+1 tokens per row), stopping once all
-    rows are done, looked at every `check_every` steps (as `runner.decode`). `sampling_mode` as in
+    rows are done, looked at every `check_every` steps (`runner.steps_while`). `sampling_mode` as in
     `sampling.sample`; `penalties`: whether some row has one (None: looked at on the device)."""
-    capacity = state.tokens.shape[1]
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+    runner.check_steps(check_every)
 
-    def cond(carry):
-        i, s, _ = carry
-        return (i < num_steps) & ~jnp.all(s.done) & (i < capacity)
-
-    def one_step(i, s, sp):
+    def one_step(i, carry):
         # past num_steps (the last check's remainder) every row sits out this step, as if done
+        s, sp = carry
         done = s.done
         s = s._replace(done=done | (i >= num_steps))
         if plan.method == "medusa":
@@ -218,12 +213,6 @@ def spec_decode(
                                 penalties=penalties)
         return s._replace(done=jnp.where(i >= num_steps, done, s.done)), sp
 
-    def body(carry):
-        i, s, sp = carry
-        if check_every == 1:
-            return (i + 1, *one_step(i, s, sp))
-        s, sp = jax.lax.fori_loop(0, check_every, lambda j, c: one_step(i + j, *c), (s, sp))
-        return i + check_every, s, sp
-
-    _, state, spec = jax.lax.while_loop(cond, body, (jnp.int32(0), state, spec))
+    state, spec = runner.steps_while(one_step, (state, spec), num_steps, state.tokens.shape[1],
+                                     lambda c: jnp.all(c[0].done), check_every)
     return state, spec
