@@ -15,7 +15,9 @@ from models.llama import unstack_layers
 
 
 def _nbytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    """Bytes the arrays hold; 4-bit types count half a byte (XLA packs them two to a byte)."""
+    bits = lambda dt: 4 if dt.name in ("int4", "uint4") else 8 * dt.itemsize
+    return sum(x.size * bits(x.dtype) // 8 for x in jax.tree.leaves(tree))
 
 
 def _timed(fn, repeats: int) -> list[float]:

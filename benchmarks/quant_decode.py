@@ -1,14 +1,20 @@
 """Batch-1 decode and 2048-token prefill of the 8B shape per quantization method, bf16 first, one
 process, same random weights (Pallas attention kernels on).
 
-    PYTHONPATH=. python -m benchmarks.quant_decode --methods none fp8 int4 --out results_quant_decode.json
+A method named with a "/nmajor" suffix (int8/nmajor, int4/nmajor) keeps the weights in their stored
+[K, N] layout, so its products run in the N-major kernels of pallas_kernels/quant_matmul.py: the
+baseline of the K-major kernels `LLM` uses on one GPU.
+
+    PYTHONPATH=. python -m benchmarks.quant_decode --methods none int8 int4 int8/nmajor --out results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from unittest import mock
 
 import jax
 
@@ -27,9 +33,13 @@ def main(argv=None) -> int:
     params = random_params(config, make_mesh(ParallelConfig(1)))
     rows = []
     for method in args.methods:
-        q = None if method == "none" else method
-        row = decode.run(batch=1, config=config, params=params, layers="unrolled", prefill_len=2048,
-                         repeats=1, quantization=q)
+        name, _, layout = method.partition("/")
+        q = None if name == "none" else name
+        keep = mock.patch("jaxllm.llm._in_kernel_layout", lambda p: p) if layout == "nmajor" else contextlib.nullcontext()
+        with keep:
+            row = decode.run(batch=1, config=config, params=params, layers="unrolled", prefill_len=2048,
+                             repeats=1, quantization=q)
+        row["method"] = method
         row.pop("greedy_tokens")
         rows.append(row)
         print(f"{method:6s} decode {row['decode_tokens_per_s']:7.1f} tok/s ({row['ms_per_step']:.2f} ms/step, "

@@ -28,8 +28,9 @@ import numpy as np
 from benchmarks.shapes import COPY_BANDWIDTH
 from jaxllm.quantization import einsum as xla_quantized_einsum
 from jaxllm.quantization import quantize_int4, quantize_int8
+from pallas_kernels.quant_matmul_kmajor import KMajorConfig, int4_kmajor, int8_kmajor, w4a16_kmajor, w8a16_kmajor
+from pallas_kernels.quant_matmul_kmajor import plan as kmajor_plan
 from pallas_kernels.quant_matmul import (
-    QuantMatmulConfig,
     plan,
     w4a16_matmul,
     w4a16_matmul_reference,
@@ -62,6 +63,13 @@ def make_weights(k: int, n: int, copies: int, seed: int = 0):
     int8 = [quantize_int8(w, (0,)) for w in dense]
     int4 = [quantize_int4(w, (0,), 128) for w in dense]
     return dense, int8, int4
+
+
+def kmajor_weights(int8, int4):
+    """The same weights in the K-major kernels' layout."""
+    int8k = [(int8_kmajor(w.q), w.scale.reshape(-1)) for w in int8]
+    int4k = [(int4_kmajor(w.packed), w.scale, w.zero, w.input_scale) for w in int4]
+    return int8k, int4k
 
 
 def timed(fn, x, ws, iters: int, repeats: int) -> dict:
@@ -98,6 +106,17 @@ def kernels(config8=None, config4=None):
     return int8, int4
 
 
+def kmajor_kernels(config8=None, config4=None):
+    """The K-major kernels as functions of (x, weight arrays in their layout)."""
+    def int8(x, w):
+        return w8a16_kmajor(x, *w, config=config8, interpret=INTERPRET)
+
+    def int4(x, w):
+        return w4a16_kmajor(x, *w, config=config4, interpret=INTERPRET)
+
+    return int8, int4
+
+
 def xla_paths():
     def bf16(x, w):
         return jnp.dot(x, w)
@@ -113,7 +132,9 @@ def check(k: int, n: int, ms, seed: int = 1) -> list[dict]:
     control is the reference with one K tile of x missing (int8) or zero points off by one (int4),
     an error the check must see."""
     dense, int8, int4 = make_weights(k, n, 1, seed)
+    (w8k,), (w4k,) = kmajor_weights(int8, int4)
     k8, k4 = kernels()
+    kk8, kk4 = kmajor_kernels()
     out = []
     for m in ms:
         x = jax.random.normal(jax.random.PRNGKey(seed + m), (m, k), jnp.bfloat16)
@@ -122,6 +143,10 @@ def check(k: int, n: int, ms, seed: int = 1) -> list[dict]:
             ("int8", jax.jit(k8)(x, w8), w8a16_matmul_reference(x, w8.q, w8.scale.reshape(n)),
              w8a16_matmul_reference(x.at[:, :128].set(0), w8.q, w8.scale.reshape(n))),
             ("int4", jax.jit(k4)(x, w4), w4a16_matmul_reference(x, w4.packed, w4.scale, w4.zero, w4.input_scale),
+             w4a16_matmul_reference(x, w4.packed, w4.scale, (w4.zero + 1) % 16, w4.input_scale)),
+            ("int8_kmajor", jax.jit(kk8)(x, w8k), w8a16_matmul_reference(x, w8.q, w8.scale.reshape(n)),
+             w8a16_matmul_reference(x.at[:, :128].set(0), w8.q, w8.scale.reshape(n))),
+            ("int4_kmajor", jax.jit(kk4)(x, w4k), w4a16_matmul_reference(x, w4.packed, w4.scale, w4.zero, w4.input_scale),
              w4a16_matmul_reference(x, w4.packed, w4.scale, (w4.zero + 1) % 16, w4.input_scale)),
         )
         for kind, got, want, control in cases:
@@ -138,16 +163,19 @@ def check(k: int, n: int, ms, seed: int = 1) -> list[dict]:
 def table(shapes, ms, iters: int, repeats: int) -> list[dict]:
     rows = []
     k8, k4 = kernels()
+    kk8, kk4 = kmajor_kernels()
     bf16, xq = xla_paths()
     for k, n in shapes:
         copies = int(np.clip(math.ceil(ROTATE_BYTES / weight_bytes("int4", k, n)), 2, 12))
         dense, int8, int4 = make_weights(k, n, copies)
+        int8k, int4k = kmajor_weights(int8, int4)
         for m in ms:
             x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
             row = dict(m=m, k=k, n=n, copies=copies)
             for name, fn, ws, kind in (("bf16_xla", bf16, dense, "bf16"), ("int8_xla", xq, int8, "int8"),
                                        ("int8_kernel", k8, int8, "int8"), ("int4_xla", xq, int4, "int4"),
-                                       ("int4_kernel", k4, int4, "int4")):
+                                       ("int4_kernel", k4, int4, "int4"), ("int8_kmajor", kk8, int8k, "int8"),
+                                       ("int4_kmajor", kk4, int4k, "int4")):
                 try:
                     row[name] = rate(timed(fn, x, ws, iters, repeats), weight_bytes(kind, k, n))
                 except Exception as e:  # report and go on: one failing path must not hide the rest
@@ -155,22 +183,60 @@ def table(shapes, ms, iters: int, repeats: int) -> list[dict]:
             for kind in ("int8", "int4"):
                 p = plan(kind, m, k, n, None, 128 if kind == "int4" else None)
                 row[f"{kind}_plan"] = dict(block_n=p.block_n, rows=p.rows, stages=p.num_stages, splits=p.num_splits)
-                if "us" in row.get(f"{kind}_kernel", {}) and "us" in row["bf16_xla"]:
-                    row[f"{kind}_speedup_vs_bf16"] = row["bf16_xla"]["us"] / row[f"{kind}_kernel"]["us"]
-                    if "us" in row.get(f"{kind}_xla", {}):
-                        row[f"{kind}_speedup_vs_xla"] = row[f"{kind}_xla"]["us"] / row[f"{kind}_kernel"]["us"]
+                pk = kmajor_plan(kind, m, k, n)
+                row[f"{kind}_kmajor_plan"] = dict(block_n=pk.block_n, block_k=pk.block_k, stages=pk.num_stages,
+                                                  splits=pk.num_splits)
+                for path in ("kernel", "kmajor"):
+                    if "us" in row.get(f"{kind}_{path}", {}) and "us" in row["bf16_xla"]:
+                        row[f"{kind}_{path}_speedup_vs_bf16"] = row["bf16_xla"]["us"] / row[f"{kind}_{path}"]["us"]
+                if "us" in row.get(f"{kind}_kmajor", {}) and "us" in row.get(f"{kind}_kernel", {}):
+                    row[f"{kind}_kmajor_vs_kernel"] = row[f"{kind}_kernel"]["us"] / row[f"{kind}_kmajor"]["us"]
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
 
 
-SWEEP = {  # kind: configs tried on the sweep shapes
-    "int8": [QuantMatmulConfig(block_n=bn, num_splits=s, num_stages=st)
-             for bn, s, st in ((128, 1, None), (128, 2, None), (128, 4, None), (128, None, 4), (128, None, 6),
-                               (64, 1, None), (64, 2, None), (64, None, 6))],
-    "int4": [QuantMatmulConfig(num_splits=s, num_stages=st)
-             for s, st in ((1, None), (2, None), (4, None), (None, 2), (None, 6), (None, 8))],
+SWEEP = {  # kind: K-major kernel configs tried on the sweep shapes
+    "int8": [KMajorConfig(block_n=bn, block_k=bk, num_splits=sp, num_stages=st)
+             for bn, bk, sp, st in ((128, 128, None, None), (128, 256, None, None), (256, 128, None, None),
+                                    (256, 256, None, None), (128, 128, None, 8), (128, 128, 1, None),
+                                    (128, 128, 2, None), (64, 128, None, None))],
+    "int4": [KMajorConfig(block_n=bn, num_splits=sp, num_stages=st)
+             for bn, sp, st in ((128, None, None), (256, None, None))],
 }
+
+def profile(k: int, n: int, m: int = 1) -> dict:
+    """GPU time per kernel (jax.profiler) of one call of each path: the kernels' own time apart
+    from their XLA prologue and epilogue."""
+    import glob
+    import gzip
+    import os
+    import tempfile
+
+    from benchmarks.profile_decode import gpu_events, per_name
+
+    dense, int8, int4 = make_weights(k, n, 1)
+    int8k, int4k = kmajor_weights(int8, int4)
+    k8, k4 = kernels()
+    kk8, kk4 = kmajor_kernels()
+    bf16, _ = xla_paths()
+    x = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.bfloat16)
+    out = {}
+    for name, fn, w in (("bf16_xla", bf16, dense[0]), ("int8_kernel", k8, int8[0]), ("int8_kmajor", kk8, int8k[0]),
+                        ("int4_kernel", k4, int4[0]), ("int4_kmajor", kk4, int4k[0])):
+        f = jax.jit(fn)
+        jax.block_until_ready(f(x, w))
+        log_dir = tempfile.mkdtemp()
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for _ in range(5):
+                y = f(x, w)
+            jax.block_until_ready(y)
+        path = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+        with gzip.open(path) as fh:
+            events = per_name(gpu_events(json.load(fh)))
+        out[name] = {ev[:80]: dict(us=t / c, calls=c / 5) for ev, (t, c) in events.items()}
+        print(json.dumps({name: out[name]}), flush=True)
+    return dict(k=k, n=n, m=m, per_kernel=out)
 
 
 def sweep(shapes, ms, iters: int, repeats: int) -> list[dict]:
@@ -178,18 +244,24 @@ def sweep(shapes, ms, iters: int, repeats: int) -> list[dict]:
     for k, n in shapes:
         copies = int(np.clip(math.ceil(ROTATE_BYTES / weight_bytes("int4", k, n)), 2, 12))
         _, int8, int4 = make_weights(k, n, copies)
+        int8k, int4k = kmajor_weights(int8, int4)
         for m in ms:
             x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
             for kind, configs in SWEEP.items():
                 for cfg in configs:
-                    k8, k4 = kernels(cfg, cfg)
+                    k8, k4 = kmajor_kernels(cfg, cfg)
                     entry = dict(kind=kind, m=m, k=k, n=n, config=str(cfg))
                     try:
-                        p = plan(kind, m, k, n, cfg, 128 if kind == "int4" else None)
-                        entry["plan"] = dict(block_n=p.block_n, rows=p.rows, stages=p.num_stages,
+                        p = kmajor_plan(kind, m, k, n, cfg)
+                        entry["plan"] = dict(block_n=p.block_n, block_k=p.block_k, stages=p.num_stages,
                                              splits=p.num_splits, smem=p.smem_bytes())
-                        fn, ws = (k8, int8) if kind == "int8" else (k4, int4)
+                        fn, ws = (k8, int8k) if kind == "int8" else (k4, int4k)
                         entry.update(rate(timed(fn, x, ws, iters, repeats), weight_bytes(kind, k, n)))
+                        w = int8[0] if kind == "int8" else int4[0]
+                        want = (w8a16_matmul_reference(x, w.q, w.scale.reshape(n)) if kind == "int8" else
+                                w4a16_matmul_reference(x, w.packed, w.scale, w.zero, w.input_scale))
+                        got, want = (np.asarray(a, np.float32) for a in (jax.jit(fn)(x, ws[0]), want))
+                        entry["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
                     except Exception as e:
                         entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     print(json.dumps(entry), flush=True)
@@ -201,18 +273,21 @@ def decode_prediction(iters: int, repeats: int) -> dict:
     """Batch-1 tokens/s if every weight product of a Llama-3-8B step ran at the measured speed,
     plus OTHER_MS for the rest of the step."""
     k8, k4 = kernels()
+    kk8, kk4 = kmajor_kernels()
     bf16, _ = xla_paths()
     per_shape = {}
     for k, n in LAYER_SHAPES + (LM_HEAD,):
         copies = int(np.clip(math.ceil(ROTATE_BYTES / weight_bytes("int4", k, n)), 2, 12))
         dense, int8, int4 = make_weights(k, n, copies)
+        int8k, int4k = kmajor_weights(int8, int4)
         x = jax.random.normal(jax.random.PRNGKey(0), (1, k), jnp.bfloat16)
         per_shape[f"{k}x{n}"] = {name: timed(fn, x, ws, iters, repeats)["us"]
-                                 for name, fn, ws in (("bf16", bf16, dense), ("int8", k8, int8), ("int4", k4, int4))}
-        del dense, int8, int4
+                                 for name, fn, ws in (("bf16", bf16, dense), ("int8", k8, int8), ("int4", k4, int4),
+                                                      ("int8_kmajor", kk8, int8k), ("int4_kmajor", kk4, int4k))}
+        del dense, int8, int4, int8k, int4k
         print(json.dumps({f"{k}x{n}": per_shape[f"{k}x{n}"]}), flush=True)
     out = dict(per_shape_us=per_shape, other_ms=OTHER_MS)
-    for name in ("bf16", "int8", "int4"):
+    for name in ("bf16", "int8", "int4", "int8_kmajor", "int4_kmajor"):
         layer_us = sum(per_shape[f"{k}x{n}"][name] for k, n in LAYER_SHAPES)
         step_ms = (NUM_LAYERS * layer_us + per_shape[f"{LM_HEAD[0]}x{LM_HEAD[1]}"][name]) / 1e3 + OTHER_MS
         out[name] = dict(weight_ms=step_ms - OTHER_MS, step_ms=step_ms, tokens_per_s=1e3 / step_ms)
@@ -220,15 +295,18 @@ def decode_prediction(iters: int, repeats: int) -> dict:
 
 
 def summary(result: dict) -> str:
-    lines = ["  M  shape        bf16 us | int8 us  TB/s  frac  x bf16 | int4 us  TB/s  frac  x bf16"]
+    lines = ["  M  shape        bf16 us | int8 us  TB/s  frac  x bf16 | int4 us  TB/s  frac  x bf16"
+             " | int8 K-major  x bf16 | int4 K-major  x bf16"]
     def cell(row, name):
         e = row.get(name, {})
         return f"{e['us']:7.1f} {e['tb_s']:5.2f} {e['fraction']:5.2f}" if "us" in e else "  error           "
 
     for r in result.get("rows", []):
         lines.append(f"{r['m']:3d}  {r['k']:5d}x{r['n']:<5d} {r['bf16_xla'].get('us', float('nan')):7.1f} | "
-                     f"{cell(r, 'int8_kernel')} {r.get('int8_speedup_vs_bf16', float('nan')):6.2f} | "
-                     f"{cell(r, 'int4_kernel')} {r.get('int4_speedup_vs_bf16', float('nan')):6.2f}")
+                     f"{cell(r, 'int8_kernel')} {r.get('int8_kernel_speedup_vs_bf16', float('nan')):6.2f} | "
+                     f"{cell(r, 'int4_kernel')} {r.get('int4_kernel_speedup_vs_bf16', float('nan')):6.2f} | "
+                     f"{cell(r, 'int8_kmajor')} {r.get('int8_kmajor_speedup_vs_bf16', float('nan')):6.2f} | "
+                     f"{cell(r, 'int4_kmajor')} {r.get('int4_kmajor_speedup_vs_bf16', float('nan')):6.2f}")
     return "\n".join(lines)
 
 
@@ -237,7 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
     parser.add_argument("--sections", nargs="+", default=["check", "table", "predict"],
-                        choices=["check", "table", "sweep", "predict"])
+                        choices=["check", "table", "sweep", "predict", "profile"])
     parser.add_argument("--sweep-m", type=int, nargs="+", default=[1])
     parser.add_argument("--check-m", type=int, nargs="+", default=[1, 13, 64])
     parser.add_argument("--iters", type=int, default=10)
@@ -257,8 +335,10 @@ def main(argv=None) -> int:
 
     sections = {"check": lambda: [e for k, n in shapes for e in check(k, n, args.check_m)], "table": lambda: table(shapes, args.m, args.iters, args.repeats),
                 "sweep": lambda: sweep(shapes[:2], args.sweep_m, args.iters, args.repeats),
-                "predict": lambda: decode_prediction(args.iters, args.repeats)}
-    key = {"check": "correctness", "table": "rows", "sweep": "sweep", "predict": "decode_prediction"}
+                "predict": lambda: decode_prediction(args.iters, args.repeats),
+                "profile": lambda: [profile(k, n) for k, n in shapes]}
+    key = {"check": "correctness", "table": "rows", "sweep": "sweep", "predict": "decode_prediction",
+           "profile": "profile"}
     for name in args.sections:
         start = time.perf_counter()
         try:

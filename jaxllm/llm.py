@@ -97,6 +97,16 @@ def _quantized(params: dict, config: ModelConfig, method: str | None) -> dict:
     return quantize_params(params, get_model_spec(config.architecture).model.INPUT_AXES, method)
 
 
+def _in_kernel_layout(params: dict) -> dict:
+    """int8 / int4 weights re-laid for the K-major kernels where `ops.matmul`'s "auto" mode runs
+    them (one GPU); elsewhere unchanged."""
+    if jax.default_backend() != "gpu" or jax.device_count() != 1:
+        return params
+    from jaxllm.kernel_weights import to_kernel_layout
+
+    return to_kernel_layout(params)
+
+
 def _with_backend(config: ModelConfig, backend: str, tensor_parallel_size: int) -> ModelConfig:
     """The config with its attention backend; the kernels run on one device per model for now."""
     if backend not in ATTENTION_BACKENDS:
@@ -238,6 +248,7 @@ class LLM:
                 raise ValueError(f"quantized checkpoints load with layers='unrolled', not {layers!r}")
             self.params = load_quantized(self.model_dir, self.config, self.mesh, stored)
             quantization = method
+        self.params = _in_kernel_layout(self.params)
         self.quantization = quantization
         self.tokenizer = None
         if not skip_tokenizer_init:
@@ -279,7 +290,7 @@ class LLM:
         llm = cls.__new__(cls)
         llm.batching = batching
         llm.quantization = quantization
-        params = _quantized(params, config, quantization)
+        params = _in_kernel_layout(_quantized(params, config, quantization))
         llm.kv_cache_dtype = kv_cache_dtype
         llm.model_dir, llm.config, llm.params, llm.mesh, llm.tokenizer = None, config, params, mesh, tokenizer
         llm.max_model_len = _resolve_max_model_len(max_model_len, config)

@@ -256,6 +256,10 @@ def dequantize_int4(w: Int4Weight, dtype=jnp.float32) -> Array:
 
 def dequantize(w, dtype=jnp.float32) -> Array:
     """The dense weight a quantized one stands for."""
+    from jaxllm import kernel_weights
+
+    if isinstance(w, kernel_weights.KMAJOR_TYPES):
+        return kernel_weights.dequantize(w, dtype)
     if isinstance(w, Int4Weight):
         return dequantize_int4(w, dtype)
     if isinstance(w, FP4Weight):
@@ -307,6 +311,10 @@ def quantize_params(params: dict, input_axes: Mapping[str, tuple[int, ...]], met
 
 def einsum(subscripts: str, x: Array, w) -> Array:
     """`x` contracted with a quantized weight, in x's dtype."""
+    from jaxllm import kernel_weights
+
+    if isinstance(w, kernel_weights.KMAJOR_TYPES):
+        return kernel_weights.xla_einsum(subscripts, x, w)
     if isinstance(w, Int4Weight):
         return jnp.einsum(subscripts, x, dequantize_int4(w, x.dtype))
     if isinstance(w, W8A8Weight):
@@ -325,4 +333,6 @@ def einsum(subscripts: str, x: Array, w) -> Array:
 
 
 def is_quantized(w) -> bool:
-    return isinstance(w, (QuantizedWeight, Int4Weight, W8A8Weight, FP4Weight))
+    from jaxllm.kernel_weights import KMAJOR_TYPES
+
+    return isinstance(w, (QuantizedWeight, Int4Weight, W8A8Weight, FP4Weight, *KMAJOR_TYPES))

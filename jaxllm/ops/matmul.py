@@ -94,25 +94,33 @@ def as_matrix_product(subscripts: str, x_shape: tuple[int, ...], w_shape: tuple[
     return m, k, math.prod(w_shape[c:]), tuple(x_shape[:-c]) + tuple(w_shape[c:])
 
 
+def _dense_shape(w) -> tuple[int, ...]:
+    from jaxllm.quantization import QuantizedWeight
+
+    return tuple(w.q.shape) if isinstance(w, QuantizedWeight) else tuple(w.shape)
+
+
 def kernel_limits(subscripts: str, x, w) -> str | None:
     """Why the quantized-matmul kernels cannot take this product, or None when they can."""
+    from jaxllm.kernel_weights import KMAJOR_TYPES, KMajorInt4Weight
     from jaxllm.quantization import Int4Weight, QuantizedWeight
-    from pallas_kernels.quant_matmul import plan
+    from pallas_kernels import quant_matmul, quant_matmul_kmajor
 
-    if not isinstance(w, (QuantizedWeight, Int4Weight)):
+    if not isinstance(w, (QuantizedWeight, Int4Weight, *KMAJOR_TYPES)):
         return f"{type(w).__name__} weights (the kernels take int8 and int4)"
     if x.dtype != jnp.bfloat16:
         return f"{x.dtype} activations (the kernels take bfloat16)"
-    shape = tuple(w.shape) if isinstance(w, Int4Weight) else tuple(w.q.shape)
-    dims = as_matrix_product(subscripts, tuple(x.shape), shape)
+    dims = as_matrix_product(subscripts, tuple(x.shape), _dense_shape(w))
     if dims is None:
         return f"{subscripts!r} is not x [..., K] @ W [K, N] with K leading the weight"
     m, k, n, _ = dims
     try:
-        if isinstance(w, Int4Weight):
-            plan("int4", m, k, n, None, w.group_size)
+        if isinstance(w, KMAJOR_TYPES):
+            quant_matmul_kmajor.plan("int4" if isinstance(w, KMajorInt4Weight) else "int8", m, k, n)
+        elif isinstance(w, Int4Weight):
+            quant_matmul.plan("int4", m, k, n, None, w.group_size)
         else:
-            plan("int8", m, k, n, None)
+            quant_matmul.plan("int8", m, k, n, None)
     except ValueError as err:
         return str(err)
     return None
@@ -125,16 +133,19 @@ def _quantized_kernel(subscripts: str, x, w):
         return None
     if kernel_limits(subscripts, x, w) is not None:
         return None
+    from jaxllm import kernel_weights
     from jaxllm.quantization import Int4Weight
     from pallas_kernels.quant_matmul import w4a16_matmul, w8a16_matmul
 
     interpret = jax.default_backend() != "gpu"
-    shape = tuple(w.shape) if isinstance(w, Int4Weight) else tuple(w.q.shape)
-    m, k, n, out_shape = as_matrix_product(subscripts, tuple(x.shape), shape)
-    if mode == "auto" and not isinstance(w, Int4Weight) and m > INT8_KERNEL_MAX_TOKENS:
+    m, k, n, out_shape = as_matrix_product(subscripts, tuple(x.shape), _dense_shape(w))
+    int4 = isinstance(w, (Int4Weight, kernel_weights.KMajorInt4Weight))
+    if mode == "auto" and not int4 and m > INT8_KERNEL_MAX_TOKENS:
         return None
     x2 = x.reshape(m, k)
-    if isinstance(w, Int4Weight):
+    if isinstance(w, kernel_weights.KMAJOR_TYPES):
+        y = kernel_weights.matmul_kernel(x2, w, interpret=interpret)
+    elif isinstance(w, Int4Weight):
         y = w4a16_matmul(x2, w.packed, w.scale, w.zero, w.input_scale, interpret=interpret)
     else:
         y = w8a16_matmul(x2, w.q.reshape(k, n), w.scale.reshape(n), interpret=interpret)

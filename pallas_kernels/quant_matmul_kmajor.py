@@ -1,0 +1,381 @@
+"""Weight-only quantized matmuls for decode shapes over K-major weights: the codes feed wgmma from
+registers.
+
+`x @ W` for W given transposed, [N, K] with K contiguous: int8 with one scale per output channel,
+or signed 4-bit codes (the stored code minus 8) with a scale and zero point per group of 128 inputs.
+As in `pallas_kernels.quant_matmul`, the kernels compute out^T = W^T x^T ("swap AB"): 64 output
+features fill wgmma's M side and the tokens, padded to a multiple of 8, its N. The difference is
+where the dequantization goes: a compute warpgroup loads its [64, K-tile] of codes from shared
+memory straight into wgmma's register-operand layout (Mosaic GPU's upcast layouts), converts them to
+bf16 there and multiplies, with no bf16 copy written back to shared memory and no fence before each
+product. K-major codes are what make that load possible: wgmma's register operand holds runs of K.
+
+int8's channel scale multiplies the output. int4's group scale and zero point apply to each group's
+float32 partial product, as in the N-major kernel: sum_k (c - z) s x = s * (P + (8 - z) * sum_k x)
+with c - 8 the signed code the kernel multiplies and the activation sums per group computed by XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int8, UInt8
+
+from pallas_kernels import compat
+
+WG_ROWS = 64  # output features per compute warpgroup: wgmma's M
+MAX_TOKENS = 64
+SMEM_PER_SM = 228 * 1024
+SMEM_BUDGET = 110 * 1024  # per block for the default stage count (two blocks an SM)
+MIN_STEPS_PER_SPLIT = 4
+SUMS_WIDTH = 64  # int4's per-group activation sums, padded to 256 bytes a row (TMA moves 128-byte multiples)
+INT4_GROUP = 128  # the int4 kernel steps one group of inputs at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class KMajorConfig:
+    """Tuning knobs; None picks a default from the shapes (see `plan`)."""
+
+    block_n: int | None = None  # output features per block: 64, 128 or 256 (a compute warpgroup per 64)
+    block_k: int | None = None  # int8 only: inputs per pipeline step, 128 or 256 (int4 steps one group)
+    num_stages: int | None = None  # tiles in flight per block
+    num_splits: int | None = None  # blocks sharing one output block's K range
+
+    def __post_init__(self):
+        if self.block_n is not None and self.block_n not in (64, 128, 256):
+            raise ValueError(f"block_n={self.block_n} must be 64, 128 or 256")
+        if self.block_k is not None and self.block_k not in (128, 256):
+            raise ValueError(f"block_k={self.block_k} must be 128 or 256")
+        if self.num_stages is not None and self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be at least 1")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits={self.num_splits} must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static shape of one kernel launch."""
+
+    kind: str  # "int8" or "int4"
+    k: int
+    n: int
+    tokens: int  # padded token count (wgmma's N)
+    block_n: int
+    block_k: int  # inputs per step
+    num_stages: int
+    num_splits: int
+
+    @property
+    def steps(self) -> int:
+        return self.k // self.block_k
+
+    @property
+    def compute_wgs(self) -> int:
+        return self.block_n // WG_ROWS
+
+    @property
+    def per_split(self) -> int:
+        return -(-self.steps // self.num_splits)
+
+    def stage_bytes(self) -> int:
+        codes = self.block_n * self.block_k // (2 if self.kind == "int4" else 1)
+        extra = self.block_n * 5 + 4 * SUMS_WIDTH if self.kind == "int4" else 0
+        return codes + self.tokens * self.block_k * 2 + extra
+
+    def fixed_bytes(self) -> int:
+        return self.block_n * self.tokens * 4  # the output tile
+
+    def smem_bytes(self) -> int:
+        return self.num_stages * self.stage_bytes() + self.fixed_bytes()
+
+
+def plan(kind: str, m: int, k: int, n: int, config: KMajorConfig | None = None) -> Plan:
+    """Block sizes, stages and splits for an [m, k] x [k, n] product; ValueError if they do not fit."""
+    config = config or KMajorConfig()
+    if not 1 <= m <= MAX_TOKENS:
+        raise ValueError(f"{m} tokens: the kernel takes 1 to {MAX_TOKENS} (decode shapes); use XLA above")
+    block_n = config.block_n or (128 if n % 128 == 0 else 64)
+    if n % block_n:
+        raise ValueError(f"N={n} output features must be a multiple of block_n={block_n}")
+    if kind == "int4":
+        if block_n < 128:  # a TMA copy moves at least 128 bytes here: the block's zero points
+            raise ValueError(f"the int4 kernel takes block_n of 128 or 256 (got {block_n}), so N={n} must be a "
+                             f"multiple of 128")
+        if config.block_k not in (None, INT4_GROUP):
+            raise ValueError(f"the int4 kernel steps one group of {INT4_GROUP} inputs, not block_k={config.block_k}")
+        block_k = INT4_GROUP
+    else:
+        block_k = config.block_k or 128
+    if k % block_k:
+        raise ValueError(f"K={k} must be a multiple of {block_k} for the {kind} kernel")
+    base = Plan(kind, k, n, -(-m // 8) * 8, block_n, block_k, 1, 1)
+    stages = config.num_stages or max(2, min(8, (SMEM_BUDGET - base.fixed_bytes()) // base.stage_bytes()))
+    smem = dataclasses.replace(base, num_stages=stages).smem_bytes()
+    if smem > SMEM_PER_SM - 1024:
+        raise ValueError(f"num_stages={stages} needs {smem} bytes of shared memory a block; at most "
+                         f"{SMEM_PER_SM - 1024} fit")
+    per_sm = 2 if 2 * (smem + 1024) <= SMEM_PER_SM else 1
+    blocks = n // block_n
+    most = max(1, base.steps // MIN_STEPS_PER_SPLIT)
+    splits = config.num_splits or max(1, min(most, per_sm * compat.num_sms() // blocks))
+    return dataclasses.replace(base, num_stages=stages, num_splits=min(splits, base.steps))
+
+
+# -- weight layouts --------------------------------------------------------------------------
+
+
+def int8_kmajor(q: Int8[Array, "K N"]) -> Int8[Array, "N K"]:
+    """An int8 [K, N] weight's codes in the kernel's layout."""
+    return jnp.asarray(q, jnp.int8).T
+
+
+def int4_kmajor(packed: UInt8[Array, "K/2 N"]) -> Array:
+    """Int4Weight's packed unsigned codes (input 2i in the low nibble) as signed int4 [N, K]: code - 8."""
+    k2, n = packed.shape
+    codes = jnp.stack([packed & 15, packed >> 4], axis=1).reshape(2 * k2, n).astype(jnp.int8)
+    return (codes - 8).astype(jnp.int4).T
+
+
+# -- references ------------------------------------------------------------------------------
+
+
+def w8a16_kmajor_reference(
+    x: Float[Array, "M K"],
+    w_t: Int8[Array, "N K"],
+    scale: Float[Array, "N"],
+    *,
+    config: KMajorConfig | None = None,
+    interpret: bool = False,
+) -> Float[Array, "M N"]:
+    """x @ (w_t.T * scale) in float32, returned in x's dtype."""
+    del config, interpret
+    y = jnp.dot(x.astype(jnp.float32), w_t.astype(jnp.float32).T, precision=lax.Precision.HIGHEST)
+    return (y * jnp.reshape(scale, (1, -1)).astype(jnp.float32)).astype(x.dtype)
+
+
+def w4a16_kmajor_reference(
+    x: Float[Array, "M K"],
+    q_t: Array,
+    scale: Float[Array, "G N"],
+    zero: UInt8[Array, "G N"],
+    input_scale: Float[Array, "K"] | None = None,
+    *,
+    config: KMajorConfig | None = None,
+    interpret: bool = False,
+) -> Float[Array, "M N"]:
+    """x @ W with W[k, n] = (q_t[n, k] + 8 - zero[g, n]) * scale[g, n] / input_scale[k], in float32."""
+    del config, interpret
+    n, k = q_t.shape
+    group = k // scale.shape[0]
+    repeat = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)
+    w = (q_t.astype(jnp.float32).T + 8.0 - repeat(zero)) * repeat(scale)
+    if input_scale is not None:
+        w = w / input_scale.astype(jnp.float32)[:, None]
+    return jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST).astype(x.dtype)
+
+
+# -- kernels ---------------------------------------------------------------------------------
+
+
+def _check_x(x, k: int) -> int:
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"x of shape {tuple(x.shape)} must be [M, {k}] for a weight with K={k}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x of dtype {x.dtype}: the kernel takes floating-point activations")
+    return x.shape[0]
+
+
+def _pad_tokens(x, tokens: int):
+    return jnp.pad(x, ((0, tokens - x.shape[0]), (0, 0)))
+
+
+def w8a16_kmajor(
+    x: Float[Array, "M K"],
+    w_t: Int8[Array, "N K"],
+    scale: Float[Array, "N"],
+    *,
+    config: KMajorConfig | None = None,
+    interpret: bool = False,
+) -> Float[Array, "M N"]:
+    """The Mosaic GPU kernel (activations in bf16); same contract as `w8a16_kmajor_reference`."""
+    if w_t.ndim != 2 or w_t.dtype != jnp.int8:
+        raise ValueError(f"w_t of shape {tuple(w_t.shape)} and dtype {w_t.dtype} must be a 2-D int8 [N, K] matrix")
+    n, k = w_t.shape
+    m = _check_x(x, k)
+    if math.prod(scale.shape) != n:
+        raise ValueError(f"scale of shape {tuple(scale.shape)} must hold one value per output channel ({n})")
+    p = plan("int8", m, k, n, config)
+    partial = _build(p, interpret)(_pad_tokens(x.astype(jnp.bfloat16), p.tokens), w_t)
+    y = jnp.sum(partial, axis=0) * jnp.reshape(scale, (n, 1)).astype(jnp.float32)
+    return y.T[:m].astype(x.dtype)
+
+
+def w4a16_kmajor(
+    x: Float[Array, "M K"],
+    q_t: Array,
+    scale: Float[Array, "G N"],
+    zero: UInt8[Array, "G N"],
+    input_scale: Float[Array, "K"] | None = None,
+    *,
+    config: KMajorConfig | None = None,
+    interpret: bool = False,
+) -> Float[Array, "M N"]:
+    """The Mosaic GPU kernel (activations in bf16); same contract as `w4a16_kmajor_reference`."""
+    if q_t.ndim != 2 or q_t.dtype != jnp.int4:
+        raise ValueError(f"q_t of shape {tuple(q_t.shape)} and dtype {q_t.dtype} must be a 2-D int4 [N, K] matrix")
+    n, k = q_t.shape
+    m = _check_x(x, k)
+    if scale.shape != (k // INT4_GROUP, n) or zero.shape != scale.shape:
+        raise ValueError(f"scale {tuple(scale.shape)} and zero {tuple(zero.shape)} must both be "
+                         f"[{k // INT4_GROUP}, {n}]: the kernel takes groups of {INT4_GROUP} inputs")
+    if input_scale is not None and input_scale.shape != (k,):
+        raise ValueError(f"input_scale of shape {tuple(input_scale.shape)} must be ({k},)")
+    p = plan("int4", m, k, n, config)
+    xf = x.astype(jnp.float32)
+    if input_scale is not None:
+        xf = xf / input_scale.astype(jnp.float32)
+    xb = _pad_tokens(xf, p.tokens).astype(jnp.bfloat16)
+    sums = xb.astype(jnp.float32).reshape(p.tokens, -1, INT4_GROUP).sum(-1).T  # [G, tokens]
+    sums = jnp.pad(sums, ((0, 0), (0, SUMS_WIDTH - p.tokens)))
+    partial = _build(p, interpret)(xb, q_t, scale.astype(jnp.float32), zero.astype(jnp.uint8), sums)
+    return jnp.sum(partial, axis=0).T[:m].astype(x.dtype)
+
+
+def _bits(dtype) -> int:
+    return 4 if jnp.dtype(dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else 8 * jnp.dtype(dtype).itemsize
+
+
+def _swizzled(shape, dtype):
+    """A shared-memory tile in the layout TMA writes: 8-row tiles, rows of up to 128 bytes swizzled."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    bits = _bits(dtype)
+    swizzle = min(128, shape[-1] * bits // 8)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle * 8 // bits)),
+                                                plgpu.SwizzleTransform(swizzle)))
+
+
+@functools.lru_cache(maxsize=None)
+def _build(p: Plan, interpret: bool):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    int4 = p.kind == "int4"
+    wgs, bk, tokens, stages = p.compute_wgs, p.block_k, p.tokens, p.num_stages
+    copies = wgs + (4 if int4 else 1)  # TMA copies landing on a stage's barrier
+
+    def layout(x, kind):
+        return x if interpret else plgpu.layout_cast(x, kind)
+
+    def codes_in_registers(ref):
+        """The [64, block_k] codes as bf16 in wgmma's register-operand layout."""
+        if interpret:
+            return ref[...].astype(jnp.bfloat16)
+        if int4:  # 32-bit loads of eight codes; Mosaic GPU's int4 -> bf16 path starts from the 2x layout
+            raw = compat.mgpu_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            raw = plgpu.layout_cast(raw, plgpu.Layout.WGMMA_UPCAST_2X)
+        else:
+            raw = compat.mgpu_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_2X)
+        return plgpu.layout_cast(raw.astype(jnp.bfloat16), plgpu.Layout.WGMMA)
+
+    def product(a, x_ref):
+        """a [64, block_k] @ x_ref[...]^T, in float32."""
+        if interpret:
+            return jnp.dot(a, x_ref[...].T, preferred_element_type=jnp.float32)
+
+        def scope(acc_ref):
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_ref, (1, 0)))
+            return acc_ref[...]
+
+        return pl.run_scoped(scope, plgpu.ACC((WG_ROWS, tokens), jnp.float32))
+
+    def body(refs, scoped):
+        if int4:
+            x_ref, w_ref, s_ref, z_ref, sums_ref, out_ref = refs
+            (w_smem, x_smem, s_smem, z_smem, sums_smem, o_smem), ready, free = scoped
+        else:
+            x_ref, w_ref, out_ref = refs
+            (w_smem, x_smem, o_smem), ready, free = scoped
+        nb, sp, wg = lax.axis_index("n"), lax.axis_index("s"), lax.axis_index("wg")
+        first = sp * p.per_split
+        steps = jnp.clip(p.steps - first, 0, p.per_split)
+        n0 = nb * p.block_n
+
+        @pl.when(wg < wgs)
+        def _compute():
+            def step_fn(i, acc):
+                slot = lax.rem(i, stages)
+                plgpu.barrier_wait(ready.at[slot])
+                prod = product(codes_in_registers(w_smem.at[slot, wg]), x_smem.at[slot])
+                if int4:
+                    cols = pl.ds(wg * WG_ROWS, WG_ROWS)
+                    scale = layout(s_smem.at[slot, cols][...], plgpu.Layout.WGMMA.reduce(1))
+                    zero = layout(z_smem.at[slot, cols][...], plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+                    total = layout(sums_smem.at[slot, pl.ds(0, tokens)][...], plgpu.Layout.WGMMA.reduce(0))
+                    shape = (WG_ROWS, tokens)
+                    by_row = lambda v: lax.broadcast_in_dim(v, shape, [0])
+                    prod = by_row(scale) * (prod + by_row(8.0 - zero) * lax.broadcast_in_dim(total, shape, [1]))
+
+                @pl.when(i + stages < steps)  # the memory warpgroup waits for this slot again
+                def _():
+                    plgpu.barrier_arrive(free.at[slot])
+
+                return acc + prod
+
+            zeros = layout(jnp.zeros((WG_ROWS, tokens), jnp.float32), plgpu.Layout.WGMMA)
+            acc = lax.fori_loop(0, steps, step_fn, zeros)
+            o_smem.at[wg][...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], out_ref.at[sp, pl.ds(n0 + wg * WG_ROWS, WG_ROWS)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == wgs)
+        def _memory():
+            def issue(i, carry):
+                slot = lax.rem(i, stages)
+
+                @pl.when(i >= stages)
+                def _():
+                    plgpu.barrier_wait(free.at[slot])
+
+                step = first + i
+                ks = pl.ds(step * bk, bk)
+                for h in range(wgs):
+                    src = w_ref.at[pl.ds(n0 + h * WG_ROWS, WG_ROWS), ks]
+                    plgpu.copy_gmem_to_smem(src, w_smem.at[slot, h], ready.at[slot])
+                plgpu.copy_gmem_to_smem(x_ref.at[:, ks], x_smem.at[slot], ready.at[slot])
+                if int4:
+                    plgpu.copy_gmem_to_smem(s_ref.at[step, pl.ds(n0, p.block_n)], s_smem.at[slot], ready.at[slot])
+                    plgpu.copy_gmem_to_smem(z_ref.at[step, pl.ds(n0, p.block_n)], z_smem.at[slot], ready.at[slot])
+                    plgpu.copy_gmem_to_smem(sums_ref.at[step], sums_smem.at[slot], ready.at[slot])
+                return carry
+
+            lax.fori_loop(0, steps, issue, None)
+
+    def entry(*refs):
+        smem = [_swizzled((stages, wgs, WG_ROWS, bk), jnp.int4 if int4 else jnp.int8),
+                _swizzled((stages, tokens, bk), jnp.bfloat16)]
+        if int4:
+            smem += [plgpu.SMEM((stages, p.block_n), jnp.float32),
+                     plgpu.SMEM((stages, p.block_n), jnp.uint8),
+                     plgpu.SMEM((stages, SUMS_WIDTH), jnp.float32)]
+        smem.append(plgpu.SMEM((wgs, WG_ROWS, tokens), jnp.float32))
+        ready = plgpu.Barrier(num_arrivals=copies, num_barriers=stages)
+        free = plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)
+        pl.run_scoped(lambda *scoped: body(refs, scoped), tuple(smem), ready, free, collective_axes="wg")
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((p.num_splits, p.n, tokens), jnp.float32),
+        grid=(p.n // p.block_n, p.num_splits),
+        grid_names=("n", "s"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=None if interpret else compat.lane_compiler_params(),
+        interpret=compat.gpu_interpret_params() if interpret else False,
+    )

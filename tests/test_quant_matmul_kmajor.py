@@ -1,0 +1,182 @@
+"""The K-major w8a16 / w4a16 Mosaic GPU kernels against their jnp references in Pallas' GPU
+interpret mode (CPU), the K-major weight twins (jaxllm.kernel_weights) against the weights they
+stand for, and the dispatch through `jaxllm.ops.einsum`.
+
+Under the interpreter the register-operand wgmma is a jnp dot of the converted codes; the TMA
+pipeline, barriers, K splits, signed int4 codes and the per-group scale and zero-point fold are the
+kernel's own. benchmarks/quant_matmul_kernels.py checks the wgmma path at full size on the GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import ops
+from jaxllm.kernel_weights import KMajorInt4Weight, KMajorInt8Weight, kernel_layout, to_kernel_layout
+from jaxllm.ops.matmul import kernel_limits, quantized_kernels
+from jaxllm.quantization import dequantize, quantize_int4, quantize_int8
+from jaxllm.quantization import einsum as xla_einsum
+from pallas_kernels.quant_matmul import w4a16_matmul_reference
+from pallas_kernels.quant_matmul_kmajor import (
+    KMajorConfig,
+    int4_kmajor,
+    int8_kmajor,
+    plan,
+    w4a16_kmajor,
+    w4a16_kmajor_reference,
+    w8a16_kmajor,
+    w8a16_kmajor_reference,
+)
+
+pytestmark = pytest.mark.isolated_module  # see conftest.py
+
+
+def _close(got, want, tol=2e-2):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=tol)
+
+
+def _not_close(a, b, tol=2e-2):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.abs(a - b).max() > tol * np.abs(b).max()
+
+
+INT8_CASES = [  # m, k, n, block_n, block_k, stages, splits
+    (1, 256, 128, None, 128, 2, 1),  # two compute warpgroups, two steps
+    (5, 384, 64, 64, 128, 2, 2),  # three steps over two splits (2 + 1)
+    (9, 512, 256, 256, 256, 1, 1),  # four compute warpgroups; one stage refilled
+    (64, 512, 128, 128, 128, 2, 1),  # the most tokens; a slot refilled twice
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("m,k,n,block_n,block_k,stages,splits", INT8_CASES)
+def test_w8a16_kmajor_matches_reference(m, k, n, block_n, block_k, stages, splits):
+    rng = np.random.default_rng(m + k + n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+    scale = jnp.asarray(rng.uniform(1e-3, 1e-2, (n,)), jnp.float32)
+    cfg = KMajorConfig(block_n=block_n, block_k=block_k, num_stages=stages, num_splits=splits)
+    got = w8a16_kmajor(x, int8_kmajor(w), scale, config=cfg, interpret=True)
+    want = w8a16_kmajor_reference(x, int8_kmajor(w), scale)
+    assert got.dtype == x.dtype
+    _close(got, want)
+    _close(want, (x.astype(jnp.float32) @ (w.astype(jnp.float32) * scale)).astype(jnp.bfloat16))
+    # Negative controls: the codes not transposed (read as [N, K] in the wrong order), a K tile dropped.
+    assert _not_close(w8a16_kmajor_reference(x, w.reshape(n, k), scale), want)
+    assert _not_close(w8a16_kmajor_reference(x, int8_kmajor(w.at[:128].set(0)), scale), want)
+
+
+INT4_CASES = [  # m, k, n, awq, block_n, stages, splits
+    (1, 256, 128, False, 128, 2, 1),
+    (7, 512, 256, True, 256, 3, 2),  # AWQ input scales; four compute warpgroups; two splits
+    (24, 384, 128, True, 128, 1, 3),  # one stage; a split per group
+    (64, 512, 128, False, 128, 2, 1),  # the most tokens; slots refilled
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("m,k,n,awq,block_n,stages,splits", INT4_CASES)
+def test_w4a16_kmajor_matches_reference(m, k, n, awq, block_n, stages, splits):
+    rng = np.random.default_rng(m + k + n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    packed = jnp.asarray(rng.integers(0, 256, (k // 2, n)), jnp.uint8)
+    scale = jnp.asarray(rng.uniform(1e-2, 1e-1, (k // 128, n)), jnp.float32)
+    zero = jnp.asarray(rng.integers(0, 16, (k // 128, n)), jnp.uint8)
+    input_scale = jnp.asarray(rng.uniform(0.5, 2.0, (k,)), jnp.float32) if awq else None
+    cfg = KMajorConfig(block_n=block_n, num_stages=stages, num_splits=splits)
+    q_t = int4_kmajor(packed)
+    got = w4a16_kmajor(x, q_t, scale, zero, input_scale, config=cfg, interpret=True)
+    want = w4a16_matmul_reference(x, packed, scale, zero, input_scale)  # the N-major layout's reference
+    assert got.dtype == x.dtype and q_t.dtype == jnp.int4 and q_t.shape == (n, k)
+    _close(got, want)
+    _close(w4a16_kmajor_reference(x, q_t, scale, zero, input_scale), want, tol=1e-2)
+    # Negative controls: nibbles swapped within each byte, zero points off by one.
+    swapped = int4_kmajor((packed >> 4) | (packed << 4))
+    assert _not_close(w4a16_kmajor_reference(x, swapped, scale, zero, input_scale), want)
+    assert _not_close(w4a16_kmajor_reference(x, q_t, scale, (zero + 1) % 16, input_scale), want)
+
+
+def test_twins_stand_for_the_same_weights():
+    """kernel_layout's twins dequantize to exactly the original quantized weight, multiply like it
+    through XLA, and weights the kernels cannot take stay as they were."""
+    rng = np.random.default_rng(6)
+    w = jnp.asarray(rng.standard_normal((4, 64, 128)) * 0.05, jnp.float32)  # [heads, head_dim, d]
+    x = jnp.asarray(rng.standard_normal((2, 3, 4, 64)), jnp.bfloat16)
+    for qw, kind in ((quantize_int8(w, (0, 1)), KMajorInt8Weight), (quantize_int4(w, (0, 1), 128), KMajorInt4Weight)):
+        twin = kernel_layout(qw)
+        assert isinstance(twin, kind) and twin.shape == (4, 64, 128) and twin.k == 256
+        np.testing.assert_array_equal(np.asarray(dequantize(twin)), np.asarray(dequantize(qw)))
+        got, want = xla_einsum("bthk,hkd->btd", x, twin), xla_einsum("bthk,hkd->btd", x, qw)
+        assert got.shape == want.shape == (2, 3, 128)
+        _close(got, want, tol=1e-2)
+    untouched = [quantize_int8(jnp.ones((64, 96)), (0,)),  # N not a multiple of 64
+                 quantize_int4(jnp.ones((128, 128)), (0,), 64),  # groups of 64
+                 quantize_int8(jnp.ones((2, 64, 128)), (1,))]  # stacked layers: K not leading
+    for qw in untouched:
+        assert kernel_layout(qw) is qw
+    params = {"embed": jnp.ones((8, 64)), "layers": [{"wo": quantize_int8(w, (0, 1))}]}
+    converted = to_kernel_layout(params)
+    assert isinstance(converted["layers"][0]["wo"], KMajorInt8Weight) and converted["embed"] is params["embed"]
+
+
+@pytest.mark.timeout(300)
+def test_dispatch_routes_twins_to_the_kmajor_kernels(monkeypatch):
+    """ops.einsum on K-major twins gives the XLA path's result through the kernels ("pallas" mode),
+    and "auto" on one GPU sends one-token int8 and up to 64-token int4 products to them."""
+    from jaxllm.ops import matmul
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((256, 128)) * 0.05, jnp.float32)
+    for qw in (quantize_int8(w, (0,)), quantize_int4(w, (0,), 128)):
+        twin = kernel_layout(qw)
+        assert kernel_limits("btd,dn->btn", x, twin) is None
+        with quantized_kernels("pallas"):
+            got = ops.einsum("btd,dn->btn", x, twin)
+        _close(got, xla_einsum("btd,dn->btn", x, qw))
+    assert "65 tokens" in kernel_limits("md,dn->mn", jnp.ones((65, 256), jnp.bfloat16), kernel_layout(quantize_int8(w, (0,))))
+
+    calls = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    monkeypatch.setattr("jaxllm.kernel_weights.matmul_kernel", lambda x2, w, interpret: calls.append(type(w)) or
+                        jnp.zeros((x2.shape[0], 128), x2.dtype))
+    int8, int4 = kernel_layout(quantize_int8(w, (0,))), kernel_layout(quantize_int4(w, (0,), 128))
+    assert matmul._quantized_kernel("md,dn->mn", jnp.ones((1, 256), jnp.bfloat16), int8) is not None
+    assert matmul._quantized_kernel("md,dn->mn", jnp.ones((2, 256), jnp.bfloat16), int8) is None  # XLA's fusion
+    assert matmul._quantized_kernel("md,dn->mn", jnp.ones((16, 256), jnp.bfloat16), int4) is not None
+    assert calls == [KMajorInt8Weight, KMajorInt4Weight]
+
+
+def test_plan_defaults():
+    p = plan("int8", 1, 4096, 14336)
+    assert (p.block_n, p.block_k, p.tokens, p.steps) == (128, 128, 8, 32)
+    assert p.smem_bytes() <= 227 * 1024 and p.num_stages >= 2 and p.num_splits == 2
+    q = plan("int4", 64, 14336, 4096)
+    assert (q.block_n, q.block_k, q.tokens, q.steps) == (128, 128, 64, 112)
+    assert q.smem_bytes() <= 227 * 1024 and q.num_splits > 1
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: w8a16_kmajor(jnp.ones((2, 128), jnp.bfloat16), jnp.ones((64, 128), jnp.int16), jnp.ones(64)), "int8"),
+    (lambda: w8a16_kmajor(jnp.ones((2, 64), jnp.bfloat16), jnp.ones((64, 128), jnp.int8), jnp.ones(64)), r"\[M, 128\]"),
+    (lambda: w8a16_kmajor(jnp.ones((2, 128), jnp.bfloat16), jnp.ones((64, 128), jnp.int8), jnp.ones(32)), "one value"),
+    (lambda: w8a16_kmajor(jnp.ones((2, 128), jnp.bfloat16), jnp.ones((96, 128), jnp.int8), jnp.ones(96)), "N=96"),
+    (lambda: w8a16_kmajor(jnp.ones((65, 128), jnp.bfloat16), jnp.ones((64, 128), jnp.int8), jnp.ones(64)), "65 tokens"),
+    (lambda: w8a16_kmajor(jnp.ones((1, 192), jnp.bfloat16), jnp.ones((64, 192), jnp.int8), jnp.ones(64)), "K=192"),
+    (lambda: w4a16_kmajor(jnp.ones((1, 256), jnp.bfloat16), jnp.ones((128, 256), jnp.int4),
+                          jnp.ones((4, 128)), jnp.ones((4, 128), jnp.uint8)), "groups of 128"),
+    (lambda: w4a16_kmajor(jnp.ones((1, 256), jnp.bfloat16), jnp.ones((128, 256), jnp.uint8),
+                          jnp.ones((2, 128)), jnp.ones((2, 128), jnp.uint8)), "int4"),
+    (lambda: w4a16_kmajor(jnp.ones((1, 256), jnp.bfloat16), jnp.ones((64, 256), jnp.int4),
+                          jnp.ones((2, 64)), jnp.ones((2, 64), jnp.uint8)), "block_n of 128 or 256"),
+    (lambda: KMajorConfig(block_n=96), "block_n=96"),
+    (lambda: KMajorConfig(block_k=64), "block_k=64"),
+    (lambda: plan("int8", 64, 4096, 4096, KMajorConfig(num_stages=8)), "num_stages=8"),
+])
+def test_bad_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
