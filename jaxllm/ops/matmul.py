@@ -1,11 +1,13 @@
 """Matrix products against weights: dense arrays, or quantized pytrees (jaxllm.quantization).
 
-On a single GPU, int4 products (Int4Weight) of up to 64 tokens run in the Mosaic GPU kernel of
-`pallas_kernels.quant_matmul` when their shapes fit it (2.4 to 5.4x faster than XLA, which
-dequantizes the whole weight first), and int8 products (QuantizedWeight) of one token (batch-1
-decode: 1.2 to 1.7x faster than XLA's int8 gemm fusion; from two tokens on, that fusion is as fast
-or faster on some shapes, benchmarks/results_quant_matmul_kernels_h200.json). Everything else runs
-through XLA (`jaxllm.quantization.einsum`).
+On a single GPU, `LLM` stores int8 and int4 weights in the K-major kernels' layout
+(jaxllm.kernel_weights); their products of one token (int8) or up to 64 tokens (int4) run in
+`pallas_kernels.quant_matmul_kmajor` (batch-1 8B decode on the H200: int8 1.28x and int4 1.36x
+bf16's tokens/s, BENCHMARKS.md). Quantized weights left in their stored layout run in the N-major
+kernels of `pallas_kernels.quant_matmul` under the same rule (slower: 1.2 to 1.7x XLA for int8 at one
+token, 2.4 to 5.4x for int4). From two tokens on, XLA's int8 gemm fusion is as fast or faster on some
+shapes (benchmarks/results_quant_matmul_kernels_h200.json), so int8 products of more tokens, and
+everything else, run through XLA (`jaxllm.quantization.einsum`).
 """
 
 from __future__ import annotations
