@@ -2,8 +2,8 @@
 process, same random weights (Pallas attention kernels on).
 
 A method named with a "/nmajor" suffix (int8/nmajor, int4/nmajor) keeps the weights in their stored
-[K, N] layout, so its products run in the N-major kernels of pallas_kernels/quant_matmul.py: the
-baseline of the K-major kernels `LLM` uses on one GPU.
+[K, N] layout instead of the K-major kernels' one, so its products run through XLA (until the eighth
+session they ran in N-major Mosaic GPU kernels, since removed: the K-major ones replaced them).
 
     PYTHONPATH=. python -m benchmarks.quant_decode --methods none int8 int4 int8/nmajor --out results.json
 """

@@ -1,7 +1,8 @@
-"""Weight-only int8 / int4 matmul kernels (pallas_kernels/quant_matmul.py) against XLA at decode
-shapes: x [M, K] @ W [K, N] for M = 1..64 on 4096x14336 (gate/up), 14336x4096 (down) and
-4096x6144 (qkv). Per point: our w8a16 and w4a16 kernels, XLA's bf16 dot, and XLA's paths for the
-same quantized weights (jaxllm.quantization.einsum: int8 convert fused into the gemm, int4
+"""Weight-only int8 / int4 matmul kernels (pallas_kernels/quant_matmul_kmajor.py) against XLA at
+decode shapes: x [M, K] @ W [K, N] for M = 1..64 on 4096x14336 (gate/up), 14336x4096 (down) and
+4096x6144 (qkv). Per point: our K-major w8a16 and w4a16 kernels (codes re-laid once beforehand, as
+`LLM` does at load), XLA's bf16 dot, and XLA's paths for the same quantized weights in their stored
+layout (jaxllm.quantization.einsum: int8 convert fused into the gemm, int4
 dequantized before it). First a full-size correctness check of each kernel against a float32
 reference, with a negative control; last a prediction of batch-1 decode tokens/s for Llama-3-8B.
 
@@ -28,15 +29,15 @@ import numpy as np
 from benchmarks.shapes import COPY_BANDWIDTH
 from jaxllm.quantization import einsum as xla_quantized_einsum
 from jaxllm.quantization import quantize_int4, quantize_int8
-from pallas_kernels.quant_matmul_kmajor import KMajorConfig, int4_kmajor, int8_kmajor, w4a16_kmajor, w8a16_kmajor
-from pallas_kernels.quant_matmul_kmajor import plan as kmajor_plan
-from pallas_kernels.quant_matmul import (
-    plan,
-    w4a16_matmul,
-    w4a16_matmul_reference,
-    w8a16_matmul,
-    w8a16_matmul_reference,
+from pallas_kernels.quant_matmul_kmajor import (
+    KMajorConfig,
+    dequantize_int4,
+    int4_kmajor,
+    int8_kmajor,
+    w4a16_kmajor,
+    w8a16_kmajor,
 )
+from pallas_kernels.quant_matmul_kmajor import plan as kmajor_plan
 
 SHAPES = ((4096, 14336), (14336, 4096), (4096, 6144))
 # Llama-3-8B's products per layer at batch 1 (qkv, o, gate+up, down) and the lm_head.
@@ -94,16 +95,16 @@ def rate(entry: dict, nbytes: int) -> dict:
 INTERPRET = False  # --interpret: Pallas' interpret mode, to smoke-test this script on a CPU
 
 
-def kernels(config8=None, config4=None):
-    """The two kernels as functions of (x, quantized weight)."""
-    def int8(x, w):
-        n = w.q.shape[1]
-        return w8a16_matmul(x, w.q, w.scale.reshape(n), config=config8, interpret=INTERPRET)
+def int8_reference(x, w):
+    """x @ an int8 QuantizedWeight [K, N] in float32, returned in x's dtype."""
+    y = jnp.dot(x.astype(jnp.float32), w.q.astype(jnp.float32), precision="highest")
+    return (y * w.scale.reshape(1, -1)).astype(x.dtype)
 
-    def int4(x, w):
-        return w4a16_matmul(x, w.packed, w.scale, w.zero, w.input_scale, config=config4, interpret=INTERPRET)
 
-    return int8, int4
+def int4_reference(x, packed, scale, zero, input_scale):
+    """x @ the weight an Int4Weight's stored arrays stand for, in float32, returned in x's dtype."""
+    w = dequantize_int4(packed, scale, zero, input_scale)
+    return jnp.dot(x.astype(jnp.float32), w, precision="highest").astype(x.dtype)
 
 
 def kmajor_kernels(config8=None, config4=None):
@@ -133,21 +134,15 @@ def check(k: int, n: int, ms, seed: int = 1) -> list[dict]:
     an error the check must see."""
     dense, int8, int4 = make_weights(k, n, 1, seed)
     (w8k,), (w4k,) = kmajor_weights(int8, int4)
-    k8, k4 = kernels()
     kk8, kk4 = kmajor_kernels()
     out = []
     for m in ms:
         x = jax.random.normal(jax.random.PRNGKey(seed + m), (m, k), jnp.bfloat16)
         w8, w4 = int8[0], int4[0]
         cases = (
-            ("int8", jax.jit(k8)(x, w8), w8a16_matmul_reference(x, w8.q, w8.scale.reshape(n)),
-             w8a16_matmul_reference(x.at[:, :128].set(0), w8.q, w8.scale.reshape(n))),
-            ("int4", jax.jit(k4)(x, w4), w4a16_matmul_reference(x, w4.packed, w4.scale, w4.zero, w4.input_scale),
-             w4a16_matmul_reference(x, w4.packed, w4.scale, (w4.zero + 1) % 16, w4.input_scale)),
-            ("int8_kmajor", jax.jit(kk8)(x, w8k), w8a16_matmul_reference(x, w8.q, w8.scale.reshape(n)),
-             w8a16_matmul_reference(x.at[:, :128].set(0), w8.q, w8.scale.reshape(n))),
-            ("int4_kmajor", jax.jit(kk4)(x, w4k), w4a16_matmul_reference(x, w4.packed, w4.scale, w4.zero, w4.input_scale),
-             w4a16_matmul_reference(x, w4.packed, w4.scale, (w4.zero + 1) % 16, w4.input_scale)),
+            ("int8_kmajor", jax.jit(kk8)(x, w8k), int8_reference(x, w8), int8_reference(x.at[:, :128].set(0), w8)),
+            ("int4_kmajor", jax.jit(kk4)(x, w4k), int4_reference(x, w4.packed, w4.scale, w4.zero, w4.input_scale),
+             int4_reference(x, w4.packed, w4.scale, (w4.zero + 1) % 16, w4.input_scale)),
         )
         for kind, got, want, control in cases:
             got, want, control = (np.asarray(a, np.float32) for a in (got, want, control))
@@ -162,7 +157,6 @@ def check(k: int, n: int, ms, seed: int = 1) -> list[dict]:
 
 def table(shapes, ms, iters: int, repeats: int) -> list[dict]:
     rows = []
-    k8, k4 = kernels()
     kk8, kk4 = kmajor_kernels()
     bf16, xq = xla_paths()
     for k, n in shapes:
@@ -173,24 +167,20 @@ def table(shapes, ms, iters: int, repeats: int) -> list[dict]:
             x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
             row = dict(m=m, k=k, n=n, copies=copies)
             for name, fn, ws, kind in (("bf16_xla", bf16, dense, "bf16"), ("int8_xla", xq, int8, "int8"),
-                                       ("int8_kernel", k8, int8, "int8"), ("int4_xla", xq, int4, "int4"),
-                                       ("int4_kernel", k4, int4, "int4"), ("int8_kmajor", kk8, int8k, "int8"),
+                                       ("int4_xla", xq, int4, "int4"), ("int8_kmajor", kk8, int8k, "int8"),
                                        ("int4_kmajor", kk4, int4k, "int4")):
                 try:
                     row[name] = rate(timed(fn, x, ws, iters, repeats), weight_bytes(kind, k, n))
                 except Exception as e:  # report and go on: one failing path must not hide the rest
                     row[name] = dict(error=f"{type(e).__name__}: {str(e)[:500]}")
             for kind in ("int8", "int4"):
-                p = plan(kind, m, k, n, None, 128 if kind == "int4" else None)
-                row[f"{kind}_plan"] = dict(block_n=p.block_n, rows=p.rows, stages=p.num_stages, splits=p.num_splits)
                 pk = kmajor_plan(kind, m, k, n)
                 row[f"{kind}_kmajor_plan"] = dict(block_n=pk.block_n, block_k=pk.block_k, stages=pk.num_stages,
                                                   splits=pk.num_splits)
-                for path in ("kernel", "kmajor"):
-                    if "us" in row.get(f"{kind}_{path}", {}) and "us" in row["bf16_xla"]:
-                        row[f"{kind}_{path}_speedup_vs_bf16"] = row["bf16_xla"]["us"] / row[f"{kind}_{path}"]["us"]
-                if "us" in row.get(f"{kind}_kmajor", {}) and "us" in row.get(f"{kind}_kernel", {}):
-                    row[f"{kind}_kmajor_vs_kernel"] = row[f"{kind}_kernel"]["us"] / row[f"{kind}_kmajor"]["us"]
+                if "us" in row.get(f"{kind}_kmajor", {}) and "us" in row["bf16_xla"]:
+                    row[f"{kind}_kmajor_speedup_vs_bf16"] = row["bf16_xla"]["us"] / row[f"{kind}_kmajor"]["us"]
+                    if "us" in row.get(f"{kind}_xla", {}):
+                        row[f"{kind}_kmajor_speedup_vs_xla"] = row[f"{kind}_xla"]["us"] / row[f"{kind}_kmajor"]["us"]
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -217,13 +207,11 @@ def profile(k: int, n: int, m: int = 1) -> dict:
 
     dense, int8, int4 = make_weights(k, n, 1)
     int8k, int4k = kmajor_weights(int8, int4)
-    k8, k4 = kernels()
     kk8, kk4 = kmajor_kernels()
     bf16, _ = xla_paths()
     x = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.bfloat16)
     out = {}
-    for name, fn, w in (("bf16_xla", bf16, dense[0]), ("int8_kernel", k8, int8[0]), ("int8_kmajor", kk8, int8k[0]),
-                        ("int4_kernel", k4, int4[0]), ("int4_kmajor", kk4, int4k[0])):
+    for name, fn, w in (("bf16_xla", bf16, dense[0]), ("int8_kmajor", kk8, int8k[0]), ("int4_kmajor", kk4, int4k[0])):
         f = jax.jit(fn)
         jax.block_until_ready(f(x, w))
         log_dir = tempfile.mkdtemp()
@@ -258,8 +246,8 @@ def sweep(shapes, ms, iters: int, repeats: int) -> list[dict]:
                         fn, ws = (k8, int8k) if kind == "int8" else (k4, int4k)
                         entry.update(rate(timed(fn, x, ws, iters, repeats), weight_bytes(kind, k, n)))
                         w = int8[0] if kind == "int8" else int4[0]
-                        want = (w8a16_matmul_reference(x, w.q, w.scale.reshape(n)) if kind == "int8" else
-                                w4a16_matmul_reference(x, w.packed, w.scale, w.zero, w.input_scale))
+                        want = (int8_reference(x, w) if kind == "int8" else
+                                int4_reference(x, w.packed, w.scale, w.zero, w.input_scale))
                         got, want = (np.asarray(a, np.float32) for a in (jax.jit(fn)(x, ws[0]), want))
                         entry["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
                     except Exception as e:
@@ -272,7 +260,6 @@ def sweep(shapes, ms, iters: int, repeats: int) -> list[dict]:
 def decode_prediction(iters: int, repeats: int) -> dict:
     """Batch-1 tokens/s if every weight product of a Llama-3-8B step ran at the measured speed,
     plus OTHER_MS for the rest of the step."""
-    k8, k4 = kernels()
     kk8, kk4 = kmajor_kernels()
     bf16, _ = xla_paths()
     per_shape = {}
@@ -282,12 +269,11 @@ def decode_prediction(iters: int, repeats: int) -> dict:
         int8k, int4k = kmajor_weights(int8, int4)
         x = jax.random.normal(jax.random.PRNGKey(0), (1, k), jnp.bfloat16)
         per_shape[f"{k}x{n}"] = {name: timed(fn, x, ws, iters, repeats)["us"]
-                                 for name, fn, ws in (("bf16", bf16, dense), ("int8", k8, int8), ("int4", k4, int4),
-                                                      ("int8_kmajor", kk8, int8k), ("int4_kmajor", kk4, int4k))}
+                                 for name, fn, ws in (("bf16", bf16, dense), ("int8", kk8, int8k), ("int4", kk4, int4k))}
         del dense, int8, int4, int8k, int4k
         print(json.dumps({f"{k}x{n}": per_shape[f"{k}x{n}"]}), flush=True)
     out = dict(per_shape_us=per_shape, other_ms=OTHER_MS)
-    for name in ("bf16", "int8", "int4", "int8_kmajor", "int4_kmajor"):
+    for name in ("bf16", "int8", "int4"):
         layer_us = sum(per_shape[f"{k}x{n}"][name] for k, n in LAYER_SHAPES)
         step_ms = (NUM_LAYERS * layer_us + per_shape[f"{LM_HEAD[0]}x{LM_HEAD[1]}"][name]) / 1e3 + OTHER_MS
         out[name] = dict(weight_ms=step_ms - OTHER_MS, step_ms=step_ms, tokens_per_s=1e3 / step_ms)
@@ -295,16 +281,13 @@ def decode_prediction(iters: int, repeats: int) -> dict:
 
 
 def summary(result: dict) -> str:
-    lines = ["  M  shape        bf16 us | int8 us  TB/s  frac  x bf16 | int4 us  TB/s  frac  x bf16"
-             " | int8 K-major  x bf16 | int4 K-major  x bf16"]
+    lines = ["  M  shape        bf16 us | int8 us  TB/s  frac  x bf16 | int4 us  TB/s  frac  x bf16"]
     def cell(row, name):
         e = row.get(name, {})
         return f"{e['us']:7.1f} {e['tb_s']:5.2f} {e['fraction']:5.2f}" if "us" in e else "  error           "
 
     for r in result.get("rows", []):
         lines.append(f"{r['m']:3d}  {r['k']:5d}x{r['n']:<5d} {r['bf16_xla'].get('us', float('nan')):7.1f} | "
-                     f"{cell(r, 'int8_kernel')} {r.get('int8_kernel_speedup_vs_bf16', float('nan')):6.2f} | "
-                     f"{cell(r, 'int4_kernel')} {r.get('int4_kernel_speedup_vs_bf16', float('nan')):6.2f} | "
                      f"{cell(r, 'int8_kmajor')} {r.get('int8_kmajor_speedup_vs_bf16', float('nan')):6.2f} | "
                      f"{cell(r, 'int4_kmajor')} {r.get('int4_kmajor_speedup_vs_bf16', float('nan')):6.2f}")
     return "\n".join(lines)

@@ -85,13 +85,11 @@ def to_kernel_layout(params: dict) -> dict:
 
 def dequantize(w, dtype=jnp.float32) -> Array:
     """The dense weight a K-major weight stands for."""
+    from pallas_kernels.quant_matmul_kmajor import dequantize_int4_kmajor
+
     if isinstance(w, KMajorInt8Weight):
         return (w.q_t.T.astype(jnp.float32) * w.scale[None, :]).reshape(w.shape).astype(dtype)
-    n, k = w.q_t.shape
-    group = k // w.scale.shape[0]
-    repeat = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)
-    dense = (w.q_t.T.astype(jnp.float32) + 8.0 - repeat(w.zero)) * repeat(w.scale)
-    return (dense / w.input_scale.astype(jnp.float32)[:, None]).reshape(w.shape).astype(dtype)
+    return dequantize_int4_kmajor(w.q_t, w.scale, w.zero, w.input_scale).reshape(w.shape).astype(dtype)
 
 
 def xla_einsum(subscripts: str, x: Array, w) -> Array:

@@ -249,7 +249,7 @@ def quantize_int4(w: Float[Array, "..."], input_axes: tuple[int, ...], group_siz
 
 
 def dequantize_int4(w: Int4Weight, dtype=jnp.float32) -> Array:
-    from pallas_kernels.quant_matmul import dequantize_int4 as dequantize_arrays  # the kernels' reference
+    from pallas_kernels.quant_matmul_kmajor import dequantize_int4 as dequantize_arrays  # the kernels' reference
 
     return dequantize_arrays(w.packed, w.scale, w.zero, w.input_scale).reshape(w.shape).astype(dtype)
 

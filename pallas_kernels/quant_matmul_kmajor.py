@@ -3,9 +3,14 @@ registers.
 
 `x @ W` for W given transposed, [N, K] with K contiguous: int8 with one scale per output channel,
 or signed 4-bit codes (the stored code minus 8) with a scale and zero point per group of 128 inputs.
-As in `pallas_kernels.quant_matmul`, the kernels compute out^T = W^T x^T ("swap AB"): 64 output
-features fill wgmma's M side and the tokens, padded to a multiple of 8, its N. The difference is
-where the dequantization goes: a compute warpgroup loads its [64, K-tile] of codes from shared
+The kernels compute out^T = W^T x^T ("swap AB"): 64 output features fill wgmma's M side and the
+tokens, padded to a multiple of 8, its N, so a decode step's few tokens waste no tensor-core rows. A
+block owns `block_n` output features (one compute warpgroup per 64) and a range of K; a memory
+warpgroup streams the code tiles and the matching activation tiles into shared memory by TMA,
+`num_stages` deep; K is split across blocks when the output blocks alone do not fill the GPU, and a
+small XLA epilogue sums the splits, applies int8's channel scales and transposes back to [M, N].
+An earlier version dequantized into a bf16 tile in shared memory for wgmma to read (N-major codes,
+as stored); here a compute warpgroup loads its [64, K-tile] of codes from shared
 memory straight into wgmma's register-operand layout (Mosaic GPU's upcast layouts), converts them to
 bf16 there and multiplies, with no bf16 copy written back to shared memory and no fence before each
 product. K-major codes are what make that load possible: wgmma's register operand holds runs of K.
@@ -147,6 +152,28 @@ def int4_kmajor(packed: UInt8[Array, "K/2 N"]) -> Array:
 # -- references ------------------------------------------------------------------------------
 
 
+def dequantize_int4(packed: UInt8[Array, "K/2 N"], scale: Float[Array, "G N"], zero: UInt8[Array, "G N"],
+                    input_scale: Float[Array, "K"] | None = None) -> Float[Array, "K N"]:
+    """The float32 matrix an Int4Weight's stored arrays stand for: diag(1/input_scale) ((q - zero) * scale)."""
+    k2, n = packed.shape
+    q = jnp.stack([packed & 15, packed >> 4], axis=1).reshape(2 * k2, n).astype(jnp.float32)
+    group = 2 * k2 // scale.shape[0]
+    repeat = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)
+    w = (q - repeat(zero)) * repeat(scale)
+    return w if input_scale is None else w / input_scale.astype(jnp.float32)[:, None]
+
+
+def dequantize_int4_kmajor(q_t: Array, scale: Float[Array, "G N"], zero: UInt8[Array, "G N"],
+                           input_scale: Float[Array, "K"] | None = None) -> Float[Array, "K N"]:
+    """The float32 [K, N] matrix K-major int4 codes stand for:
+    W[k, n] = (q_t[n, k] + 8 - zero[g, n]) * scale[g, n] / input_scale[k], g the group of k."""
+    n, k = q_t.shape
+    group = k // scale.shape[0]
+    repeat = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)
+    w = (q_t.astype(jnp.float32).T + 8.0 - repeat(zero)) * repeat(scale)
+    return w if input_scale is None else w / input_scale.astype(jnp.float32)[:, None]
+
+
 def w8a16_kmajor_reference(
     x: Float[Array, "M K"],
     w_t: Int8[Array, "N K"],
@@ -171,14 +198,9 @@ def w4a16_kmajor_reference(
     config: KMajorConfig | None = None,
     interpret: bool = False,
 ) -> Float[Array, "M N"]:
-    """x @ W with W[k, n] = (q_t[n, k] + 8 - zero[g, n]) * scale[g, n] / input_scale[k], in float32."""
+    """x @ dequantize_int4_kmajor(...) in float32, returned in x's dtype."""
     del config, interpret
-    n, k = q_t.shape
-    group = k // scale.shape[0]
-    repeat = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)
-    w = (q_t.astype(jnp.float32).T + 8.0 - repeat(zero)) * repeat(scale)
-    if input_scale is not None:
-        w = w / input_scale.astype(jnp.float32)[:, None]
+    w = dequantize_int4_kmajor(q_t, scale, zero, input_scale)
     return jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST).astype(x.dtype)
 
 

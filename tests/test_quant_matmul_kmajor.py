@@ -1,6 +1,7 @@
 """The K-major w8a16 / w4a16 Mosaic GPU kernels against their jnp references in Pallas' GPU
-interpret mode (CPU), the K-major weight twins (jaxllm.kernel_weights) against the weights they
-stand for, and the dispatch through `jaxllm.ops.einsum`.
+interpret mode (CPU): random codes, scales and zero points at tiny shapes, several token counts, K
+and N, stage counts and K splits; the K-major weight twins (jaxllm.kernel_weights) against the
+weights they stand for; and the dispatch through `jaxllm.ops.einsum`.
 
 Under the interpreter the register-operand wgmma is a jnp dot of the converted codes; the TMA
 pipeline, barriers, K splits, signed int4 codes and the per-group scale and zero-point fold are the
@@ -14,12 +15,12 @@ import pytest
 
 from jaxllm import ops
 from jaxllm.kernel_weights import KMajorInt4Weight, KMajorInt8Weight, kernel_layout, to_kernel_layout
-from jaxllm.ops.matmul import kernel_limits, quantized_kernels
-from jaxllm.quantization import dequantize, quantize_int4, quantize_int8
+from jaxllm.ops.matmul import as_matrix_product, kernel_limits, quantized_kernels
+from jaxllm.quantization import dequantize, quantize_int4, quantize_int8, quantize_w8a8
 from jaxllm.quantization import einsum as xla_einsum
-from pallas_kernels.quant_matmul import w4a16_matmul_reference
 from pallas_kernels.quant_matmul_kmajor import (
     KMajorConfig,
+    dequantize_int4,
     int4_kmajor,
     int8_kmajor,
     plan,
@@ -41,6 +42,12 @@ def _close(got, want, tol=2e-2):
 def _not_close(a, b, tol=2e-2):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return np.abs(a - b).max() > tol * np.abs(b).max()
+
+
+def w4a16_stored_reference(x, packed, scale, zero, input_scale):
+    """x @ the weight Int4Weight's stored arrays stand for, in float32 (returned in x's dtype)."""
+    w = dequantize_int4(packed, scale, zero, input_scale)
+    return jnp.dot(x.astype(jnp.float32), w, precision="highest").astype(x.dtype)
 
 
 INT8_CASES = [  # m, k, n, block_n, block_k, stages, splits
@@ -89,7 +96,7 @@ def test_w4a16_kmajor_matches_reference(m, k, n, awq, block_n, stages, splits):
     cfg = KMajorConfig(block_n=block_n, num_stages=stages, num_splits=splits)
     q_t = int4_kmajor(packed)
     got = w4a16_kmajor(x, q_t, scale, zero, input_scale, config=cfg, interpret=True)
-    want = w4a16_matmul_reference(x, packed, scale, zero, input_scale)  # the N-major layout's reference
+    want = w4a16_stored_reference(x, packed, scale, zero, input_scale)  # over the stored layout
     assert got.dtype == x.dtype and q_t.dtype == jnp.int4 and q_t.shape == (n, k)
     _close(got, want)
     _close(w4a16_kmajor_reference(x, q_t, scale, zero, input_scale), want, tol=1e-2)
@@ -97,6 +104,32 @@ def test_w4a16_kmajor_matches_reference(m, k, n, awq, block_n, stages, splits):
     swapped = int4_kmajor((packed >> 4) | (packed << 4))
     assert _not_close(w4a16_kmajor_reference(x, swapped, scale, zero, input_scale), want)
     assert _not_close(w4a16_kmajor_reference(x, q_t, scale, (zero + 1) % 16, input_scale), want)
+
+
+def test_int4_dequantization_recovers_the_weight_within_half_a_step():
+    """The stored layout's dequantization (jaxllm.quantization's too) inverts quantize_int4: each entry
+    within half a quantization step (scale / 2, divided by its input scale)."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
+    s = jnp.asarray(rng.uniform(0.5, 2.0, (256,)), jnp.float32)
+    q = quantize_int4(w, (0,), 128, s)
+    got = np.asarray(dequantize_int4(q.packed, q.scale, q.zero, q.input_scale))
+    step = np.repeat(np.asarray(q.scale), 128, axis=0) / np.asarray(s)[:, None]
+    assert np.all(np.abs(got - np.asarray(w)) <= step / 2 + 1e-6)
+    assert not np.all(np.abs(got[::-1] - np.asarray(w)) <= step / 2 + 1e-6)  # a wrong order fails
+
+
+def test_dispatch_leaves_other_products_to_xla():
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    assert "stored layout" in kernel_limits("md,dn->mn", x, quantize_int8(jnp.ones((256, 128)), (0,)))
+    twin = kernel_layout(quantize_int8(jnp.ones((256, 128)), (0,)))
+    assert "not x [..., K] @ W [K, N]" in kernel_limits("...n,dn->...d", jnp.ones((2, 128), jnp.bfloat16), twin)
+    assert "float32 activations" in kernel_limits("md,dn->mn", x.astype(jnp.float32), twin)
+    assert "W8A8Weight" in kernel_limits("md,dn->mn", x, quantize_w8a8(jnp.ones((256, 128)), (0,)))
+    assert as_matrix_product("bthgk,hgkd->btd", (2, 1, 8, 4, 128), (8, 4, 128, 4096)) == (2, 4096, 4096, (2, 1, 4096))
+    assert as_matrix_product("...d,dv->...v", (3, 1, 64), (64, 100)) == (3, 64, 100, (3, 1, 100))
+    with pytest.raises(ValueError, match="'gpu'"), quantized_kernels("gpu"):
+        pass
 
 
 def test_twins_stand_for_the_same_weights():

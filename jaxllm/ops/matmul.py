@@ -1,13 +1,11 @@
 """Matrix products against weights: dense arrays, or quantized pytrees (jaxllm.quantization).
 
 On a single GPU, `LLM` stores int8 and int4 weights in the K-major kernels' layout
-(jaxllm.kernel_weights); their products of one token (int8) or up to 64 tokens (int4) run in
-`pallas_kernels.quant_matmul_kmajor` (batch-1 8B decode on the H200: int8 1.28x and int4 1.36x
-bf16's tokens/s, BENCHMARKS.md). Quantized weights left in their stored layout run in the N-major
-kernels of `pallas_kernels.quant_matmul` under the same rule (slower: 1.2 to 1.7x XLA for int8 at one
-token, 2.4 to 5.4x for int4). From two tokens on, XLA's int8 gemm fusion is as fast or faster on some
-shapes (benchmarks/results_quant_matmul_kernels_h200.json), so int8 products of more tokens, and
-everything else, run through XLA (`jaxllm.quantization.einsum`).
+(`jaxllm.kernel_weights.to_kernel_layout`); their products of one token (int8) or up to 64 tokens
+(int4) run in `pallas_kernels.quant_matmul_kmajor` (batch-1 8B decode on the H200: int8 1.28x and
+int4 1.36x bf16's tokens/s, BENCHMARKS.md). From two tokens on, XLA's int8 gemm fusion is as fast or
+faster on some shapes, so int8 products of more tokens, weights in their stored layout, and
+everything else run through XLA (`jaxllm.quantization.einsum`).
 """
 
 from __future__ import annotations
@@ -96,33 +94,25 @@ def as_matrix_product(subscripts: str, x_shape: tuple[int, ...], w_shape: tuple[
     return m, k, math.prod(w_shape[c:]), tuple(x_shape[:-c]) + tuple(w_shape[c:])
 
 
-def _dense_shape(w) -> tuple[int, ...]:
-    from jaxllm.quantization import QuantizedWeight
-
-    return tuple(w.q.shape) if isinstance(w, QuantizedWeight) else tuple(w.shape)
-
-
 def kernel_limits(subscripts: str, x, w) -> str | None:
     """Why the quantized-matmul kernels cannot take this product, or None when they can."""
     from jaxllm.kernel_weights import KMAJOR_TYPES, KMajorInt4Weight
     from jaxllm.quantization import Int4Weight, QuantizedWeight
-    from pallas_kernels import quant_matmul, quant_matmul_kmajor
+    from pallas_kernels.quant_matmul_kmajor import plan
 
-    if not isinstance(w, (QuantizedWeight, Int4Weight, *KMAJOR_TYPES)):
+    if isinstance(w, (QuantizedWeight, Int4Weight)):
+        return (f"{type(w).__name__} in its stored layout (jaxllm.kernel_weights.to_kernel_layout "
+                "re-lays int8 and int4 weights for the kernels)")
+    if not isinstance(w, KMAJOR_TYPES):
         return f"{type(w).__name__} weights (the kernels take int8 and int4)"
     if x.dtype != jnp.bfloat16:
         return f"{x.dtype} activations (the kernels take bfloat16)"
-    dims = as_matrix_product(subscripts, tuple(x.shape), _dense_shape(w))
+    dims = as_matrix_product(subscripts, tuple(x.shape), w.shape)
     if dims is None:
         return f"{subscripts!r} is not x [..., K] @ W [K, N] with K leading the weight"
     m, k, n, _ = dims
     try:
-        if isinstance(w, KMAJOR_TYPES):
-            quant_matmul_kmajor.plan("int4" if isinstance(w, KMajorInt4Weight) else "int8", m, k, n)
-        elif isinstance(w, Int4Weight):
-            quant_matmul.plan("int4", m, k, n, None, w.group_size)
-        else:
-            quant_matmul.plan("int8", m, k, n, None)
+        plan("int4" if isinstance(w, KMajorInt4Weight) else "int8", m, k, n)
     except ValueError as err:
         return str(err)
     return None
@@ -136,19 +126,9 @@ def _quantized_kernel(subscripts: str, x, w):
     if kernel_limits(subscripts, x, w) is not None:
         return None
     from jaxllm import kernel_weights
-    from jaxllm.quantization import Int4Weight
-    from pallas_kernels.quant_matmul import w4a16_matmul, w8a16_matmul
 
-    interpret = jax.default_backend() != "gpu"
-    m, k, n, out_shape = as_matrix_product(subscripts, tuple(x.shape), _dense_shape(w))
-    int4 = isinstance(w, (Int4Weight, kernel_weights.KMajorInt4Weight))
-    if mode == "auto" and not int4 and m > INT8_KERNEL_MAX_TOKENS:
+    m, k, n, out_shape = as_matrix_product(subscripts, tuple(x.shape), w.shape)
+    if mode == "auto" and isinstance(w, kernel_weights.KMajorInt8Weight) and m > INT8_KERNEL_MAX_TOKENS:
         return None
-    x2 = x.reshape(m, k)
-    if isinstance(w, kernel_weights.KMAJOR_TYPES):
-        y = kernel_weights.matmul_kernel(x2, w, interpret=interpret)
-    elif isinstance(w, Int4Weight):
-        y = w4a16_matmul(x2, w.packed, w.scale, w.zero, w.input_scale, interpret=interpret)
-    else:
-        y = w8a16_matmul(x2, w.q.reshape(k, n), w.scale.reshape(n), interpret=interpret)
+    y = kernel_weights.matmul_kernel(x.reshape(m, k), w, interpret=jax.default_backend() != "gpu")
     return y.reshape(out_shape)
