@@ -9,17 +9,16 @@ block owns `block_n` output features (one compute warpgroup per 64) and a range 
 warpgroup streams the code tiles and the matching activation tiles into shared memory by TMA,
 `num_stages` deep; K is split across blocks when the output blocks alone do not fill the GPU, and a
 small XLA epilogue sums the splits, applies int8's channel scales and transposes back to [M, N].
-An earlier version dequantized into a bf16 tile in shared memory for wgmma to read (N-major codes,
-as stored); here a compute warpgroup loads its [64, K-tile] of codes from shared
-memory straight into wgmma's register-operand layout (Mosaic GPU's upcast layouts), converts them to
-bf16 there and multiplies, with no bf16 copy written back to shared memory and no fence before each
-product. K-major codes are what make that load possible: wgmma's register operand holds runs of K.
-The codes load straight in wgmma's layout (two int8, or two int4, a thread reads together): measured
-on the H200 against loading them in Mosaic GPU's wider "upcast" layouts and shuffling after the
-conversion, the same for int8 and 13-15 % faster for int4 (BENCHMARKS.md).
+A compute warpgroup loads its [64, block_k] tile of codes (128 inputs unless configured) straight into wgmma's
+register-operand layout (two int8, or two int4, a thread reads together), converts them to bf16 in
+registers and multiplies, with no bf16 copy written back to shared memory and no fence before each
+product (the removed N-major kernels did both). K-major codes are what make that load possible:
+wgmma's register operand holds runs of K. Measured on the H200 (BENCHMARKS.md): loading in Mosaic
+GPU's wider "upcast" layouts and shuffling after the conversion was as fast for int8 and 13-15 %
+slower for int4.
 
 int8's channel scale multiplies the output. int4's group scale and zero point apply to each group's
-float32 partial product, as in the N-major kernel: sum_k (c - z) s x = s * (P + (8 - z) * sum_k x)
+float32 partial product: sum_k (c - z) s x = s * (P + (8 - z) * sum_k x)
 with c - 8 the signed code the kernel multiplies and the activation sums per group computed by XLA.
 """
 
