@@ -24,10 +24,6 @@ class KMajorInt8Weight:
     scale: Float[Array, "N"]
     shape: tuple[int, ...]  # the dense weight's shape: its leading input axes flatten to K, the rest to N
 
-    @property
-    def k(self) -> int:
-        return self.q_t.shape[1]
-
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["q_t", "scale", "zero", "input_scale"],
                    meta_fields=["shape"])
@@ -39,10 +35,6 @@ class KMajorInt4Weight:
     input_scale: Float[Array, "K"]
     shape: tuple[int, ...]
 
-    @property
-    def k(self) -> int:
-        return self.q_t.shape[1]
-
 
 KMAJOR_TYPES = (KMajorInt8Weight, KMajorInt4Weight)
 
@@ -53,25 +45,28 @@ def _int8_k(w) -> int | None:
     return math.prod(w.q.shape[:ones]) if 0 < ones < w.q.ndim else None
 
 
+def _kernels_take(kind: str, k: int, n: int) -> bool:
+    from pallas_kernels.quant_matmul_kmajor import plan
+
+    try:
+        plan(kind, 1, k, n)
+    except ValueError:  # a shape the kernels do not take
+        return False
+    return True
+
+
 def kernel_layout(w):
     """The K-major twin of an int8 / int4 weight the kernels can take, else the weight unchanged."""
     from jaxllm.quantization import Int4Weight, QuantizedWeight
-    from pallas_kernels.quant_matmul_kmajor import INT4_GROUP, int4_kmajor, plan
+    from pallas_kernels.quant_matmul_kmajor import INT4_GROUP, int4_kmajor, int8_kmajor
 
-    try:
-        if isinstance(w, QuantizedWeight):
-            k = _int8_k(w)
-            if k is None:
-                return w
-            n = w.q.size // k
-            plan("int8", 1, k, n)
-            return KMajorInt8Weight(w.q.reshape(k, n).T, w.scale.reshape(n).astype(jnp.float32), tuple(w.q.shape))
-        if isinstance(w, Int4Weight) and w.group_size == INT4_GROUP:
-            k, n = 2 * w.packed.shape[0], w.packed.shape[1]
-            plan("int4", 1, k, n)
-            return KMajorInt4Weight(int4_kmajor(w.packed), w.scale, w.zero, w.input_scale, tuple(w.shape))
-    except ValueError:  # a shape the kernels do not take
-        return w
+    k = _int8_k(w) if isinstance(w, QuantizedWeight) else None
+    if k is not None and _kernels_take("int8", k, n := w.q.size // k):
+        return KMajorInt8Weight(int8_kmajor(w.q.reshape(k, n)), w.scale.reshape(n).astype(jnp.float32),
+                                tuple(w.q.shape))
+    if (isinstance(w, Int4Weight) and w.group_size == INT4_GROUP
+            and _kernels_take("int4", 2 * w.packed.shape[0], w.packed.shape[1])):
+        return KMajorInt4Weight(int4_kmajor(w.packed), w.scale, w.zero, w.input_scale, tuple(w.shape))
     return w
 
 

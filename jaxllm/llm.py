@@ -100,9 +100,11 @@ def _quantized(params: dict, config: ModelConfig, method: str | None) -> dict:
 def _in_kernel_layout(params: dict) -> dict:
     """int8 / int4 weights re-laid for the K-major kernels where `ops.matmul`'s "auto" mode runs
     them (one GPU); elsewhere unchanged."""
-    if jax.default_backend() != "gpu" or jax.device_count() != 1:
-        return params
     from jaxllm.kernel_weights import to_kernel_layout
+    from jaxllm.ops.matmul import kernels_by_default
+
+    if not kernels_by_default():
+        return params
 
     return to_kernel_layout(params)
 

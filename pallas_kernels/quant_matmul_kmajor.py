@@ -138,11 +138,16 @@ def plan(kind: str, m: int, k: int, n: int, config: KMajorConfig | None = None) 
 
 def int8_kmajor(q: Int8[Array, "K N"]) -> Int8[Array, "N K"]:
     """An int8 [K, N] weight's codes in the kernel's layout."""
-    return jnp.asarray(q, jnp.int8).T
+    if q.ndim != 2 or q.dtype != jnp.int8:
+        raise ValueError(f"q of shape {tuple(q.shape)} and dtype {q.dtype} must be a 2-D int8 [K, N] matrix")
+    return q.T
 
 
 def int4_kmajor(packed: UInt8[Array, "K/2 N"]) -> Array:
     """Int4Weight's packed unsigned codes (input 2i in the low nibble) as signed int4 [N, K]: code - 8."""
+    if packed.ndim != 2 or packed.dtype != jnp.uint8:
+        raise ValueError(f"packed of shape {tuple(packed.shape)} and dtype {packed.dtype} must be a 2-D uint8 "
+                         f"[K/2, N] matrix (two codes a byte)")
     k2, n = packed.shape
     codes = jnp.stack([packed & 15, packed >> 4], axis=1).reshape(2 * k2, n).astype(jnp.int8)
     return (codes - 8).astype(jnp.int4).T

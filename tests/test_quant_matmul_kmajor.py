@@ -140,7 +140,7 @@ def test_twins_stand_for_the_same_weights():
     x = jnp.asarray(rng.standard_normal((2, 3, 4, 64)), jnp.bfloat16)
     for qw, kind in ((quantize_int8(w, (0, 1)), KMajorInt8Weight), (quantize_int4(w, (0, 1), 128), KMajorInt4Weight)):
         twin = kernel_layout(qw)
-        assert isinstance(twin, kind) and twin.shape == (4, 64, 128) and twin.k == 256
+        assert isinstance(twin, kind) and twin.shape == (4, 64, 128) and twin.q_t.shape == (128, 256)
         np.testing.assert_array_equal(np.asarray(dequantize(twin)), np.asarray(dequantize(qw)))
         got, want = xla_einsum("bthk,hkd->btd", x, twin), xla_einsum("bthk,hkd->btd", x, qw)
         assert got.shape == want.shape == (2, 3, 128)
@@ -170,11 +170,17 @@ def test_dispatch_routes_twins_to_the_kmajor_kernels(monkeypatch):
         with quantized_kernels("pallas"):
             got = ops.einsum("btd,dn->btn", x, twin)
         _close(got, xla_einsum("btd,dn->btn", x, qw))
-    assert "65 tokens" in kernel_limits("md,dn->mn", jnp.ones((65, 256), jnp.bfloat16), kernel_layout(quantize_int8(w, (0,))))
+    big = jnp.ones((65, 256), jnp.bfloat16)
+    assert "65 tokens" in kernel_limits("md,dn->mn", big, kernel_layout(quantize_int8(w, (0,))))
 
+    from jaxllm.llm import _in_kernel_layout
+
+    params = {"layers": [{"w": quantize_int8(w, (0,))}]}
+    assert _in_kernel_layout(params) is params  # on a CPU "auto" runs no kernel: the stored layout stays
     calls = []
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert isinstance(_in_kernel_layout(params)["layers"][0]["w"], KMajorInt8Weight)  # one GPU: re-laid
     monkeypatch.setattr("jaxllm.kernel_weights.matmul_kernel", lambda x2, w, interpret: calls.append(type(w)) or
                         jnp.zeros((x2.shape[0], 128), x2.dtype))
     int8, int4 = kernel_layout(quantize_int8(w, (0,))), kernel_layout(quantize_int4(w, (0,), 128))
@@ -206,6 +212,9 @@ def test_plan_defaults():
                           jnp.ones((2, 128)), jnp.ones((2, 128), jnp.uint8)), "int4"),
     (lambda: w4a16_kmajor(jnp.ones((1, 256), jnp.bfloat16), jnp.ones((64, 256), jnp.int4),
                           jnp.ones((2, 64)), jnp.ones((2, 64), jnp.uint8)), "block_n of 128 or 256"),
+    (lambda: int8_kmajor(jnp.ones((64, 128), jnp.float32)), "2-D int8"),
+    (lambda: int8_kmajor(jnp.ones((2, 64, 128), jnp.int8)), "2-D int8"),
+    (lambda: int4_kmajor(jnp.ones((64, 128), jnp.int8)), "2-D uint8"),
     (lambda: KMajorConfig(block_n=96), "block_n=96"),
     (lambda: KMajorConfig(block_k=64), "block_k=64"),
     (lambda: plan("int8", 64, 4096, 4096, KMajorConfig(num_stages=8)), "num_stages=8"),

@@ -45,7 +45,8 @@ def observing() -> bool:
 def quantized_kernels(mode: str) -> Iterator[None]:
     """Within the block (while tracing), quantized products use the Pallas kernels on one GPU where
     they apply and were measured faster ("auto", the default), never ("xla"), or wherever they
-    apply ("pallas"; on a CPU in Pallas' interpret mode: slow, for tests)."""
+    apply ("pallas"; on a CPU in Pallas' interpret mode: slow, for tests). They apply to weights in
+    the kernels' K-major layout (`jaxllm.kernel_weights`)."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"quantized kernel mode {mode!r} not supported; choose one of {KERNEL_MODES}")
     token = _kernel_mode.set(mode)
@@ -53,6 +54,11 @@ def quantized_kernels(mode: str) -> Iterator[None]:
         yield
     finally:
         _kernel_mode.reset(token)
+
+
+def kernels_by_default() -> bool:
+    """Whether "auto" runs the quantized kernels here: on a single GPU."""
+    return jax.default_backend() == "gpu" and jax.device_count() == 1
 
 
 def einsum(subscripts: str, x: Array, w) -> Array:
@@ -121,7 +127,7 @@ def kernel_limits(subscripts: str, x, w) -> str | None:
 def _quantized_kernel(subscripts: str, x, w):
     """The product through a Pallas kernel, or None where the XLA path should run it."""
     mode = _kernel_mode.get()
-    if mode == "xla" or (mode == "auto" and (jax.default_backend() != "gpu" or jax.device_count() != 1)):
+    if mode == "xla" or (mode == "auto" and not kernels_by_default()):
         return None
     if kernel_limits(subscripts, x, w) is not None:
         return None
