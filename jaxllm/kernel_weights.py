@@ -1,9 +1,11 @@
-"""Quantized weights re-laid for the K-major Mosaic GPU kernels (pallas_kernels/quant_matmul_kmajor.py).
+"""Quantized weights re-laid for the K-major Mosaic GPU kernels (pallas_kernels/quant_matmul_kmajor.py,
+pallas_kernels/fp8_matmul.py) and for XLA's 8-bit gemms.
 
 The kernels read each output feature's codes along K, so the codes are stored transposed, [N, K],
 once at load. `to_kernel_layout` swaps each int8 (QuantizedWeight) and int4 (Int4Weight) leaf of a
-model's params for its K-major twin where the kernels take the weight's shape; the twins still
-multiply through XLA for the shapes the kernels do not take (prefill, several devices).
+model's params for its K-major twin where the kernels take the weight's shape, and every W8A8 leaf
+(fp8, SmoothQuant) whose input axes lead; the twins still multiply through XLA for the shapes the
+kernels do not take or where XLA is faster (prefill).
 """
 
 from __future__ import annotations
@@ -36,7 +38,18 @@ class KMajorInt4Weight:
     shape: tuple[int, ...]
 
 
-KMAJOR_TYPES = (KMajorInt8Weight, KMajorInt4Weight)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_t", "scale", "input_scale"],
+                   meta_fields=["shape", "kind"])
+@dataclasses.dataclass(frozen=True)
+class KMajorW8A8Weight:
+    q_t: Array  # int8 or float8_e4m3fn [N, K]
+    scale: Float[Array, "N"]
+    input_scale: Float[Array, "K"]  # SmoothQuant's s (ones for fp8): x enters as x / s
+    shape: tuple[int, ...]
+    kind: str  # "int8" or "fp8"
+
+
+KMAJOR_TYPES = (KMajorInt8Weight, KMajorInt4Weight, KMajorW8A8Weight)
 
 
 def _int8_k(w) -> int | None:
@@ -56,10 +69,15 @@ def _kernels_take(kind: str, k: int, n: int) -> bool:
 
 
 def kernel_layout(w):
-    """The K-major twin of an int8 / int4 weight the kernels can take, else the weight unchanged."""
-    from jaxllm.quantization import Int4Weight, QuantizedWeight
+    """The K-major twin of an int8 / int4 weight the kernels can take, or of any W8A8 weight whose
+    input axes lead (XLA's 8-bit gemms also want both operands K-major); else the weight unchanged."""
+    from jaxllm.quantization import Int4Weight, QuantizedWeight, W8A8Weight
     from pallas_kernels.quant_matmul_kmajor import INT4_GROUP, int4_kmajor, int8_kmajor
 
+    if isinstance(w, W8A8Weight) and (k := _int8_k(w)) is not None:
+        n = w.q.size // k
+        return KMajorW8A8Weight(w.q.reshape(k, n).T, w.scale.reshape(n).astype(jnp.float32),
+                                w.input_scale.reshape(k).astype(jnp.float32), tuple(w.q.shape), w.kind)
     k = _int8_k(w) if isinstance(w, QuantizedWeight) else None
     if k is not None and _kernels_take("int8", k, n := w.q.size // k):
         return KMajorInt8Weight(int8_kmajor(w.q.reshape(k, n)), w.scale.reshape(n).astype(jnp.float32),
@@ -71,10 +89,10 @@ def kernel_layout(w):
 
 
 def to_kernel_layout(params: dict) -> dict:
-    """The params with every int8 / int4 weight the kernels take in their layout."""
-    from jaxllm.quantization import Int4Weight, QuantizedWeight
+    """The params with every int8 / int4 weight the kernels take, and every W8A8 weight, K-major."""
+    from jaxllm.quantization import Int4Weight, QuantizedWeight, W8A8Weight
 
-    leaf = lambda x: isinstance(x, (QuantizedWeight, Int4Weight))
+    leaf = lambda x: isinstance(x, (QuantizedWeight, Int4Weight, W8A8Weight))
     return jax.tree.map(kernel_layout, params, is_leaf=leaf)
 
 
@@ -84,26 +102,56 @@ def dequantize(w, dtype=jnp.float32) -> Array:
 
     if isinstance(w, KMajorInt8Weight):
         return (w.q_t.T.astype(jnp.float32) * w.scale[None, :]).reshape(w.shape).astype(dtype)
+    if isinstance(w, KMajorW8A8Weight):
+        dense = w.q_t.T.astype(jnp.float32) * w.scale[None, :] / w.input_scale[:, None]
+        return dense.reshape(w.shape).astype(dtype)
     return dequantize_int4_kmajor(w.q_t, w.scale, w.zero, w.input_scale).reshape(w.shape).astype(dtype)
 
 
 def xla_einsum(subscripts: str, x: Array, w) -> Array:
-    """The product through XLA: int8 codes multiplied transposed (no copy), int4 dequantized first."""
+    """The product through XLA: int8 codes multiplied transposed (no copy), W8A8 as an 8-bit gemm
+    of per-token activation codes, int4 dequantized first."""
     from jaxllm.ops.matmul import as_matrix_product
 
-    if isinstance(w, KMajorInt8Weight):
-        dims = as_matrix_product(subscripts, tuple(x.shape), w.shape)
-        if dims is not None:
-            m, k, n, out_shape = dims
-            y = jnp.dot(x.reshape(m, k), w.q_t.T.astype(x.dtype), preferred_element_type=jnp.float32)
-            return (y * w.scale[None, :]).astype(x.dtype).reshape(out_shape)
+    dims = as_matrix_product(subscripts, tuple(x.shape), w.shape)
+    if dims is not None and isinstance(w, KMajorInt8Weight):
+        m, k, n, out_shape = dims
+        y = jnp.dot(x.reshape(m, k), w.q_t.T.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y * w.scale[None, :]).astype(x.dtype).reshape(out_shape)
+    if dims is not None and isinstance(w, KMajorW8A8Weight):
+        m, k, n, out_shape = dims
+        return w8a8_matmul(x.reshape(m, k), w).reshape(out_shape)
     return jnp.einsum(subscripts, x, dequantize(w, x.dtype))
 
 
+def w8a8_matmul(x2: Float[Array, "M K"], w: KMajorW8A8Weight, *, fp8_kernel=None) -> Float[Array, "M N"]:
+    """x2 @ W with x2 quantized per token: XLA's 8-bit gemm (cuBLASLt on the GPU, both operands
+    K-major), or `fp8_kernel(codes, w_t, x_scale, w_scale)` in its place."""
+    from jaxllm.quantization import quantize_tokens
+
+    codes, sx = quantize_tokens(x2.astype(jnp.float32) / w.input_scale[None, :], w.kind)
+    if fp8_kernel is not None:
+        return fp8_kernel(codes, w.q_t, sx, w.scale).astype(x2.dtype)
+    if w.kind == "int8":
+        acc = jnp.int32
+    else:  # a 16-bit product rounds no worse than the activations themselves, and halves its bytes
+        acc = x2.dtype if x2.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    y = jnp.dot(codes, w.q_t.T, preferred_element_type=acc)
+    return (y.astype(jnp.float32) * sx[:, None] * w.scale[None, :]).astype(x2.dtype)
+
+
 def matmul_kernel(x2: Float[Array, "M K"], w, *, interpret: bool) -> Float[Array, "M N"]:
-    """x2 @ W through the K-major kernel of w's kind."""
-    from pallas_kernels.quant_matmul_kmajor import w4a16_kmajor, w8a16_kmajor
+    """x2 @ W through the Pallas kernel of w's kind: the weight-only K-major kernels up to
+    `quant_matmul_kmajor.MAX_TOKENS` tokens (W8A8 weights too: the activations stay unquantized),
+    the fp8 x fp8 kernel above."""
+    from pallas_kernels.fp8_matmul import fp8_matmul
+    from pallas_kernels.quant_matmul_kmajor import MAX_TOKENS, w4a16_kmajor, w8a16_kmajor
 
     if isinstance(w, KMajorInt8Weight):
         return w8a16_kmajor(x2, w.q_t, w.scale, interpret=interpret)
+    if isinstance(w, KMajorW8A8Weight):
+        if x2.shape[0] > MAX_TOKENS:
+            return w8a8_matmul(x2, w, fp8_kernel=functools.partial(fp8_matmul, interpret=interpret))
+        return w8a16_kmajor(x2 / w.input_scale[None, :].astype(x2.dtype), w.q_t, w.scale,
+                            interpret=interpret).astype(x2.dtype)
     return w4a16_kmajor(x2, w.q_t, w.scale, w.zero, w.input_scale, interpret=interpret)

@@ -100,6 +100,15 @@ def to_codes(x, kind: str):
     return jnp.clip(x, -448.0, 448.0).astype(jnp.float8_e4m3fn)
 
 
+def quantize_tokens(x: Float[Array, "M K"], kind: str) -> tuple[Array, Float[Array, "M"]]:
+    """Dynamic per-token 8-bit codes of activations and their scales: max |x| of a row maps to the
+    largest code."""
+    xf = x.astype(jnp.float32)
+    sx = jnp.max(jnp.abs(xf), axis=-1) / QMAX[kind]
+    sx = jnp.where(sx > 0, sx, 1.0)
+    return to_codes(xf / sx[..., None], kind), sx
+
+
 def quantize_w8a8(w: Float[Array, "..."], input_axes: tuple[int, ...], kind: str = "fp8",
                   input_scale: Float[Array, "K"] | None = None) -> W8A8Weight:
     """Per-output-channel 8-bit weights of diag(input_scale) W (input axes lead the shape)."""

@@ -34,6 +34,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int8, UInt8
 
 from pallas_kernels import compat
+from pallas_kernels.smem import swizzled
 
 WG_ROWS = 64  # output features per compute warpgroup: wgmma's M
 MAX_TOKENS = 64
@@ -42,6 +43,7 @@ SMEM_BUDGET = 110 * 1024  # per block for the default stage count (two blocks an
 MIN_STEPS_PER_SPLIT = 4
 SUMS_WIDTH = 64  # int4's per-group activation sums, padded to 256 bytes a row (TMA moves 128-byte multiples)
 INT4_GROUP = 128  # the int4 kernel steps one group of inputs at a time
+CODE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,7 @@ class KMajorConfig:
 class Plan:
     """The static shape of one kernel launch."""
 
-    kind: str  # "int8" or "int4"
+    kind: str  # "int8", "fp8" (e4m3 codes, one scale per channel, as int8) or "int4"
     k: int
     n: int
     tokens: int  # padded token count (wgmma's N)
@@ -76,6 +78,12 @@ class Plan:
     block_k: int  # inputs per step
     num_stages: int
     num_splits: int
+
+    @property
+    def operand_dtype(self):
+        """What the codes become in registers, and the activations' dtype: Hopper converts e4m3 to
+        float16 only (activations beyond float16's range, 65504, would overflow)."""
+        return jnp.dtype(jnp.float16 if self.kind == "fp8" else jnp.bfloat16)
 
     @property
     def steps(self) -> int:
@@ -232,14 +240,15 @@ def w8a16_kmajor(
     interpret: bool = False,
 ) -> Float[Array, "M N"]:
     """The Mosaic GPU kernel (activations in bf16); same contract as `w8a16_kmajor_reference`."""
-    if w_t.ndim != 2 or w_t.dtype != jnp.int8:
-        raise ValueError(f"w_t of shape {tuple(w_t.shape)} and dtype {w_t.dtype} must be a 2-D int8 [N, K] matrix")
+    if w_t.ndim != 2 or w_t.dtype not in CODE_DTYPES.values() or w_t.dtype == jnp.int4:
+        raise ValueError(f"w_t of shape {tuple(w_t.shape)} and dtype {w_t.dtype} must be a 2-D int8 or "
+                         f"float8_e4m3fn [N, K] matrix")
     n, k = w_t.shape
     m = _check_x(x, k)
     if math.prod(scale.shape) != n:
         raise ValueError(f"scale of shape {tuple(scale.shape)} must hold one value per output channel ({n})")
-    p = plan("int8", m, k, n, config)
-    partial = _build(p, interpret)(_pad_tokens(x.astype(jnp.bfloat16), p.tokens), w_t)
+    p = plan("int8" if w_t.dtype == jnp.int8 else "fp8", m, k, n, config)
+    partial = _build(p, interpret)(_pad_tokens(x.astype(p.operand_dtype), p.tokens), w_t)
     y = jnp.sum(partial, axis=0) * jnp.reshape(scale, (n, 1)).astype(jnp.float32)
     return y.T[:m].astype(x.dtype)
 
@@ -275,20 +284,6 @@ def w4a16_kmajor(
     return jnp.sum(partial, axis=0).T[:m].astype(x.dtype)
 
 
-def _bits(dtype) -> int:
-    return 4 if jnp.dtype(dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else 8 * jnp.dtype(dtype).itemsize
-
-
-def _swizzled(shape, dtype):
-    """A shared-memory tile in the layout TMA writes: 8-row tiles, rows of up to 128 bytes swizzled."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    bits = _bits(dtype)
-    swizzle = min(128, shape[-1] * bits // 8)
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle * 8 // bits)),
-                                                plgpu.SwizzleTransform(swizzle)))
-
-
 @functools.lru_cache(maxsize=None)
 def _build(p: Plan, interpret: bool):
     import jax.experimental.pallas as pl
@@ -304,11 +299,11 @@ def _build(p: Plan, interpret: bool):
     def codes_in_registers(ref):
         """The [64, block_k] codes as bf16 in wgmma's register-operand layout."""
         if interpret:
-            return ref[...].astype(jnp.bfloat16)
+            return ref[...].astype(p.operand_dtype)
         with jax.named_scope("load"):  # scopes name the events of a Mosaic GPU profile
             raw = compat.mgpu_load(ref, layout=plgpu.Layout.WGMMA)
         with jax.named_scope("convert"):
-            return raw.astype(jnp.bfloat16)
+            return raw.astype(p.operand_dtype)
 
     def product(a, x_ref):
         """a [64, block_k] @ x_ref[...]^T, in float32."""
@@ -387,8 +382,8 @@ def _build(p: Plan, interpret: bool):
             lax.fori_loop(0, steps, issue, None)
 
     def entry(*refs):
-        smem = [_swizzled((stages, wgs, WG_ROWS, bk), jnp.int4 if int4 else jnp.int8),
-                _swizzled((stages, tokens, bk), jnp.bfloat16)]
+        smem = [swizzled((stages, wgs, WG_ROWS, bk), CODE_DTYPES[p.kind]),
+                swizzled((stages, tokens, bk), p.operand_dtype)]
         if int4:
             smem += [plgpu.SMEM((stages, p.block_n), jnp.float32),
                      plgpu.SMEM((stages, p.block_n), jnp.uint8),

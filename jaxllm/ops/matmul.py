@@ -23,6 +23,9 @@ from jaxtyping import Array
 _observer: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("matmul_observer", default=None)
 KERNEL_MODES = ("auto", "xla", "pallas")
 INT8_KERNEL_MAX_TOKENS = 1  # "auto" routes int8 products of at most this many tokens to the kernel
+# ... and W8A8 products (weight-only there); more tokens go to XLA's 8-bit gemms, faster than the
+# fp8 x fp8 kernel at prefill shapes (BENCHMARKS.md)
+W8A8_KERNEL_MAX_TOKENS = 16
 _kernel_mode: contextvars.ContextVar[str] = contextvars.ContextVar("quantized_kernels", default="auto")
 
 
@@ -102,23 +105,29 @@ def as_matrix_product(subscripts: str, x_shape: tuple[int, ...], w_shape: tuple[
 
 def kernel_limits(subscripts: str, x, w) -> str | None:
     """Why the quantized-matmul kernels cannot take this product, or None when they can."""
-    from jaxllm.kernel_weights import KMAJOR_TYPES, KMajorInt4Weight
-    from jaxllm.quantization import Int4Weight, QuantizedWeight
-    from pallas_kernels.quant_matmul_kmajor import plan
+    from jaxllm.kernel_weights import KMAJOR_TYPES, KMajorInt4Weight, KMajorW8A8Weight
+    from jaxllm.quantization import Int4Weight, QuantizedWeight, W8A8Weight
+    from pallas_kernels import fp8_matmul
+    from pallas_kernels.quant_matmul_kmajor import MAX_TOKENS, plan
 
-    if isinstance(w, (QuantizedWeight, Int4Weight)):
+    if isinstance(w, (QuantizedWeight, Int4Weight, W8A8Weight)):
         return (f"{type(w).__name__} in its stored layout (jaxllm.kernel_weights.to_kernel_layout "
-                "re-lays int8 and int4 weights for the kernels)")
+                "re-lays int8, int4 and W8A8 weights for the kernels)")
     if not isinstance(w, KMAJOR_TYPES):
-        return f"{type(w).__name__} weights (the kernels take int8 and int4)"
+        return f"{type(w).__name__} weights (the kernels take int8, int4, fp8 and SmoothQuant's W8A8)"
     if x.dtype != jnp.bfloat16:
         return f"{x.dtype} activations (the kernels take bfloat16)"
     dims = as_matrix_product(subscripts, tuple(x.shape), w.shape)
     if dims is None:
         return f"{subscripts!r} is not x [..., K] @ W [K, N] with K leading the weight"
     m, k, n, _ = dims
+    if isinstance(w, KMajorW8A8Weight) and m > MAX_TOKENS:
+        if w.kind != "fp8":
+            return f"{m} tokens of {w.kind} W8A8 (above {MAX_TOKENS} tokens the kernel takes fp8 only)"
+        return fp8_matmul.limits(m, k, n)
+    kind = "int4" if isinstance(w, KMajorInt4Weight) else w.kind if isinstance(w, KMajorW8A8Weight) else "int8"
     try:
-        plan("int4" if isinstance(w, KMajorInt4Weight) else "int8", m, k, n)
+        plan(kind, m, k, n)
     except ValueError as err:
         return str(err)
     return None
@@ -135,6 +144,8 @@ def _quantized_kernel(subscripts: str, x, w):
 
     m, k, n, out_shape = as_matrix_product(subscripts, tuple(x.shape), w.shape)
     if mode == "auto" and isinstance(w, kernel_weights.KMajorInt8Weight) and m > INT8_KERNEL_MAX_TOKENS:
+        return None
+    if mode == "auto" and isinstance(w, kernel_weights.KMajorW8A8Weight) and m > W8A8_KERNEL_MAX_TOKENS:
         return None
     y = kernel_weights.matmul_kernel(x.reshape(m, k), w, interpret=jax.default_backend() != "gpu")
     return y.reshape(out_shape)
