@@ -57,7 +57,8 @@ def summarise(short: list[dict], long: list[dict], steps: int, top: int = 40) ->
     )
 
 
-def traced_events(llm, prompts, params) -> tuple[list[dict], float]:
+def traced_events(llm, prompts, params, with_host: bool = False):
+    """The GPU events of one `generate` call and its wall time (and, `with_host`, the other events)."""
     log_dir = tempfile.mkdtemp()
     start = time.perf_counter()
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
@@ -65,7 +66,13 @@ def traced_events(llm, prompts, params) -> tuple[list[dict], float]:
     wall = time.perf_counter() - start
     path = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
     with gzip.open(path) as f:
-        return gpu_events(json.load(f)), wall
+        trace = json.load(f)
+    gpu = gpu_events(trace)
+    if not with_host:
+        return gpu, wall
+    ids = {id(e) for e in gpu}
+    host = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e and id(e) not in ids]
+    return gpu, wall, host
 
 
 def main(argv=None) -> int:

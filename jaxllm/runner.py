@@ -150,10 +150,18 @@ def steps_while(step, carry, num_steps: Int[Array, ""], capacity: int, all_done,
     return jax.lax.while_loop(cond, body, (jnp.int32(0), carry))[1]
 
 
+# XLA's command buffers (CUDA graphs) are updated on the host before each call whose buffers moved,
+# as a static prefill's do (a new cache and prompt every call): on the H200 that idled the GPU for
+# 10 ms of a 63 ms 8B prefill of 2048 tokens (BENCHMARKS.md). Kernel launches overlap the GPU's
+# work instead; the decode loops, whose steps are short, keep the graphs.
+PREFILL_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("config", "max_new", "logprobs_k", "prompt_logprobs_k", "return_hidden", "sampling_mode"),
     donate_argnames=("cache",),
+    compiler_options=PREFILL_COMPILER_OPTIONS,
 )
 def prefill(
     params: dict,

@@ -19,7 +19,8 @@ from jaxllm.speculative.decode import Plan, SpecState, init_spec_state, spec_dec
 from models import get_model_spec
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",),
+                   compiler_options=runner.PREFILL_COMPILER_OPTIONS)
 def _prefill_draft(params, cache: KVCache, tokens, prompt_lens, page_table, *, config: ModelConfig) -> KVCache:
     """Caches the prompts in the draft model's pages."""
     model = get_model_spec(config.architecture).model
