@@ -1,8 +1,9 @@
 """Weight-only quantized matmuls for decode shapes over K-major weights: the codes feed wgmma from
 registers.
 
-`x @ W` for W given transposed, [N, K] with K contiguous: int8 with one scale per output channel,
-or signed 4-bit codes (the stored code minus 8) with a scale and zero point per group of 128 inputs.
+`x @ W` for W given transposed, [N, K] with K contiguous: int8 or float8 e4m3 with one scale per
+output channel (e4m3 codes become float16 in registers, the only conversion Hopper has for them, so
+that kernel takes float16 activations), or signed 4-bit codes (the stored code minus 8) with a scale and zero point per group of 128 inputs.
 The kernels compute out^T = W^T x^T ("swap AB"): 64 output features fill wgmma's M side and the
 tokens, padded to a multiple of 8, its N, so a decode step's few tokens waste no tensor-core rows. A
 block owns `block_n` output features (one compute warpgroup per 64) and a range of K; a memory
@@ -188,7 +189,7 @@ def dequantize_int4_kmajor(q_t: Array, scale: Float[Array, "G N"], zero: UInt8[A
 
 def w8a16_kmajor_reference(
     x: Float[Array, "M K"],
-    w_t: Int8[Array, "N K"],
+    w_t: Array,  # int8 or float8_e4m3fn [N, K]
     scale: Float[Array, "N"],
     *,
     config: KMajorConfig | None = None,
@@ -233,13 +234,14 @@ def _pad_tokens(x, tokens: int):
 
 def w8a16_kmajor(
     x: Float[Array, "M K"],
-    w_t: Int8[Array, "N K"],
+    w_t: Array,  # int8 or float8_e4m3fn [N, K]
     scale: Float[Array, "N"],
     *,
     config: KMajorConfig | None = None,
     interpret: bool = False,
 ) -> Float[Array, "M N"]:
-    """The Mosaic GPU kernel (activations in bf16); same contract as `w8a16_kmajor_reference`."""
+    """The Mosaic GPU kernel (activations in bf16, float16 for e4m3 codes); same contract as
+    `w8a16_kmajor_reference`."""
     if w_t.ndim != 2 or w_t.dtype not in CODE_DTYPES.values() or w_t.dtype == jnp.int4:
         raise ValueError(f"w_t of shape {tuple(w_t.shape)} and dtype {w_t.dtype} must be a 2-D int8 or "
                          f"float8_e4m3fn [N, K] matrix")

@@ -1,11 +1,13 @@
 """Matrix products against weights: dense arrays, or quantized pytrees (jaxllm.quantization).
 
-On a single GPU, `LLM` stores int8 and int4 weights in the K-major kernels' layout
-(`jaxllm.kernel_weights.to_kernel_layout`); their products of one token (int8) or up to 64 tokens
-(int4) run in `pallas_kernels.quant_matmul_kmajor` (batch-1 8B decode on the H200: int8 1.28x and
-int4 1.36x bf16's tokens/s, BENCHMARKS.md). From two tokens on, XLA's int8 gemm fusion is as fast or
-faster on some shapes, so int8 products of more tokens, weights in their stored layout, and
-everything else run through XLA (`jaxllm.quantization.einsum`).
+On a single GPU, `LLM` stores int8, int4 and W8A8 (fp8, SmoothQuant) weights in the K-major
+kernels' layout (`jaxllm.kernel_weights.to_kernel_layout`); their products of one token (int8), up
+to 16 (W8A8, weight-only there) or up to 64 tokens (int4) run in `pallas_kernels.quant_matmul_kmajor`
+(batch-1 8B decode on the H200: int8 1.28x, int4 1.36x and fp8 1.40x bf16's tokens/s, BENCHMARKS.md).
+From two tokens on, XLA's int8 gemm fusion is as fast or faster on some shapes, and at prefill XLA's
+fp8 gemm beats our fp8 x fp8 kernel (`pallas_kernels.fp8_matmul`, run only in "pallas" mode), so
+those products, weights in their stored layout, and everything else run through XLA
+(`jaxllm.quantization.einsum`).
 """
 
 from __future__ import annotations
