@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.quant_matmul_kernels import ROTATE_BYTES, timed
-from jaxllm.quantization import W8A8Weight, einsum as xla_quantized_einsum, quantize_w8a8
+from jaxllm.quantization import W8A8Weight, quantize_tokens, quantize_w8a8
+from jaxllm.quantization import einsum as xla_quantized_einsum
 from pallas_kernels.fp8_matmul import FP8Config, fp8_matmul, fp8_matmul_reference
 
 # Llama-3-8B's products per layer (qkv, o, gate+up, down) at 2048 tokens, and the ceiling's shape.
@@ -43,10 +44,7 @@ def inputs(m: int, k: int, n: int, seed: int = 0):
 
 def quantize_rows(x):
     """Per-token e4m3 codes and scales (what the W8A8 path does to activations)."""
-    xf = x.astype(jnp.float32)
-    sx = jnp.max(jnp.abs(xf), axis=1) / 448.0
-    sx = jnp.where(sx > 0, sx, 1.0)
-    return (xf / sx[:, None]).astype(jnp.float8_e4m3fn), sx
+    return quantize_tokens(x, "fp8")
 
 
 def kernel_path(config: FP8Config):

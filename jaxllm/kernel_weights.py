@@ -152,6 +152,6 @@ def matmul_kernel(x2: Float[Array, "M K"], w, *, interpret: bool) -> Float[Array
     if isinstance(w, KMajorW8A8Weight):
         if x2.shape[0] > MAX_TOKENS:
             return w8a8_matmul(x2, w, fp8_kernel=functools.partial(fp8_matmul, interpret=interpret))
-        return w8a16_kmajor(x2 / w.input_scale[None, :].astype(x2.dtype), w.q_t, w.scale,
-                            interpret=interpret).astype(x2.dtype)
+        x_in = (x2.astype(jnp.float32) / w.input_scale[None, :]).astype(x2.dtype)  # SmoothQuant's x / s
+        return w8a16_kmajor(x_in, w.q_t, w.scale, interpret=interpret).astype(x2.dtype)
     return w4a16_kmajor(x2, w.q_t, w.scale, w.zero, w.input_scale, interpret=interpret)
