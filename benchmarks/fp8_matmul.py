@@ -5,7 +5,7 @@ against XLA's bf16 and fp8 products, same run, same inputs.
 
 Sections: `check` (the kernel against its float32 reference at full size), `table` (every path per
 shape), `sweep` (kernel tile configurations), `decode` (fp8 weights at 1 to 64 tokens: the
-weight-only K-major kernel against XLA). TFLOP/s count 2*M*K*N; DESIGN.md's ceilings: bf16
+weight-only K-major kernel against XLA), `smoothquant` (int8 W8A8 twins through XLA at prefill shapes). TFLOP/s count 2*M*K*N; DESIGN.md's ceilings: bf16
 648 and fp8 814 TFLOP/s through XLA at 8192^3 (the H200's fp8 tensor-core peak is 1979).
 """
 
@@ -128,6 +128,27 @@ def decode_table(shapes, ms, iters: int, repeats: int, rotate_bytes: float = ROT
     return rows
 
 
+def smoothquant_table(shapes, iters: int, repeats: int) -> list[dict]:
+    """SmoothQuant's int8 W8A8 twins through XLA (int8 x int8 -> int32 gemm of per-token codes)
+    against bf16 at prefill shapes, with the error against the product of the dequantized weight."""
+    from jaxllm.kernel_weights import kernel_layout, w8a8_matmul
+
+    rows = []
+    for m, k, n in shapes:
+        x, w, _ = inputs(m, k, n)
+        s = jax.random.uniform(jax.random.PRNGKey(1), (k,), jnp.float32, 0.5, 2.0)
+        twin = jax.block_until_ready(kernel_layout(quantize_w8a8(w, (0,), "int8", s)))
+        got = jax.jit(w8a8_matmul)(x, twin).astype(jnp.float32)
+        want = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+        rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        bf = timed(lambda x, w: jnp.dot(x, w), x, [w], iters, repeats)
+        sq = timed(w8a8_matmul, x, [twin], iters, repeats)
+        rows.append(dict(shape=[m, k, n], bf16_us=bf["us"], int8_w8a8_us=sq["us"], vs_bf16=bf["us"] / sq["us"],
+                         tops=2 * m * k * n / (sq["us"] * 1e-6) / 1e12, rel_err=rel))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def sweep(shapes, iters: int, repeats: int) -> list[dict]:
     rows = []
     for m, k, n in shapes:
@@ -170,6 +191,8 @@ def main(argv=None) -> int:
     if "decode" in args.sections:
         result["decode"] = (decode_table(((256, 256),), (1,), 1, 1, rotate_bytes=0) if args.interpret else
                             decode_table(LAYER_SHAPES, (1, 4, 16, 32, 64), args.iters, args.repeats))
+    if "smoothquant" in args.sections:
+        result["smoothquant"] = smoothquant_table(shapes if args.interpret else shapes[:4], args.iters, args.repeats)
     if "sweep" in args.sections and not args.interpret:
         result["sweep"] = sweep(shapes[:4], args.iters, args.repeats)
     with open(args.out, "w") as f:
