@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.quant_matmul_kernels import ROTATE_BYTES, timed
+from benchmarks.quant_matmul_kernels import LAYER_SHAPES, ROTATE_BYTES, timed
 from jaxllm.quantization import W8A8Weight, quantize_tokens, quantize_w8a8
 from jaxllm.quantization import einsum as xla_quantized_einsum
 from pallas_kernels.fp8_matmul import FP8Config, fp8_matmul, fp8_matmul_reference
@@ -29,8 +29,6 @@ from pallas_kernels.fp8_matmul import FP8Config, fp8_matmul, fp8_matmul_referenc
 SHAPES = ((2048, 4096, 6144), (2048, 4096, 4096), (2048, 4096, 28672), (2048, 14336, 4096), (8192, 8192, 8192))
 CONFIGS = (FP8Config(64, 256, 128, 3), FP8Config(128, 128, 128, 3), FP8Config(64, 128, 128, 4),
            FP8Config(64, 128, 128, 5), FP8Config(64, 128, 256, 2), FP8Config(64, 192, 128, 4))
-LAYER_SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
-BF16_CEILING, FP8_XLA_CEILING = 648e12, 814e12
 INTERPRET = False  # --interpret: Pallas' interpret mode, to smoke-test this script on a CPU
 
 
@@ -42,14 +40,9 @@ def inputs(m: int, k: int, n: int, seed: int = 0):
     return x, w, wq
 
 
-def quantize_rows(x):
-    """Per-token e4m3 codes and scales (what the W8A8 path does to activations)."""
-    return quantize_tokens(x, "fp8")
-
-
 def kernel_path(config: FP8Config):
     def f(x, w: W8A8Weight):
-        xq, sx = quantize_rows(x)
+        xq, sx = quantize_tokens(x, "fp8")
         return fp8_matmul(xq, w.q.T, sx, w.scale.reshape(-1), config=config, interpret=INTERPRET)
     return f
 
@@ -61,7 +54,7 @@ def kernel_on_codes(config: FP8Config):
 
 def check(m: int, k: int, n: int, config: FP8Config) -> dict:
     x, _, wq = inputs(m, k, n, seed=1)
-    xq, sx = quantize_rows(x)
+    xq, sx = quantize_tokens(x, "fp8")
     w_t, sw = wq.q.T, wq.scale.reshape(-1)
     y = jax.jit(lambda *a: fp8_matmul(*a, config=config, interpret=INTERPRET))(xq, w_t, sx, sw)
     r = fp8_matmul_reference(xq, w_t, sx, sw)
@@ -74,7 +67,7 @@ def table(shapes, iters: int, repeats: int, config: FP8Config) -> list[dict]:
     rows = []
     for m, k, n in shapes:
         x, w, wq = inputs(m, k, n)
-        codes = quantize_rows(x)
+        codes = quantize_tokens(x, "fp8")
         w_t = jax.block_until_ready(wq.q.T.copy())
         flops = 2 * m * k * n
         paths = {
@@ -153,7 +146,7 @@ def sweep(shapes, iters: int, repeats: int) -> list[dict]:
     rows = []
     for m, k, n in shapes:
         x, _, wq = inputs(m, k, n)
-        codes = quantize_rows(x)
+        codes = quantize_tokens(x, "fp8")
         w_t = jax.block_until_ready(wq.q.T.copy())
         for config in CONFIGS:
             if n % config.block_n or k % config.block_k:

@@ -23,6 +23,8 @@ from jaxllm.checkpoint import random_params
 from jaxllm.sharding import ParallelConfig, make_mesh
 from models.llama import unstack_layers
 
+# By kernel name; Mosaic GPU kernels count as attention: in the default ("auto") mode the prefill's
+# only Mosaic GPU kernel is the attention kernel.
 KINDS = (("matmul", ("gemm", "cublas", "cutlass", "dot", "matmul", "sm90_xmma", "nvjet")),
          ("attention", ("attention", "mosaic", "flash", "cudnn", "fmha")))
 

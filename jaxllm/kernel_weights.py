@@ -124,14 +124,17 @@ def xla_einsum(subscripts: str, x: Array, w) -> Array:
     return jnp.einsum(subscripts, x, dequantize(w, x.dtype))
 
 
-def w8a8_matmul(x2: Float[Array, "M K"], w: KMajorW8A8Weight, *, fp8_kernel=None) -> Float[Array, "M N"]:
-    """x2 @ W with x2 quantized per token: XLA's 8-bit gemm (cuBLASLt on the GPU, both operands
-    K-major), or `fp8_kernel(codes, w_t, x_scale, w_scale)` in its place."""
+def _token_codes(x2: Float[Array, "M K"], w: KMajorW8A8Weight):
+    """Per-token codes and scales of x2 / input_scale (SmoothQuant's s; ones for fp8)."""
     from jaxllm.quantization import quantize_tokens
 
-    codes, sx = quantize_tokens(x2.astype(jnp.float32) / w.input_scale[None, :], w.kind)
-    if fp8_kernel is not None:
-        return fp8_kernel(codes, w.q_t, sx, w.scale).astype(x2.dtype)
+    return quantize_tokens(x2.astype(jnp.float32) / w.input_scale[None, :], w.kind)
+
+
+def w8a8_matmul(x2: Float[Array, "M K"], w: KMajorW8A8Weight) -> Float[Array, "M N"]:
+    """x2 @ W with x2 quantized per token, through XLA's 8-bit gemm (cuBLASLt on the GPU, both
+    operands K-major)."""
+    codes, sx = _token_codes(x2, w)
     if w.kind == "int8":
         acc = jnp.int32
     else:  # a 16-bit product rounds no worse than the activations themselves, and halves its bytes
@@ -151,7 +154,8 @@ def matmul_kernel(x2: Float[Array, "M K"], w, *, interpret: bool) -> Float[Array
         return w8a16_kmajor(x2, w.q_t, w.scale, interpret=interpret)
     if isinstance(w, KMajorW8A8Weight):
         if x2.shape[0] > MAX_TOKENS:
-            return w8a8_matmul(x2, w, fp8_kernel=functools.partial(fp8_matmul, interpret=interpret))
+            codes, sx = _token_codes(x2, w)
+            return fp8_matmul(codes, w.q_t, sx, w.scale, out_dtype=x2.dtype, interpret=interpret)
         x_in = (x2.astype(jnp.float32) / w.input_scale[None, :]).astype(x2.dtype)  # SmoothQuant's x / s
-        return w8a16_kmajor(x_in, w.q_t, w.scale, interpret=interpret).astype(x2.dtype)
+        return w8a16_kmajor(x_in, w.q_t, w.scale, interpret=interpret)
     return w4a16_kmajor(x2, w.q_t, w.scale, w.zero, w.input_scale, interpret=interpret)

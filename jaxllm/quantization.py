@@ -103,6 +103,8 @@ def to_codes(x, kind: str):
 def quantize_tokens(x: Float[Array, "M K"], kind: str) -> tuple[Array, Float[Array, "M"]]:
     """Dynamic per-token 8-bit codes of activations and their scales: max |x| of a row maps to the
     largest code."""
+    if kind not in QMAX:
+        raise ValueError(f"activation codes {kind!r} not supported; choose one of {tuple(QMAX)}")
     xf = x.astype(jnp.float32)
     sx = jnp.max(jnp.abs(xf), axis=-1) / QMAX[kind]
     sx = jnp.where(sx > 0, sx, 1.0)

@@ -45,6 +45,8 @@ MIN_STEPS_PER_SPLIT = 4
 SUMS_WIDTH = 64  # int4's per-group activation sums, padded to 256 bytes a row (TMA moves 128-byte multiples)
 INT4_GROUP = 128  # the int4 kernel steps one group of inputs at a time
 CODE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4)}
+EIGHT_BIT_KINDS = {CODE_DTYPES["int8"]: "int8", CODE_DTYPES["fp8"]: "fp8"}  # w8a16_kmajor's code dtypes
+F16_MAX = 65504.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +85,7 @@ class Plan:
     @property
     def operand_dtype(self):
         """What the codes become in registers, and the activations' dtype: Hopper converts e4m3 to
-        float16 only (activations beyond float16's range, 65504, would overflow)."""
+        float16 only (w8a16_kmajor saturates activations beyond float16's range, 65504)."""
         return jnp.dtype(jnp.float16 if self.kind == "fp8" else jnp.bfloat16)
 
     @property
@@ -242,17 +244,20 @@ def w8a16_kmajor(
 ) -> Float[Array, "M N"]:
     """The Mosaic GPU kernel (activations in bf16, float16 for e4m3 codes); same contract as
     `w8a16_kmajor_reference`."""
-    if w_t.ndim != 2 or w_t.dtype not in CODE_DTYPES.values() or w_t.dtype == jnp.int4:
+    if w_t.ndim != 2 or w_t.dtype not in EIGHT_BIT_KINDS:
         raise ValueError(f"w_t of shape {tuple(w_t.shape)} and dtype {w_t.dtype} must be a 2-D int8 or "
                          f"float8_e4m3fn [N, K] matrix")
     n, k = w_t.shape
     m = _check_x(x, k)
     if math.prod(scale.shape) != n:
         raise ValueError(f"scale of shape {tuple(scale.shape)} must hold one value per output channel ({n})")
-    p = plan("int8" if w_t.dtype == jnp.int8 else "fp8", m, k, n, config)
+    p = plan(EIGHT_BIT_KINDS[w_t.dtype], m, k, n, config)
+    out_dtype = x.dtype
+    if p.operand_dtype == jnp.float16:  # saturate rather than overflow to inf
+        x = jnp.clip(x.astype(jnp.float32), -F16_MAX, F16_MAX)
     partial = _build(p, interpret)(_pad_tokens(x.astype(p.operand_dtype), p.tokens), w_t)
     y = jnp.sum(partial, axis=0) * jnp.reshape(scale, (n, 1)).astype(jnp.float32)
-    return y.T[:m].astype(x.dtype)
+    return y.T[:m].astype(out_dtype)
 
 
 def w4a16_kmajor(

@@ -58,13 +58,17 @@ def test_fp8_kernel_matches_reference(m, k, n, config):
 @pytest.mark.timeout(300)
 def test_fp8_codes_in_the_weight_only_kernel():
     """fp8 codes in the K-major weight-only kernel: converted to float16 in registers, times the
-    channel scales, against the float32 reference."""
+    channel scales, against the float32 reference; float16's range saturates."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((5, 384)), jnp.bfloat16)
     w_t = _codes(rng, (128, 384), 60.0)
     scale = jnp.asarray(rng.uniform(1e-3, 2e-3, 128), jnp.float32)
     got = w8a16_kmajor(x, w_t, scale, interpret=True)
     _close(got, w8a16_kmajor_reference(x, w_t, scale), 2e-2)
+    # Activations beyond float16's range saturate at 65504 instead of turning the row to inf / nan.
+    big = x.at[2, 7].set(1e5)
+    got = w8a16_kmajor(big, w_t, scale, interpret=True)
+    _close(got, w8a16_kmajor_reference(big.at[2, 7].set(65504.0), w_t, scale), 2e-2)
 
 
 def test_w8a8_twins_stand_for_the_same_weights():
@@ -95,6 +99,8 @@ def test_per_token_codes_use_the_whole_range():
     np.testing.assert_allclose(np.abs(c[:3]).max(axis=1), 448.0)
     assert np.all(c[3] == 0) and float(sx[3]) == 1.0
     np.testing.assert_allclose(c[:3] * np.asarray(sx[:3, None]), np.asarray(x[:3]), rtol=2 ** -3)
+    with pytest.raises(ValueError, match="'int4' not supported; choose one of"):
+        quantize_tokens(x, "int4")
 
 
 @pytest.mark.timeout(300)

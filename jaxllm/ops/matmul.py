@@ -123,11 +123,14 @@ def kernel_limits(subscripts: str, x, w) -> str | None:
     if dims is None:
         return f"{subscripts!r} is not x [..., K] @ W [K, N] with K leading the weight"
     m, k, n, _ = dims
-    if isinstance(w, KMajorW8A8Weight) and m > MAX_TOKENS:
-        if w.kind != "fp8":
+    if isinstance(w, KMajorW8A8Weight):
+        if m > MAX_TOKENS and w.kind != "fp8":
             return f"{m} tokens of {w.kind} W8A8 (above {MAX_TOKENS} tokens the kernel takes fp8 only)"
-        return fp8_matmul.limits(m, k, n)
-    kind = "int4" if isinstance(w, KMajorInt4Weight) else w.kind if isinstance(w, KMajorW8A8Weight) else "int8"
+        if m > MAX_TOKENS:
+            return fp8_matmul.limits(m, k, n)
+        kind = w.kind
+    else:
+        kind = "int4" if isinstance(w, KMajorInt4Weight) else "int8"
     try:
         plan(kind, m, k, n)
     except ValueError as err:
