@@ -6,6 +6,9 @@ over its cached prefix.
     PYTHONPATH=. python -m benchmarks.attention --prefill --out results_prefill_attention.json
     PYTHONPATH=. python -m benchmarks.attention --kv-dtypes bf16,fp8,int8 --out results_quantized_kv.json
 
+`--append` times the decode kernel that also stores the new token against storing it through XLA
+first (both donating the pages), and checks both outputs and the stored pages against the reference.
+
 `--kv-dtypes` runs only our decode kernel, over the same random K/V stored as bf16 pages and as
 int8 / fp8 (e4m3) pages with per-token scales, at the first two decode cases.
 """
@@ -24,7 +27,9 @@ from benchmarks.shapes import COPY_BANDWIDTH
 from jaxllm.kv_cache import KVCache
 from jaxllm.ops.attention import paged_attention
 from jaxllm.ops.kv_quant import quantize
-from pallas_kernels.paged_decode_attention import (DecodeConfig, paged_decode_attention,
+from jaxllm.ops.attention import write_kv
+from pallas_kernels.paged_decode_attention import (DecodeConfig, paged_decode_attention, paged_decode_attention_append,
+                                                   paged_decode_attention_append_reference,
                                                    paged_decode_attention_reference)
 from pallas_kernels.paged_prefill_attention import (PrefillConfig, paged_prefill_attention,
                                                     paged_prefill_attention_reference)
@@ -202,6 +207,41 @@ def run_kv_dtype_case(batch: int, context: int, page_size: int, kv_dtypes, confi
     return row
 
 
+def run_append_case(batch: int, context: int, page_size: int, iters: int = 20) -> dict:
+    """The new token stored by the kernel vs. by XLA then read by the kernel: ms per call (pages
+    donated and threaded through the calls), errors against the reference, pages compared exactly."""
+    q, k, v, table, lens = make_inputs(batch, context, page_size)
+    kn, vn = (jax.random.normal(jax.random.PRNGKey(s), (batch, HKV, D), jnp.bfloat16) for s in (7, 8))
+    scale = D**-0.5
+    want, want_k, want_v = (np.asarray(x, np.float32) for x in jax.jit(
+        lambda *a: paged_decode_attention_append_reference(*a, 0, table, lens, scale=scale))(q, kn, vn, k, v))
+
+    def unfused(q, kn, vn, k, v):
+        pos = (lens - 1)[:, None]
+        k, v = (write_kv(p, 0, x[:, None], table, pos) for p, x in ((k, kn), (v, vn)))
+        return paged_decode_attention(q, k, v, 0, table, lens, scale=scale), k, v
+
+    fused = lambda q, kn, vn, k, v: paged_decode_attention_append(q, kn, vn, k, v, 0, table, lens, scale=scale)
+    row = dict(batch=batch, context=context, page_size=page_size)
+    for name, fn in (("xla_store_then_kernel", unfused), ("kernel_stores", fused)):
+        fn = jax.jit(fn, donate_argnums=(3, 4))
+        out, k2, v2 = fn(q, kn, vn, jnp.copy(k), jnp.copy(v))
+        entry = dict(max_abs_err=float(np.max(np.abs(np.asarray(out, np.float32) - want))),
+                     pages_equal=bool(np.array_equal(np.asarray(k2, np.float32), want_k)
+                                      and np.array_equal(np.asarray(v2, np.float32), want_v)))
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(iters):
+                out, k2, v2 = fn(q, kn, vn, k2, v2)
+            jax.block_until_ready(out)
+            times.append((time.perf_counter() - start) / iters * 1e3)
+        entry["ms"] = float(np.median(times))
+        row[name] = entry
+        print(batch, context, page_size, name, entry, flush=True)
+    return row
+
+
 def _rel(got, want) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
@@ -224,6 +264,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results_attention.json")
     parser.add_argument("--quick", action="store_true", help="first two cases only")
     parser.add_argument("--prefill", action="store_true", help="the prefill kernel's cases instead")
+    parser.add_argument("--append", action="store_true", help="the decode kernel storing the new token, vs. XLA")
     parser.add_argument("--kv-dtypes", default=None,
                         help=f"comma-separated subset of {','.join(KV_DTYPES)}: our decode kernel over those pages")
     parser.add_argument("--page-size", type=int, default=None,
@@ -244,6 +285,8 @@ def main(argv=None) -> int:
         return 0
     if args.prefill:
         rows = [run_prefill_case(*case) for case in PREFILL_CASES]
+    elif args.append:
+        rows = [run_append_case(*case) for case in (CASES[:2] if args.quick else CASES)]
     else:
         rows = [run_case(*case) for case in (CASES[:2] if args.quick else CASES)]
     result["rows"] = rows

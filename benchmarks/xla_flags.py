@@ -36,12 +36,35 @@ def restore_textbook_forms() -> None:
     llama.normed_einsum, attention.write_kv = normed_einsum, write_kv
 
 
-def child(out_path: str, textbook: bool) -> None:
+def store_then_attend() -> None:
+    """The decode step as it was before the attention kernel stored the new token: XLA writes it
+    (two cache-update kernels a layer), then the kernel reads it back from the page."""
+    from jaxllm import ops
+    from jaxllm.ops import attention
+
+    def store_and_attend(q, k, v, cache, layer, page_table, positions, kv_lens, sliding_window=0, *, scale,
+                         backend="xla"):
+        cache = attention.store_kv(cache, layer, k, v, page_table, positions)
+        return attention.paged_attention(q, cache, layer, page_table, positions, kv_lens, sliding_window,
+                                         scale=scale, backend=backend), cache
+
+    ops.store_and_attend = store_and_attend
+
+
+def child(out_path: str, textbook: bool, profile: bool = True) -> None:
     import jax
     import numpy as np
 
     if textbook:
         restore_textbook_forms()
+    if os.environ.get("JAXLLM_BENCH_UNFUSED") == "1":
+        store_then_attend()
+    if os.environ.get("JAXLLM_BENCH_DECODE_CONFIG"):  # "BLOCK_KV,STAGES": the decode kernel's default
+        from pallas_kernels import paged_decode_attention as pda
+
+        block_kv, stages = map(int, os.environ["JAXLLM_BENCH_DECODE_CONFIG"].split(","))
+        for fn in (pda.paged_decode_attention, pda.paged_decode_attention_append):
+            fn.__kwdefaults__["config"] = pda.DecodeConfig(block_kv, stages)
 
     from benchmarks.decode import _nbytes, _timed
     from benchmarks.profile_decode import summarise, traced_events
@@ -65,8 +88,10 @@ def child(out_path: str, textbook: bool) -> None:
     ttft = float(np.median(_timed(lambda: llm.generate(prompts, sp(1), use_tqdm=False), 3)))
     step_s = (total - ttft) / 255
     step_bytes = _nbytes(llm.params) - params["embed"].nbytes + 2 * 32 * 8 * 128 * 2 * (128 + 128)
-    (short, _), (long, _) = (traced_events(llm, prompts, sp(n)) for n in (65, 128))
-    prof = summarise(short, long, 128 - 65, top=60)
+    prof = dict(kernels_per_step=None, kernel_us_per_step=None, top=[])
+    if profile:
+        (short, _), (long, _) = (traced_events(llm, prompts, sp(n)) for n in (65, 128))
+        prof = summarise(short, long, 128 - 65, top=60)
     result = dict(tokens_per_s=1 / step_s, ms_per_step=1e3 * step_s,
                   fraction_of_copy_ceiling=step_bytes / step_s / COPY_BANDWIDTH,
                   compile_and_first_run_s=compile_s, kernels_per_step=prof["kernels_per_step"],
@@ -76,22 +101,37 @@ def child(out_path: str, textbook: bool) -> None:
         json.dump(result, f)
 
 
+def _decode_config(name: str) -> str:
+    """"128,2" for a variant named kv128_s2 (or kv128_s2_again), else ""."""
+    import re
+
+    match = re.match(r"kv(\d+)_s(\d+)", name)
+    return f"{match[1]},{match[2]}" if match else ""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", action="append", default=[], help="NAME=FLAGS (space-separated XLA flags)")
     parser.add_argument("--out", default="xla_flags.json")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="stop a variant's process when this many seconds have passed since the start")
+    parser.add_argument("--no-profile", action="store_true", help="tokens/s only, no profiler trace per variant")
+    parser.add_argument("--profile-variants", nargs="*", default=None,
+                        help="with --no-profile: the variants that still get a profile")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child, textbook=os.environ.get("JAXLLM_BENCH_TEXTBOOK") == "1")
+        child(args.child, textbook=os.environ.get("JAXLLM_BENCH_TEXTBOOK") == "1",
+              profile=os.environ.get("JAXLLM_BENCH_PROFILE") != "0")
         return 0
     results, began = [], time.perf_counter()
     for spec in args.variant or ["base="]:
         name, _, flags = spec.partition("=")
         env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags])),
-                   JAXLLM_BENCH_TEXTBOOK="1" if name.startswith("textbook") else "0")
+                   JAXLLM_BENCH_TEXTBOOK="1" if name.startswith("textbook") else "0",
+                   JAXLLM_BENCH_UNFUSED="1" if name.startswith("unfused") else "0",
+                   JAXLLM_BENCH_DECODE_CONFIG=_decode_config(name),
+                   JAXLLM_BENCH_PROFILE="0" if args.no_profile and name not in (args.profile_variants or ()) else "1")
         path = f"{args.out}.{name}.part"
         start = time.perf_counter()
         left = None if args.deadline_s is None else max(1.0, args.deadline_s - (time.perf_counter() - began))

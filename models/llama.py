@@ -133,9 +133,8 @@ def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta
         out = ops.paged_tree_attention(q, cache, index, meta.page_table, meta.positions, meta.tree_start,
                                        meta.tree_mask, window, scale=scale)
     else:
-        cache = ops.store_kv(cache, index, k, v, meta.page_table, meta.positions)
-        out = ops.paged_attention(q, cache, index, meta.page_table, meta.positions, meta.kv_lens,
-                                  window, scale=scale, backend=config.attention_backend)
+        out, cache = ops.store_and_attend(q, k, v, cache, index, meta.page_table, meta.positions, meta.kv_lens,
+                                          window, scale=scale, backend=config.attention_backend)
     out = ops.einsum("bthgk,hgkd->btd", out, layer["wo"])
     if "bo" in layer:
         out = out + layer["bo"].astype(out.dtype)

@@ -191,12 +191,15 @@ def copies_per_tile(page_size: int, block_kv: int) -> int:
 
 
 def memory_loop(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, *, begin, steps,
-                num_stages: int, **page_args):
-    """The memory warpgroup: for each step, wait for its slot to be free, then copy K and V."""
+                num_stages: int, before_copy=None, **page_args):
+    """The memory warpgroup: for each step, wait for its slot to be free, then copy K and V.
+    `before_copy(step)`, if given, runs before each step's copies are issued."""
 
     def issue(step, carry):
         slot = lax.rem(step, num_stages)
         token = begin + step * page_args["block_kv"]
+        if before_copy is not None:
+            before_copy(step)
 
         @pl.when(step >= num_stages)
         def _():

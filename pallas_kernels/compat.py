@@ -42,3 +42,16 @@ def lane_compiler_params(**kwargs):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, **kwargs)
+
+
+def gmem_ref(x):
+    """`x` as a mutable array in global memory, which a kernel from `pl.kernel` updates in place (the
+    buffer is aliased in and out); read it back with `freeze`."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return jax.new_ref(x, memory_space=plgpu.GMEM)
+
+
+def freeze(ref):
+    """The value of a `gmem_ref` after the kernels that wrote it."""
+    return jax.freeze(ref) if hasattr(jax, "freeze") else ref[...]

@@ -5,7 +5,14 @@ split's keys: a memory warpgroup copies pages into shared memory through the pag
 `num_stages` deep), a compute warpgroup multiplies with wgmma and keeps the softmax statistics
 in registers. The G query heads that share a KV head are the rows of one 64-row wgmma tile
 (zero rows pad it), so every K/V byte is read once for all of them. Splits of a long context
-are merged afterwards from their log-sum-exps.
+are merged afterwards from their log-sum-exps. The output holds the G heads' rows only (written
+from an unswizzled tile), so no slice of the padded tile follows the kernel.
+
+`paged_decode_attention_append` also stores each sequence's new token: its K and V rows travel
+after the query rows, and the memory warpgroup of the split whose keys end with the token copies
+them into their page (the pages are aliased in and out), waits for those stores to complete, and
+only then copies the tile that holds them. At batch-1 decode this replaces the two cache-update
+kernels of every layer.
 
 int8 / fp8 (e4m3) pages come with a float32 scale per token and KV head. The memory warpgroup
 copies the 8-bit tiles and their pages' scales, and dequantizes each tile (value x scale, rounded
@@ -129,6 +136,67 @@ def paged_decode_attention(
     interpret: bool = False,
 ) -> Float[Array, "B Hkv G D"]:
     """The Mosaic GPU kernel; same contract as `paged_decode_attention_reference`."""
+    out, _ = _attend(q, None, k_pages, v_pages, layer, page_table, kv_lens, window, scale, k_scale, v_scale,
+                     config, interpret)
+    return out
+
+
+def paged_decode_attention_append_reference(
+    q: Float[Array, "B Hkv G D"],
+    k_new: Float[Array, "B Hkv D"],
+    v_new: Float[Array, "B Hkv D"],
+    k_pages: Float[Array, "L P S Hkv D"],
+    v_pages: Float[Array, "L P S Hkv D"],
+    layer: Int[Array, ""] | int,
+    page_table: Int[Array, "B Pmax"],
+    kv_lens: Int[Array, "B"],
+    window: Int[Array, ""] | int = 0,
+    *,
+    scale: float,
+    config: DecodeConfig = DecodeConfig(),
+    interpret: bool = False,
+) -> tuple[Float[Array, "B Hkv G D"], Float[Array, "L P S Hkv D"], Float[Array, "L P S Hkv D"]]:
+    """Stores k_new[b], v_new[b] at position kv_lens[b] - 1 of sequence b (rows with kv_lens 0 store
+    nothing), then attends as `paged_decode_attention_reference`. Returns (out, k_pages, v_pages)."""
+    num_pages, page_size = k_pages.shape[1:3]
+    pos = kv_lens.astype(jnp.int32) - 1
+    page = jnp.take_along_axis(page_table, jnp.maximum(pos, 0)[:, None] // page_size, axis=1)[:, 0]
+    page = jnp.where(pos >= 0, page, num_pages)  # out of bounds: dropped
+    slot = jnp.maximum(pos, 0) % page_size
+    k_pages = k_pages.at[layer, page, slot].set(k_new.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[layer, page, slot].set(v_new.astype(v_pages.dtype), mode="drop")
+    out = paged_decode_attention_reference(q, k_pages, v_pages, layer, page_table, kv_lens, window, scale=scale)
+    return out, k_pages, v_pages
+
+
+def paged_decode_attention_append(
+    q: Float[Array, "B Hkv G D"],
+    k_new: Float[Array, "B Hkv D"],
+    v_new: Float[Array, "B Hkv D"],
+    k_pages: Float[Array, "L P S Hkv D"],
+    v_pages: Float[Array, "L P S Hkv D"],
+    layer: Int[Array, ""] | int,
+    page_table: Int[Array, "B Pmax"],
+    kv_lens: Int[Array, "B"],
+    window: Int[Array, ""] | int = 0,
+    *,
+    scale: float,
+    config: DecodeConfig = DecodeConfig(),
+    interpret: bool = False,
+) -> tuple[Float[Array, "B Hkv G D"], Float[Array, "L P S Hkv D"], Float[Array, "L P S Hkv D"]]:
+    """The Mosaic GPU kernel over bf16/fp16 pages, updated in place; same contract as
+    `paged_decode_attention_append_reference`."""
+    if k_new.shape != v_new.shape or k_new.shape != (q.shape[0], q.shape[1], q.shape[3]):
+        raise ValueError(f"k_new {k_new.shape} / v_new {v_new.shape} must both be {(q.shape[0], q.shape[1], q.shape[3])}"
+                         " (one token per sequence and KV head)")
+    out, (k_pages, v_pages) = _attend(q, (k_new, v_new), k_pages, v_pages, layer, page_table, kv_lens, window,
+                                      scale, None, None, config, interpret)
+    return out, k_pages, v_pages
+
+
+def _attend(q, new, k_pages, v_pages, layer, page_table, kv_lens, window, scale, k_scale, v_scale, config,
+            interpret):
+    """Runs the kernel: the attention output, and with `new` = (k_new, v_new) the updated pages."""
     batch, kv_heads, groups, head_dim = q.shape
     layers, num_pages, page_size = k_pages.shape[:3]
     pmax, block_kv = page_table.shape[1], config.block_kv
@@ -151,17 +219,23 @@ def paged_decode_attention(
     q_rows = q.astype(dtype)
     if rows != groups:
         q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - groups), (0, 0)))
+    if new is not None:  # the new K and V rows after q's, padded to a whole 8-row tile for TMA
+        new_rows = jnp.stack([x.astype(dtype) for x in new], axis=2)
+        q_rows = jnp.concatenate([q_rows, jnp.pad(new_rows, ((0, 0), (0, 0), (0, 6), (0, 0)))], axis=2)
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     lens = kv_lens.astype(jnp.int32)
     starts = window_start(lens, window)
-    kernel = _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, block_kv,
+    kernel = _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, block_kv,
                     config.num_stages, float(scale), interpret, k_pages.dtype if quantized else None,
-                    config.dequant_warpgroups if quantized else 1)
+                    config.dequant_warpgroups if quantized else 1, new is not None)
     pages = (k_pages, v_pages)
+    if new is not None:  # stored into in place: the kernel takes them as references
+        pages = tuple(compat.gmem_ref(x) for x in pages)
     if quantized:  # a page's scales, every head's, as one contiguous row: one copy a page
         pages += tuple(s.reshape(layers, num_pages, page_size * kv_heads) for s in (k_scale, v_scale))
     out, lse = kernel(q_rows, *pages, layer_arr, page_table.astype(jnp.int32), lens, starts)
-    return _merge_splits(out[:, :, :, :groups], lse[:, :, :, :groups]).astype(q.dtype)
+    out = _merge_splits(out, lse[:, :, :, :groups]).astype(q.dtype)
+    return out, None if new is None else tuple(compat.freeze(x) for x in pages)
 
 
 def pl_cdiv(a: int, b: int) -> int:
@@ -181,20 +255,24 @@ def _merge_splits(out, lse):
 
 
 @functools.lru_cache(maxsize=None)
-def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, block_kv, num_stages,
-           scale, interpret, page_dtype=None, dequant_wgs=1):
+def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, block_kv, num_stages,
+           scale, interpret, page_dtype=None, dequant_wgs=1, append=False):
     """`page_dtype`: the 8-bit type of quantized pages (then scales follow v), None for `dtype` pages;
-    `dequant_wgs` warpgroups copy and dequantize them."""
+    `dequant_wgs` warpgroups copy and dequantize them. `append`: q's rows are followed by the new
+    token's K and V rows, and the (bf16/fp16) pages are references to store them into."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     quantized = page_dtype is not None
+    rows = -(-groups // 8) * 8
     ring = DEQUANTIZED_SLOTS if quantized else num_stages  # K/V tiles the compute warpgroup cycles through
     log2e_scale = scale * math.log2(math.e)
     tiles = Tiles(interpret, dtype, head_dim, block_kv)
 
     def body(q_ref, page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref, scoped):
-        (q_smem, k_smem, v_smem, lse_smem, *staged), (q_bar, k_bar, v_bar, *arrived), (k_free, v_free) = scoped
+        (q_smem, out_smem, k_smem, v_smem, lse_smem, *staged), (q_bar, k_bar, v_bar, *arrived), \
+            (k_free, v_free) = scoped[:3]
+        row_smem, row_bar = scoped[3] if append else (None, None)
         b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
         wg = lax.axis_index("wg")
         length = lens_ref[b]
@@ -206,13 +284,15 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
         begin = first + s * per_split * block_kv
         steps = lax.div(length - begin + (block_kv - 1), block_kv)
         steps = jnp.minimum(jnp.maximum(steps, 0), per_split)
+        # With `append`: the new token is key length - 1, the last of the split that reads it.
+        stores_new = (length > 0) & (begin < length) & (length <= begin + per_split * block_kv)
 
         @pl.when(wg == 0)
         def _compute():
             if rows < ROWS:  # rows past the query heads multiply as zeros
                 q_smem[...] = tiles.zero_tile()
                 plgpu.commit_smem()
-            plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, rows)], q_bar)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(0, rows)], q_smem.at[pl.ds(0, rows)], q_bar)
             plgpu.barrier_wait(q_bar)
 
             def step_fn(step, carry):
@@ -235,10 +315,10 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
             acc, m_i, l_i = lax.fori_loop(0, steps, step_fn, init)
             l_safe = jnp.maximum(l_i, 1e-30)  # an empty split leaves zeros and lse = -inf
             acc /= lax.broadcast_in_dim(l_safe, acc.shape, [0])
-            q_smem[...] = acc.astype(dtype)  # q is no longer needed: its tile holds the output
+            out_smem[...] = acc.astype(dtype)
             lse_smem[...] = m_i + jnp.log(l_i) * (1.0 / math.log(2.0))
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, rows)], o_ref.at[b, h, s])
+            plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, groups)], o_ref.at[b, h, s])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, s])
             plgpu.wait_smem_to_gmem(0)
 
@@ -250,8 +330,31 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
             @pl.when(wg == 1)
             def _memory():
                 k_ref, v_ref = page_refs
+                before_copy = None
+                if append:
+                    pos = length - 1
+                    page, slot = table_ref[b, lax.div(pos, page_size)], lax.rem(pos, page_size)
+
+                    @pl.when(stores_new)
+                    def _fetch_new_token():
+                        for i in range(2):
+                            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(rows + i, 1)], row_smem.at[i], row_bar)
+
+                    def before_copy(step):
+                        # Stored once the first tile is on its way, so that the stores overlap the
+                        # copies; complete before the last tile, which holds the token, is copied.
+                        @pl.when(stores_new & (step == jnp.minimum(steps - 1, 1)))
+                        def _store_new_token():
+                            plgpu.barrier_wait(row_bar)
+                            for i, ref in enumerate((k_ref, v_ref)):
+                                plgpu.copy_smem_to_gmem(row_smem.at[i], ref.at[layer_ref[0], page, pl.ds(slot, 1), h])
+
+                        @pl.when(stores_new & (step == steps - 1))
+                        def _stored():
+                            plgpu.wait_smem_to_gmem(0)
+
                 memory_loop(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, begin=begin,
-                            steps=steps, num_stages=num_stages, **page_args())
+                            steps=steps, num_stages=num_stages, before_copy=before_copy, **page_args())
         else:  # one warpgroup copies and dequantizes K and V, or two take one each
             for w, tensors in enumerate(((0, 1),) if dequant_wgs == 1 else ((0,), (1,)), start=1):
                 @pl.when(wg == w)
@@ -265,6 +368,7 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
         copies = copies_per_tile(page_size, block_kv)
         smem = (
             smem_tile((ROWS, head_dim), dtype),
+            plgpu.SMEM((ROWS, head_dim), dtype),  # the output, unswizzled: its G rows copy out alone
             smem_tile((ring, block_kv, head_dim), dtype),
             smem_tile((ring, block_kv, head_dim), dtype),
             plgpu.SMEM((ROWS,), jnp.float32),
@@ -279,26 +383,25 @@ def _build(batch, kv_heads, rows, head_dim, page_size, pmax, dtype, splits, bloc
             smem += (plgpu.SMEM((num_stages, block_kv * kv_heads), jnp.float32),) * 2
             ready += (plgpu.Barrier(num_arrivals=2 * copies, num_barriers=num_stages),) * 2
         free = (plgpu.Barrier(num_barriers=ring),) * 2
+        scoped = [smem, ready, free]
+        if append:  # the new token's K and V rows, on their way to the page
+            scoped.append((plgpu.SMEM((2, 1, head_dim), dtype), plgpu.Barrier(num_arrivals=2)))
         pl.run_scoped(
             lambda *scoped: body(q_ref, page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref,
                                  scoped),
-            smem, ready, free, collective_axes="wg")
+            *scoped, collective_axes="wg")
 
     out_type = (
-        jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), dtype),
+        jax.ShapeDtypeStruct((batch, kv_heads, splits, groups, head_dim), dtype),
         jax.ShapeDtypeStruct((batch, kv_heads, splits, ROWS), jnp.float32),
     )
     # Quantized pages: heads fastest (grid axis 0 varies fastest), to share each page's scale rows in L2.
     grid, names = ((kv_heads, batch, splits), ("h", "b", "s")) if quantized else \
         ((batch, kv_heads, splits), ("b", "h", "s"))
-    return plgpu.kernel(
-        entry,
-        out_type=out_type,
-        grid=grid,
-        grid_names=names,
-        num_threads=1 + dequant_wgs,
-        thread_name="wg",
-        compiler_params=compat.lane_compiler_params(approx_math=True) if quantized else
-        plgpu.CompilerParams(approx_math=True),
-        interpret=compat.gpu_interpret_params() if interpret else False,
-    )
+    params = compat.lane_compiler_params(approx_math=True) if quantized else plgpu.CompilerParams(approx_math=True)
+    mesh = dict(grid=grid, grid_names=names, num_threads=1 + dequant_wgs, thread_name="wg")
+    interpret = compat.gpu_interpret_params() if interpret else False
+    if append:  # pl.kernel takes the pages as references (plgpu.kernel's vmap rule cannot)
+        return pl.kernel(entry, out_type=out_type, mesh=plgpu.Mesh(**mesh), compiler_params=params,
+                         interpret=interpret)
+    return plgpu.kernel(entry, out_type=out_type, compiler_params=params, interpret=interpret, **mesh)

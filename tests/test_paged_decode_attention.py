@@ -14,10 +14,12 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.kv_cache import KVCache
-from jaxllm.ops.attention import kernel_limits, paged_attention, store_kv
+from jaxllm.ops.attention import STORE_IN_KERNEL_MAX_BATCH, kernel_limits, paged_attention, store_and_attend, store_kv
 from jaxllm.ops.kv_quant import dequantize, quantize
 from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 from pallas_kernels.paged_decode_attention import (DecodeConfig, choose_splits, paged_decode_attention,
+                                                   paged_decode_attention_append,
+                                                   paged_decode_attention_append_reference,
                                                    paged_decode_attention_reference)
 
 pytestmark = pytest.mark.isolated_module  # see conftest.py
@@ -60,6 +62,75 @@ def test_kernel_matches_reference(groups, page_size, pmax, lens, window, block_k
     assert not np.allclose(np.asarray(shorter, np.float32), want, atol=8e-3, rtol=1e-2)
     other = np.asarray(paged_decode_attention_reference(q, k, v, 0, table, lens, window, scale=0.125), np.float32)
     assert not np.allclose(other, want, atol=8e-3, rtol=1e-2)
+
+
+APPEND_CASES = [  # groups, page_size, pmax, lens, window, block_kv, stages, splits
+    (4, 16, 8, [100, 7, 128], 0, 64, 2, 3),  # splits: the token is the last of a middle split for row 1
+    (8, 8, 16, [1, 128, 65], 0, 64, 4, 2),  # a 1-token context (only the new token); 8 pages a tile
+    (2, 128, 2, [200, 129, 0], 50, 64, 2, 2),  # pages larger than a tile, a window; an empty row
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("groups,page_size,pmax,lens,window,block_kv,stages,splits", APPEND_CASES)
+def test_append_kernel_stores_the_token_and_matches_reference(groups, page_size, pmax, lens, window, block_kv,
+                                                              stages, splits):
+    q, k, v, table, lens = _inputs(len(lens) + 7, len(lens), 2, groups, 64, page_size, pmax, lens)
+    rng = np.random.default_rng(groups)
+    k_new, v_new = (jnp.asarray(rng.standard_normal((len(lens), 2, 64)), jnp.bfloat16) for _ in range(2))
+    cfg = DecodeConfig(block_kv=block_kv, num_stages=stages, num_splits=splits)
+    got = jax.jit(lambda *a: paged_decode_attention_append(*a, 1, table, lens, window, scale=0.125, config=cfg,
+                                                           interpret=True))(q, k_new, v_new, k, v)
+    want = paged_decode_attention_append_reference(q, k_new, v_new, k, v, 1, table, lens, window, scale=0.125)
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), atol=8e-3, rtol=1e-2)
+    for got_pages, want_pages, old in zip(got[1:], want[1:], (k, v)):  # exactly the token's rows change
+        np.testing.assert_array_equal(np.asarray(got_pages, np.float32), np.asarray(want_pages, np.float32))
+        assert int(np.sum(np.any(np.asarray(got_pages != old), axis=-1))) == 2 * int(np.sum(np.asarray(lens) > 0))
+    # Negative control: attending without the new token (the old page rows) is far off.
+    stale = paged_decode_attention_reference(q, k, v, 1, table, lens, window, scale=0.125)
+    assert not np.allclose(np.asarray(stale, np.float32), np.asarray(want[0], np.float32), atol=8e-3, rtol=1e-2)
+
+
+def test_append_kernel_rejects_mismatched_rows():
+    q, k, v, table, lens = _inputs(0, 2, 2, 4, 64, 16, 4, [10, 20])
+    bad = jnp.zeros((2, 2, 32), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"k_new \(2, 2, 32\) / v_new \(2, 2, 32\) must both be \(2, 2, 64\)"):
+        paged_decode_attention_append(q, bad, bad, k, v, 0, table, lens, scale=0.125, interpret=True)
+
+
+def _decode_step_args(batch):
+    rng = np.random.default_rng(batch)
+    positions = rng.integers(0, 60, (batch, 1)).astype(np.int32)
+    positions[1] = -1  # padding
+    q, k_pages, v_pages, table, _ = _inputs(batch, batch, 2, 4, 64, 16, 4, [1] * batch)
+    k, v = (jnp.asarray(rng.standard_normal((batch, 1, 2, 64)), jnp.bfloat16) for _ in range(2))
+    kv_lens = jnp.asarray(np.maximum(positions[:, 0] + 1, 0))
+    return positions, (q[:, None], k, v, KVCache(k_pages, v_pages), 1, table, jnp.asarray(positions), kv_lens)
+
+
+@pytest.mark.timeout(300)
+def test_store_and_attend_through_kernel_matches_xla_path():
+    """The ops entry the model calls: one decode token per row (one a padding row) stored and
+    attended by the kernel, against store_kv + the XLA attention."""
+    positions, args = _decode_step_args(3)
+    got, got_cache = jax.jit(lambda *a: store_and_attend(*a, scale=0.125, backend="pallas"))(*args)
+    want, want_cache = store_and_attend(*args, scale=0.125, backend="xla")
+    real = positions[:, 0] >= 0  # a padding row's output is discarded (the paths differ there)
+    np.testing.assert_allclose(np.asarray(got, np.float32)[real], np.asarray(want, np.float32)[real], atol=8e-3,
+                               rtol=1e-2)
+    for a, b in zip(got_cache[:2], want_cache[:2]):  # page 0 is scratch: XLA writes the padding row there
+        np.testing.assert_array_equal(np.asarray(a[:, 1:], np.float32), np.asarray(b[:, 1:], np.float32))
+
+
+def test_store_in_kernel_only_up_to_its_batch_limit():
+    """Above STORE_IN_KERNEL_MAX_BATCH rows XLA stores the tokens (a scatter) before the kernel reads them."""
+    def scatters(batch):
+        _, args = _decode_step_args(batch)
+        jaxpr = jax.make_jaxpr(lambda *a: store_and_attend(*a, scale=0.125, backend="pallas"))(*args)
+        return "scatter" in str(jaxpr)
+
+    assert not scatters(STORE_IN_KERNEL_MAX_BATCH)
+    assert scatters(STORE_IN_KERNEL_MAX_BATCH + 1)
 
 
 def _quantized(k, v, kind, seed):

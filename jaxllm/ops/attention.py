@@ -131,6 +131,48 @@ def paged_attention(
     return _attend(q, k, v, visible, scale)
 
 
+# Measured on an H200 (benchmarks/NOTES.md): storing in the kernel gains 1 % at batch-1 decode, is
+# even at batch 8 and costs the kernel 3 % at batch 64 (4096-token contexts).
+STORE_IN_KERNEL_MAX_BATCH = 8
+
+
+def store_and_attend(
+    q: Float[Array, "B T Hkv G D"],
+    k: Float[Array, "B T Hkv D"],
+    v: Float[Array, "B T Hkv D"],
+    cache: KVCache,
+    layer: Int[Array, ""] | int,
+    page_table: Int[Array, "B Pmax"],
+    positions: Int[Array, "B T"],
+    kv_lens: Int[Array, "B"],
+    sliding_window: Int[Array, ""] | int = 0,
+    *,
+    scale: float,
+    backend: str = "xla",
+) -> tuple[Float[Array, "B T Hkv G D"], KVCache]:
+    """`store_kv`, then `paged_attention`: the new tokens' K/V written, then attended over.
+
+    One token per sequence, for up to STORE_IN_KERNEL_MAX_BATCH sequences over bf16/fp16 pages,
+    goes, where the decode kernel applies, to the kernel that stores the token itself (no
+    cache-update kernels of its own; padding rows store nothing there, where `store_kv` writes them
+    to the scratch page).
+    """
+    if (q.shape[1] == 1 and q.shape[0] <= STORE_IN_KERNEL_MAX_BATCH and cache.k_scale is None
+            and _kernel_applies(backend, q, cache)):
+        from pallas_kernels.paged_decode_attention import paged_decode_attention_append
+
+        # The token sees keys up to its own position (kv_lens, by AttentionMeta's contract, is that
+        # position + 1 or more); padding rows, at -1, see none and store nothing.
+        lens = jnp.maximum(positions[:, 0] + 1, 0)
+        out, k_pages, v_pages = paged_decode_attention_append(
+            q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, layer, page_table, lens, sliding_window, scale=scale,
+            interpret=jax.default_backend() != "gpu")
+        return out[:, None], KVCache(k_pages, v_pages)
+    cache = store_kv(cache, layer, k, v, page_table, positions)
+    return paged_attention(q, cache, layer, page_table, positions, kv_lens, sliding_window, scale=scale,
+                           backend=backend), cache
+
+
 def kernel_limits(q_shape, cache: KVCache, q_dtype=None) -> str | None:
     """Why no Pallas attention kernel can take this call, or None when one can (the decode kernel
     for one query token per sequence, on bf16/fp16 or int8/fp8 pages; the prefill kernel for more,
