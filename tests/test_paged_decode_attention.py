@@ -335,3 +335,28 @@ def test_auto_backend_uses_xla_off_gpu(tiny_hd64):
     out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=3, temperature=0.0),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
+def test_kernels_lower_for_the_gpu(monkeypatch, semantics):
+    """Both decode kernels compile to Mosaic GPU at the 8B shape under both lowering semantics
+    (jax 0.10 defaults to Lane, jax 0.11, on the GPU machine, to Warpgroup), without a GPU."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from pallas_kernels import paged_decode_attention as pda
+
+    params = plgpu.CompilerParams
+    monkeypatch.setattr(plgpu, "CompilerParams", lambda **kw: params(
+        lowering_semantics=getattr(plgpu.LoweringSemantics, semantics), **kw))
+    pda._build.cache_clear()
+    try:
+        S = jax.ShapeDtypeStruct
+        q, row = S((1, 8, 4, 128), jnp.bfloat16), S((1, 8, 128), jnp.bfloat16)
+        pages, table, lens = S((32, 64, 16, 8, 128), jnp.bfloat16), S((1, 32), jnp.int32), S((1,), jnp.int32)
+        plain = jax.jit(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 3, t, n, scale=0.1))
+        plain.trace(q, pages, pages, table, lens).lower(lowering_platforms=("cuda",))
+        append = jax.jit(lambda q, kn, vn, k, v, t, n: paged_decode_attention_append(q, kn, vn, k, v, 3, t, n, scale=0.1))
+        text = append.trace(q, row, row, pages, pages, table, lens).lower(lowering_platforms=("cuda",)).as_text()
+        assert "output_operand_aliases" in text  # the pages are updated in place
+    finally:
+        pda._build.cache_clear()
