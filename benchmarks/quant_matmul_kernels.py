@@ -1,7 +1,7 @@
 """Weight-only int8 / int4 matmul kernels (pallas_kernels/quant_matmul_kmajor.py) against XLA at
 decode shapes: x [M, K] @ W [K, N] for M = 1..64 on 4096x14336 (gate/up), 14336x4096 (down) and
 4096x6144 (qkv). Per point: our K-major w8a16 and w4a16 kernels (codes re-laid once beforehand, as
-`LLM` does at load), XLA's bf16 dot, and XLA's paths for the same quantized weights in their stored
+`LLM` does at load), XLA's bf16 dot (weight stored [K, N], and K-major [N, K]), and XLA's paths for the same quantized weights in their stored
 layout (jaxllm.quantization.einsum: int8 convert fused into the gemm, int4
 dequantized before it). First a full-size correctness check of each kernel against a float32
 reference, with a negative control; last a prediction of batch-1 decode tokens/s for Llama-3-8B.
@@ -122,10 +122,13 @@ def xla_paths():
     def bf16(x, w):
         return jnp.dot(x, w)
 
+    def bf16_kmajor(x, w_t):  # the same product with the weight stored [N, K], as cuBLAS's "TN" gemv reads it
+        return jax.lax.dot_general(x, w_t, (((1,), (1,)), ((), ())))
+
     def quantized(x, w):  # jaxllm's XLA path for quantized weights, never the kernels
         return xla_quantized_einsum("mk,kn->mn", x, w)
 
-    return bf16, quantized
+    return bf16, quantized, bf16_kmajor
 
 
 def check(k: int, n: int, ms, seed: int = 1) -> list[dict]:
@@ -158,15 +161,17 @@ def check(k: int, n: int, ms, seed: int = 1) -> list[dict]:
 def table(shapes, ms, iters: int, repeats: int) -> list[dict]:
     rows = []
     kk8, kk4 = kmajor_kernels()
-    bf16, xq = xla_paths()
+    bf16, xq, bf16k = xla_paths()
     for k, n in shapes:
         copies = int(np.clip(math.ceil(ROTATE_BYTES / weight_bytes("int4", k, n)), 2, 12))
         dense, int8, int4 = make_weights(k, n, copies)
+        dense_t = [jnp.asarray(w.T) for w in dense]
         int8k, int4k = kmajor_weights(int8, int4)
         for m in ms:
             x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
             row = dict(m=m, k=k, n=n, copies=copies)
-            for name, fn, ws, kind in (("bf16_xla", bf16, dense, "bf16"), ("int8_xla", xq, int8, "int8"),
+            for name, fn, ws, kind in (("bf16_xla", bf16, dense, "bf16"), ("bf16_kmajor_xla", bf16k, dense_t, "bf16"),
+                                       ("int8_xla", xq, int8, "int8"),
                                        ("int4_xla", xq, int4, "int4"), ("int8_kmajor", kk8, int8k, "int8"),
                                        ("int4_kmajor", kk4, int4k, "int4")):
                 try:
@@ -208,7 +213,7 @@ def profile(k: int, n: int, m: int = 1) -> dict:
     dense, int8, int4 = make_weights(k, n, 1)
     int8k, int4k = kmajor_weights(int8, int4)
     kk8, kk4 = kmajor_kernels()
-    bf16, _ = xla_paths()
+    bf16 = xla_paths()[0]
     x = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.bfloat16)
     out = {}
     for name, fn, w in (("bf16_xla", bf16, dense[0]), ("int8_kmajor", kk8, int8k[0]), ("int4_kmajor", kk4, int4k[0])):
@@ -261,7 +266,7 @@ def decode_prediction(iters: int, repeats: int) -> dict:
     """Batch-1 tokens/s if every weight product of a Llama-3-8B step ran at the measured speed,
     plus OTHER_MS for the rest of the step."""
     kk8, kk4 = kmajor_kernels()
-    bf16, _ = xla_paths()
+    bf16 = xla_paths()[0]
     per_shape = {}
     for k, n in LAYER_SHAPES + (LM_HEAD,):
         copies = int(np.clip(math.ceil(ROTATE_BYTES / weight_bytes("int4", k, n)), 2, 12))

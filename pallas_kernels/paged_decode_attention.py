@@ -158,6 +158,7 @@ def paged_decode_attention_append_reference(
 ) -> tuple[Float[Array, "B Hkv G D"], Float[Array, "L P S Hkv D"], Float[Array, "L P S Hkv D"]]:
     """Stores k_new[b], v_new[b] at position kv_lens[b] - 1 of sequence b (rows with kv_lens 0 store
     nothing), then attends as `paged_decode_attention_reference`. Returns (out, k_pages, v_pages)."""
+    del config, interpret
     num_pages, page_size = k_pages.shape[1:3]
     pos = kv_lens.astype(jnp.int32) - 1
     page = jnp.take_along_axis(page_table, jnp.maximum(pos, 0)[:, None] // page_size, axis=1)[:, 0]
