@@ -1,7 +1,8 @@
 """Weight-only int8 / int4 matmul kernels (pallas_kernels/quant_matmul_kmajor.py) against XLA at
 decode shapes: x [M, K] @ W [K, N] for M = 1..64 on 4096x14336 (gate/up), 14336x4096 (down) and
 4096x6144 (qkv). Per point: our K-major w8a16 and w4a16 kernels (codes re-laid once beforehand, as
-`LLM` does at load), XLA's bf16 dot (weight stored [K, N], and K-major [N, K]), and XLA's paths for the same quantized weights in their stored
+`LLM` does at load), XLA's bf16 dot (weight stored [K, N], and K-major [N, K]), our K-major kernel on
+the bf16 weight, and XLA's paths for the same quantized weights in their stored
 layout (jaxllm.quantization.einsum: int8 convert fused into the gemm, int4
 dequantized before it). First a full-size correctness check of each kernel against a float32
 reference, with a negative control; last a prediction of batch-1 decode tokens/s for Llama-3-8B.
@@ -31,6 +32,7 @@ from jaxllm.quantization import einsum as xla_quantized_einsum
 from jaxllm.quantization import quantize_int4, quantize_int8
 from pallas_kernels.quant_matmul_kmajor import (
     KMajorConfig,
+    bf16_kmajor,
     dequantize_int4,
     int4_kmajor,
     int8_kmajor,
@@ -170,7 +172,9 @@ def table(shapes, ms, iters: int, repeats: int) -> list[dict]:
         for m in ms:
             x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
             row = dict(m=m, k=k, n=n, copies=copies)
+            bf16_kernel = lambda x, w: bf16_kmajor(x, w, interpret=INTERPRET)
             for name, fn, ws, kind in (("bf16_xla", bf16, dense, "bf16"), ("bf16_kmajor_xla", bf16k, dense_t, "bf16"),
+                                       ("bf16_kmajor", bf16_kernel, dense_t, "bf16"),
                                        ("int8_xla", xq, int8, "int8"),
                                        ("int4_xla", xq, int4, "int4"), ("int8_kmajor", kk8, int8k, "int8"),
                                        ("int4_kmajor", kk4, int4k, "int4")):
@@ -178,6 +182,9 @@ def table(shapes, ms, iters: int, repeats: int) -> list[dict]:
                     row[name] = rate(timed(fn, x, ws, iters, repeats), weight_bytes(kind, k, n))
                 except Exception as e:  # report and go on: one failing path must not hide the rest
                     row[name] = dict(error=f"{type(e).__name__}: {str(e)[:500]}")
+            for name in ("bf16_kmajor_xla", "bf16_kmajor"):
+                if "us" in row.get(name, {}) and "us" in row["bf16_xla"]:
+                    row[f"{name}_speedup_vs_bf16"] = row["bf16_xla"]["us"] / row[name]["us"]
             for kind in ("int8", "int4"):
                 pk = kmajor_plan(kind, m, k, n)
                 row[f"{kind}_kmajor_plan"] = dict(block_n=pk.block_n, block_k=pk.block_k, stages=pk.num_stages,

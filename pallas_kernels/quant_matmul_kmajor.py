@@ -1,7 +1,8 @@
 """Weight-only quantized matmuls for decode shapes over K-major weights: the codes feed wgmma from
 registers.
 
-`x @ W` for W given transposed, [N, K] with K contiguous: int8 or float8 e4m3 with one scale per
+`x @ W` for W given transposed, [N, K] with K contiguous: bf16 (`bf16_kmajor`: wgmma reads the
+weight tile straight from shared memory, no conversion), int8 or float8 e4m3 with one scale per
 output channel (e4m3 codes become float16 in registers, the only conversion Hopper has for them, so
 that kernel takes float16 activations), or signed 4-bit codes (the stored code minus 8) with a scale and zero point per group of 128 inputs.
 The kernels compute out^T = W^T x^T ("swap AB"): 64 output features fill wgmma's M side and the
@@ -35,7 +36,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int8, UInt8
 
 from pallas_kernels import compat
-from pallas_kernels.smem import swizzled
+from pallas_kernels.smem import bits, swizzled
 
 WG_ROWS = 64  # output features per compute warpgroup: wgmma's M
 MAX_TOKENS = 64
@@ -44,7 +45,8 @@ SMEM_BUDGET = 110 * 1024  # per block for the default stage count (two blocks an
 MIN_STEPS_PER_SPLIT = 4
 SUMS_WIDTH = 64  # int4's per-group activation sums, padded to 256 bytes a row (TMA moves 128-byte multiples)
 INT4_GROUP = 128  # the int4 kernel steps one group of inputs at a time
-CODE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4)}
+CODE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4),
+               "bf16": jnp.dtype(jnp.bfloat16)}
 EIGHT_BIT_KINDS = {CODE_DTYPES["int8"]: "int8", CODE_DTYPES["fp8"]: "fp8"}  # w8a16_kmajor's code dtypes
 F16_MAX = 65504.0
 
@@ -73,7 +75,7 @@ class KMajorConfig:
 class Plan:
     """The static shape of one kernel launch."""
 
-    kind: str  # "int8", "fp8" (e4m3 codes, one scale per channel, as int8) or "int4"
+    kind: str  # "int8", "fp8" (e4m3 codes, one scale per channel, as int8), "int4" or "bf16" (no codes)
     k: int
     n: int
     tokens: int  # padded token count (wgmma's N)
@@ -101,7 +103,7 @@ class Plan:
         return -(-self.steps // self.num_splits)
 
     def stage_bytes(self) -> int:
-        codes = self.block_n * self.block_k // (2 if self.kind == "int4" else 1)
+        codes = self.block_n * self.block_k * bits(CODE_DTYPES[self.kind]) // 8
         extra = self.block_n * 5 + 4 * SUMS_WIDTH if self.kind == "int4" else 0
         return codes + self.tokens * self.block_k * 2 + extra
 
@@ -203,6 +205,18 @@ def w8a16_kmajor_reference(
     return (y * jnp.reshape(scale, (1, -1)).astype(jnp.float32)).astype(x.dtype)
 
 
+def bf16_kmajor_reference(
+    x: Float[Array, "M K"],
+    w_t: Float[Array, "N K"],
+    *,
+    config: KMajorConfig | None = None,
+    interpret: bool = False,
+) -> Float[Array, "M N"]:
+    """x @ w_t.T in float32, returned in x's dtype."""
+    del config, interpret
+    return jnp.dot(x.astype(jnp.float32), w_t.astype(jnp.float32).T, precision=lax.Precision.HIGHEST).astype(x.dtype)
+
+
 def w4a16_kmajor_reference(
     x: Float[Array, "M K"],
     q_t: Array,
@@ -260,6 +274,24 @@ def w8a16_kmajor(
     return y.T[:m].astype(out_dtype)
 
 
+def bf16_kmajor(
+    x: Float[Array, "M K"],
+    w_t: Float[Array, "N K"],
+    *,
+    config: KMajorConfig | None = None,
+    interpret: bool = False,
+) -> Float[Array, "M N"]:
+    """The Mosaic GPU kernel over a bf16 weight stored [N, K] (activations in bf16); same contract as
+    `bf16_kmajor_reference`."""
+    if w_t.ndim != 2 or w_t.dtype != jnp.bfloat16:
+        raise ValueError(f"w_t of shape {tuple(w_t.shape)} and dtype {w_t.dtype} must be a 2-D bfloat16 [N, K] matrix")
+    n, k = w_t.shape
+    m = _check_x(x, k)
+    p = plan("bf16", m, k, n, config)
+    partial = _build(p, interpret)(_pad_tokens(x.astype(jnp.bfloat16), p.tokens), w_t)
+    return jnp.sum(partial, axis=0).T[:m].astype(x.dtype)
+
+
 def w4a16_kmajor(
     x: Float[Array, "M K"],
     q_t: Array,
@@ -304,9 +336,12 @@ def _build(p: Plan, interpret: bool):
         return x if interpret else plgpu.layout_cast(x, kind)
 
     def codes_in_registers(ref):
-        """The [64, block_k] codes as bf16 in wgmma's register-operand layout."""
+        """The [64, block_k] codes as bf16 in wgmma's register-operand layout (a bf16 weight stays
+        in shared memory, which wgmma reads as it is)."""
         if interpret:
             return ref[...].astype(p.operand_dtype)
+        if p.kind == "bf16":
+            return ref
         with jax.named_scope("load"):  # scopes name the events of a Mosaic GPU profile
             raw = compat.mgpu_load(ref, layout=plgpu.Layout.WGMMA)
         with jax.named_scope("convert"):

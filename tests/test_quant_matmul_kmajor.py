@@ -20,6 +20,8 @@ from jaxllm.quantization import dequantize, quantize_int4, quantize_int8, quanti
 from jaxllm.quantization import einsum as xla_einsum
 from pallas_kernels.quant_matmul_kmajor import (
     KMajorConfig,
+    bf16_kmajor,
+    bf16_kmajor_reference,
     dequantize_int4,
     int4_kmajor,
     int8_kmajor,
@@ -74,6 +76,38 @@ def test_w8a16_kmajor_matches_reference(m, k, n, block_n, block_k, stages, split
     # Negative controls: the codes not transposed (read as [N, K] in the wrong order), a K tile dropped.
     assert _not_close(w8a16_kmajor_reference(x, w.reshape(n, k), scale), want)
     assert _not_close(w8a16_kmajor_reference(x, int8_kmajor(w.at[:128].set(0)), scale), want)
+
+
+BF16_CASES = [  # m, k, n, block_n, stages, splits
+    (1, 256, 128, None, 2, 1),  # two compute warpgroups, two steps
+    (5, 384, 64, 64, 2, 2),  # three steps over two splits (2 + 1)
+    (16, 512, 256, 256, 1, 1),  # four compute warpgroups; one stage refilled
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("m,k,n,block_n,stages,splits", BF16_CASES)
+def test_bf16_kmajor_matches_reference(m, k, n, block_n, stages, splits):
+    rng = np.random.default_rng(m + k + n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.bfloat16)
+    cfg = KMajorConfig(block_n=block_n, num_stages=stages, num_splits=splits)
+    got = bf16_kmajor(x, w.T, config=cfg, interpret=True)
+    want = bf16_kmajor_reference(x, w.T)
+    assert got.dtype == x.dtype
+    _close(got, want)
+    _close(want, (x.astype(jnp.float32) @ w.astype(jnp.float32)).astype(jnp.bfloat16))
+    # Negative controls: the weight read untransposed, a K tile dropped.
+    assert _not_close(bf16_kmajor_reference(x, w.reshape(n, k)), want)
+    assert _not_close(bf16_kmajor_reference(x, w.at[:128].set(0).T), want)
+
+
+def test_bf16_kmajor_lowers_for_the_gpu():
+    """The wgmma path (the weight tile read from shared memory) compiles to Mosaic GPU at the 8B
+    layer shapes, without a GPU."""
+    S = jax.ShapeDtypeStruct
+    for m, k, n in ((1, 4096, 6144), (16, 4096, 4096), (1, 14336, 4096)):
+        jax.jit(bf16_kmajor).trace(S((m, k), jnp.bfloat16), S((n, k), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
 
 
 INT4_CASES = [  # m, k, n, awq, block_n, stages, splits
@@ -212,6 +246,8 @@ def test_plan_defaults():
                           jnp.ones((2, 128)), jnp.ones((2, 128), jnp.uint8)), "int4"),
     (lambda: w4a16_kmajor(jnp.ones((1, 256), jnp.bfloat16), jnp.ones((64, 256), jnp.int4),
                           jnp.ones((2, 64)), jnp.ones((2, 64), jnp.uint8)), "block_n of 128 or 256"),
+    (lambda: bf16_kmajor(jnp.ones((1, 128), jnp.bfloat16), jnp.ones((64, 128), jnp.float32)), "2-D bfloat16"),
+    (lambda: bf16_kmajor(jnp.ones((1, 128), jnp.bfloat16), jnp.ones((64, 192), jnp.bfloat16)), r"\[M, 192\]"),
     (lambda: int8_kmajor(jnp.ones((64, 128), jnp.float32)), "2-D int8"),
     (lambda: int8_kmajor(jnp.ones((2, 64, 128), jnp.int8)), "2-D int8"),
     (lambda: int4_kmajor(jnp.ones((64, 128), jnp.int8)), "2-D uint8"),
