@@ -51,6 +51,60 @@ def store_then_attend() -> None:
     ops.store_and_attend = store_and_attend
 
 
+def dense_kmajor(params: dict, kernel: bool) -> dict:
+    """The layers' bf16 weights stored K-major ([N, K], as cuBLAS's "TN" gemv and our K-major
+    kernel read them), with `ops.einsum` patched to multiply them: through XLA, or with `kernel`
+    through `pallas_kernels.quant_matmul_kmajor.bf16_kmajor` up to 16 tokens where it takes the
+    shape. For the variants named "kmajor_xla" and "kmajor_kernel"; returns the converted params."""
+    import dataclasses
+    import functools
+    import math
+
+    import jax
+    from jax import lax
+
+    from jaxllm import ops
+    from jaxllm.ops.matmul import as_matrix_product
+    from models.llama import INPUT_AXES
+    from pallas_kernels.quant_matmul_kmajor import bf16_kmajor, plan
+
+    @functools.partial(jax.tree_util.register_dataclass, data_fields=["w_t"], meta_fields=["shape"])
+    @dataclasses.dataclass(frozen=True)
+    class DenseKMajor:
+        w_t: jax.Array  # [N, K]
+        shape: tuple[int, ...]  # the stored weight's shape
+
+    def takes(m, k, n):
+        try:
+            plan("bf16", m, k, n)
+        except ValueError:
+            return False
+        return True
+
+    einsum = ops.einsum
+
+    def patched(subscripts, x, w):
+        if not isinstance(w, DenseKMajor):
+            return einsum(subscripts, x, w)
+        m, k, n, out_shape = as_matrix_product(subscripts, tuple(x.shape), w.shape)
+        x2 = x.reshape(m, k).astype(w.w_t.dtype)
+        if kernel and m <= 16 and takes(m, k, n):
+            y = bf16_kmajor(x2, w.w_t, interpret=jax.default_backend() != "gpu")
+        else:
+            y = lax.dot_general(x2, w.w_t, (((1,), (1,)), ((), ())))
+        return y.astype(x.dtype).reshape(out_shape)
+
+    ops.einsum = patched
+
+    def convert(name, w):
+        k = math.prod(w.shape[: len(INPUT_AXES[name])])
+        return DenseKMajor(w.reshape(k, -1).T, tuple(w.shape))
+
+    layers = [{name: convert(name, w) if name in INPUT_AXES and name != "lm_head" else w for name, w in layer.items()}
+              for layer in params["layers"]]
+    return {**params, "layers": layers}
+
+
 def child(out_path: str, textbook: bool, profile: bool = True) -> None:
     import jax
     import numpy as np
@@ -77,6 +131,8 @@ def child(out_path: str, textbook: bool, profile: bool = True) -> None:
     config = llama3_8b()
     mesh = make_mesh(ParallelConfig(1))
     params = unstack_layers(random_params(config, mesh))
+    if os.environ.get("JAXLLM_BENCH_KMAJOR"):
+        params = dense_kmajor(params, kernel=os.environ["JAXLLM_BENCH_KMAJOR"] == "kernel")
     llm = LLM.from_params(config, params, mesh, max_model_len=512, max_num_seqs=1)
     prompts = [{"prompt_token_ids": np.random.default_rng(0).integers(0, config.vocab_size, 128).tolist()}]
     sp = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -131,6 +187,7 @@ def main(argv=None) -> int:
                    JAXLLM_BENCH_TEXTBOOK="1" if name.startswith("textbook") else "0",
                    JAXLLM_BENCH_UNFUSED="1" if name.startswith("unfused") else "0",
                    JAXLLM_BENCH_DECODE_CONFIG=_decode_config(name),
+                   JAXLLM_BENCH_KMAJOR=name.split("_")[1] if name.startswith("kmajor_") else "",
                    JAXLLM_BENCH_PROFILE="0" if args.no_profile and name not in (args.profile_variants or ()) else "1")
         path = f"{args.out}.{name}.part"
         start = time.perf_counter()
