@@ -28,11 +28,22 @@ from models.llama import unstack_layers
 
 
 def gpu_events(trace: dict) -> list[dict]:
-    """Complete ('X') events of the processes whose name mentions a GPU."""
+    """Complete ('X') events of the processes whose name mentions a GPU, each kernel once.
+
+    Some machines' traces list every kernel under two GPU processes (the tenth session's decode
+    profiles counted 2 calls of the lm_head a step, and more kernel time than wall time), so events
+    of the same name, start and duration are kept once."""
     names = {e["pid"]: e.get("args", {}).get("name", "") for e in trace["traceEvents"]
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
-    return [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+    seen, out = set(), []
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+            key = (e.get("name"), e.get("ts"), e["dur"])
+            if key not in seen:
+                seen.add(key)
+                out.append(e)
+    return out
 
 
 def per_name(events: list[dict]) -> dict[str, list[float]]:
