@@ -164,6 +164,7 @@ def table(shapes, ms, iters: int, repeats: int) -> list[dict]:
     rows = []
     kk8, kk4 = kmajor_kernels()
     bf16, xq, bf16k = xla_paths()
+    bf16_kernel = lambda x, w: bf16_kmajor(x, w, interpret=INTERPRET)
     for k, n in shapes:
         copies = int(np.clip(math.ceil(ROTATE_BYTES / weight_bytes("int4", k, n)), 2, 12))
         dense, int8, int4 = make_weights(k, n, copies)
@@ -172,7 +173,6 @@ def table(shapes, ms, iters: int, repeats: int) -> list[dict]:
         for m in ms:
             x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
             row = dict(m=m, k=k, n=n, copies=copies)
-            bf16_kernel = lambda x, w: bf16_kmajor(x, w, interpret=INTERPRET)
             for name, fn, ws, kind in (("bf16_xla", bf16, dense, "bf16"), ("bf16_kmajor_xla", bf16k, dense_t, "bf16"),
                                        ("bf16_kmajor", bf16_kernel, dense_t, "bf16"),
                                        ("int8_xla", xq, int8, "int8"),

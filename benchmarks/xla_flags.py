@@ -36,21 +36,6 @@ def restore_textbook_forms() -> None:
     llama.normed_einsum, attention.write_kv = normed_einsum, write_kv
 
 
-def store_then_attend() -> None:
-    """The decode step as it was before the attention kernel stored the new token: XLA writes it
-    (two cache-update kernels a layer), then the kernel reads it back from the page."""
-    from jaxllm import ops
-    from jaxllm.ops import attention
-
-    def store_and_attend(q, k, v, cache, layer, page_table, positions, kv_lens, sliding_window=0, *, scale,
-                         backend="xla"):
-        cache = attention.store_kv(cache, layer, k, v, page_table, positions)
-        return attention.paged_attention(q, cache, layer, page_table, positions, kv_lens, sliding_window,
-                                         scale=scale, backend=backend), cache
-
-    ops.store_and_attend = store_and_attend
-
-
 def dense_kmajor(params: dict, kernel: bool) -> dict:
     """The layers' bf16 weights stored K-major ([N, K], as cuBLAS's "TN" gemv and our K-major
     kernel read them), with `ops.einsum` patched to multiply them: through XLA, or with `kernel`
@@ -66,20 +51,14 @@ def dense_kmajor(params: dict, kernel: bool) -> dict:
     from jaxllm import ops
     from jaxllm.ops.matmul import as_matrix_product
     from models.llama import INPUT_AXES
-    from pallas_kernels.quant_matmul_kmajor import bf16_kmajor, plan
+    from jaxllm.kernel_weights import _kernels_take
+    from pallas_kernels.quant_matmul_kmajor import bf16_kmajor
 
     @functools.partial(jax.tree_util.register_dataclass, data_fields=["w_t"], meta_fields=["shape"])
     @dataclasses.dataclass(frozen=True)
     class DenseKMajor:
         w_t: jax.Array  # [N, K]
         shape: tuple[int, ...]  # the stored weight's shape
-
-    def takes(m, k, n):
-        try:
-            plan("bf16", m, k, n)
-        except ValueError:
-            return False
-        return True
 
     einsum = ops.einsum
 
@@ -88,7 +67,7 @@ def dense_kmajor(params: dict, kernel: bool) -> dict:
             return einsum(subscripts, x, w)
         m, k, n, out_shape = as_matrix_product(subscripts, tuple(x.shape), w.shape)
         x2 = x.reshape(m, k).astype(w.w_t.dtype)
-        if kernel and m <= 16 and takes(m, k, n):
+        if kernel and m <= 16 and _kernels_take("bf16", k, n):
             y = bf16_kmajor(x2, w.w_t, interpret=jax.default_backend() != "gpu")
         else:
             y = lax.dot_general(x2, w.w_t, (((1,), (1,)), ((), ())))
@@ -112,7 +91,11 @@ def child(out_path: str, textbook: bool, profile: bool = True) -> None:
     if textbook:
         restore_textbook_forms()
     if os.environ.get("JAXLLM_BENCH_UNFUSED") == "1":
-        store_then_attend()
+        # The decode step as before the attention kernel stored the new token: XLA writes it (two
+        # cache-update kernels a layer), then the kernel reads it back from the page.
+        from jaxllm.ops import attention
+
+        attention.STORE_IN_KERNEL_MAX_BATCH = 0
     if os.environ.get("JAXLLM_BENCH_DECODE_CONFIG"):  # "BLOCK_KV,STAGES": the decode kernel's default
         from pallas_kernels import paged_decode_attention as pda
 

@@ -285,8 +285,8 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
         begin = first + s * per_split * block_kv
         steps = lax.div(length - begin + (block_kv - 1), block_kv)
         steps = jnp.minimum(jnp.maximum(steps, 0), per_split)
-        # With `append`: the new token is key length - 1, the last of the split that reads it.
-        stores_new = (length > 0) & (begin < length) & (length <= begin + per_split * block_kv)
+        if append:  # the new token is key length - 1, the last of the split that reads it
+            stores_new = (length > 0) & (begin < length) & (length <= begin + per_split * block_kv)
 
         @pl.when(wg == 0)
         def _compute():

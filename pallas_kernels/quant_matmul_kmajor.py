@@ -335,9 +335,9 @@ def _build(p: Plan, interpret: bool):
     def layout(x, kind):
         return x if interpret else plgpu.layout_cast(x, kind)
 
-    def codes_in_registers(ref):
-        """The [64, block_k] codes as bf16 in wgmma's register-operand layout (a bf16 weight stays
-        in shared memory, which wgmma reads as it is)."""
+    def weight_operand(ref):
+        """wgmma's weight operand: the [64, block_k] codes as bf16 in its register-operand layout,
+        or a bf16 weight's tile left in shared memory, which wgmma reads as it is."""
         if interpret:
             return ref[...].astype(p.operand_dtype)
         if p.kind == "bf16":
@@ -377,7 +377,7 @@ def _build(p: Plan, interpret: bool):
                 slot = lax.rem(i, stages)
                 with jax.named_scope("wait_ready"):
                     plgpu.barrier_wait(ready.at[slot])
-                prod = product(codes_in_registers(w_smem.at[slot, wg]), x_smem.at[slot])
+                prod = product(weight_operand(w_smem.at[slot, wg]), x_smem.at[slot])
                 if int4:
                     cols = pl.ds(wg * WG_ROWS, WG_ROWS)
                     scale = layout(s_smem.at[slot, cols][...], plgpu.Layout.WGMMA.reduce(1))
