@@ -84,36 +84,6 @@ def dense_kmajor(params: dict, kernel: bool) -> dict:
     return {**params, "layers": layers}
 
 
-O_AND_DOWN = ("bthgk,hgkd->btd", "btf,fd->btd")  # the products whose sums feed a residual add and a norm
-
-
-def apply_split_k(spec: str) -> None:
-    """`jaxllm.ops.matmul`'s explicit split-K products as a variant's name asks: "off", or
-    "SCOPE,PARTS" with SCOPE "all" (every dense product of up to 8 tokens) or "od" (only the
-    attention output and down projections)."""
-    from jaxllm.ops import matmul
-
-    if spec == "off":
-        matmul.SPLIT_K_MAX_TOKENS = 0
-        return
-    scope, parts = spec.split(",")
-    matmul.SPLIT_K_MAX_TOKENS, matmul.SPLIT_K_PARTS = 8, int(parts)
-    if scope == "od":
-        applies = matmul._split_k_applies
-        matmul._split_k_applies = lambda subscripts, x, w: subscripts in O_AND_DOWN and applies(subscripts, x, w)
-
-
-def _split_k(name: str) -> str:
-    """"od,8" for a variant named splitk_od (splitk4_od: 4 parts; splitk: every product), "off" for
-    nosplitk*, else ""."""
-    import re
-
-    if name.startswith("nosplitk"):
-        return "off"
-    match = re.match(r"splitk(\d*)(_od)?", name)
-    return f"{'od' if match[2] else 'all'},{match[1] or 8}" if match else ""
-
-
 def child(out_path: str, textbook: bool, profile: bool = True) -> None:
     import jax
     import numpy as np
@@ -132,9 +102,6 @@ def child(out_path: str, textbook: bool, profile: bool = True) -> None:
         block_kv, stages = map(int, os.environ["JAXLLM_BENCH_DECODE_CONFIG"].split(","))
         for fn in (pda.paged_decode_attention, pda.paged_decode_attention_append):
             fn.__kwdefaults__["config"] = pda.DecodeConfig(block_kv, stages)
-
-    if os.environ.get("JAXLLM_BENCH_SPLITK"):
-        apply_split_k(os.environ["JAXLLM_BENCH_SPLITK"])
 
     from benchmarks.decode import _nbytes, _timed
     from benchmarks.profile_decode import summarise, traced_events
@@ -203,7 +170,6 @@ def main(argv=None) -> int:
                    JAXLLM_BENCH_TEXTBOOK="1" if name.startswith("textbook") else "0",
                    JAXLLM_BENCH_UNFUSED="1" if name.startswith("unfused") else "0",
                    JAXLLM_BENCH_DECODE_CONFIG=_decode_config(name),
-                   JAXLLM_BENCH_SPLITK=_split_k(name),
                    JAXLLM_BENCH_KMAJOR=name.split("_")[1] if name.startswith("kmajor_") else "",
                    JAXLLM_BENCH_PROFILE="0" if args.no_profile and name not in (args.profile_variants or ()) else "1")
         path = f"{args.out}.{name}.part"

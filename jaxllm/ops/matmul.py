@@ -29,12 +29,6 @@ INT8_KERNEL_MAX_TOKENS = 1  # "auto" routes int8 products of at most this many t
 # fp8 x fp8 kernel at prefill shapes (BENCHMARKS.md)
 W8A8_KERNEL_MAX_TOKENS = 16
 _kernel_mode: contextvars.ContextVar[str] = contextvars.ContextVar("quantized_kernels", default="auto")
-# Dense products of at most this many tokens on a GPU run as SPLIT_K_PARTS partial products summed
-# by explicit adds (`split_k_einsum`): the sum then fuses into its consumer (the residual add and the
-# next RMSNorm's statistics) instead of being a reduction kernel of its own (benchmarks/NOTES.md).
-SPLIT_K_MAX_TOKENS = 0
-SPLIT_K_PARTS = 8
-SPLIT_K_MIN_INPUTS = 2048  # smaller contractions are cheap whole
 
 
 @contextlib.contextmanager
@@ -83,40 +77,7 @@ def einsum(subscripts: str, x: Array, w) -> Array:
     if is_quantized(w):
         out = _quantized_kernel(subscripts, x, w)
         return quantized_einsum(subscripts, x, w) if out is None else out
-    if _split_k_applies(subscripts, x, w):
-        return split_k_einsum(subscripts, x, w, SPLIT_K_PARTS)
     return jnp.einsum(subscripts, x, w.astype(x.dtype))
-
-
-def _split_k_applies(subscripts: str, x, w) -> bool:
-    if jax.default_backend() != "gpu" or not jnp.issubdtype(x.dtype, jnp.floating):
-        return False
-    dims = as_matrix_product(subscripts, tuple(x.shape), tuple(w.shape))
-    return (dims is not None and dims[0] <= SPLIT_K_MAX_TOKENS and dims[1] >= SPLIT_K_MIN_INPUTS
-            and dims[1] % SPLIT_K_PARTS == 0)
-
-
-def split_k_einsum(subscripts: str, x: Array, w: Array, parts: int) -> Array:
-    """The same product as `jnp.einsum(subscripts, x, w)` for x [..., K] @ W [K, N], computed as
-    `parts` float32 products over slices of K added one by one, then cast to x's dtype.
-
-    An explicit sum of slices is elementwise work, which XLA fuses into the consumer; a product it
-    splits itself ends in a reduction kernel of its own.
-    """
-    dims = as_matrix_product(subscripts, tuple(x.shape), tuple(w.shape))
-    if dims is None:
-        raise ValueError(f"{subscripts!r} with x {tuple(x.shape)} and w {tuple(w.shape)} is not x [..., K] @ W [K, N] "
-                         "with the contracted axes trailing x and leading the weight")
-    m, k, n, out_shape = dims
-    if parts < 1 or k % parts:
-        raise ValueError(f"parts={parts} must be a positive divisor of the contracted size K={k}")
-    xs = x.reshape(m, parts, k // parts)
-    ws = w.astype(x.dtype).reshape(parts, k // parts, n)
-    partial = jnp.einsum("msk,skn->smn", xs, ws, preferred_element_type=jnp.float32)
-    total = partial[0]
-    for s in range(1, parts):
-        total = total + partial[s]
-    return total.astype(x.dtype).reshape(out_shape)
 
 
 def as_matrix_product(subscripts: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...]):
