@@ -11,8 +11,6 @@ Grouping q with its KV head keeps one KV head's whole attention on one tensor-pa
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,33 +81,20 @@ def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"], eps: float) ->
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-class Normed(NamedTuple):
-    """Rows h about to pass through RMSNorm, with the norm's factors: RMSNorm(h) = (g * h) * inv_rms."""
+def normed_einsum(subscripts: str, x: Float[Array, "B T D"], norm_weight: Float[Array, "D"], w, eps: float):
+    """RMSNorm(x) contracted with the weight `w`, computed as ((x * g) w) / rms(x).
 
-    h: Float[Array, "B T D"]
-    gh: Float[Array, "B T D"]
-    inv_rms: Float[Array, "B T"]
-
-
-def add_norm(x: Float[Array, "B T D"], delta: Float[Array, "B T D"], norm_weight: Float[Array, "D"],
-             eps: float, backend: str = "auto") -> tuple[Float[Array, "B T D"], Normed]:
-    """The residual stream x + delta, and its RMSNorm factors (one kernel at decode, `ops.add_rms_norm`)."""
-    h, gh, inv_rms = ops.add_rms_norm(x, delta, norm_weight, eps, backend)
-    return h, Normed(h, gh, inv_rms)
-
-
-def normed_einsum(subscripts: str, x: Normed, norm_weight: Float[Array, "D"], w, eps: float):
-    """RMSNorm(x.h) contracted with the weight `w`, computed as ((g * h) w) * inv_rms.
-
-    1 / rms(h) is one number per token, so it can follow the product: XLA then folds the norm into
+    1 / rms(x) is one number per token, so it can follow the product: XLA then folds the norm into
     the matmul's neighbours, two kernels fewer per norm at decode (benchmarks/NOTES.md). float16
     keeps the textbook order (un-normalised products could overflow it), and so does calibration,
     whose statistics are of the normalised activations.
     """
-    if x.h.dtype == jnp.float16 or ops.observing():
-        return ops.einsum(subscripts, rms_norm(x.h, norm_weight, eps), w)
-    out = ops.einsum(subscripts, x.gh, w)
-    inv_rms = x.inv_rms.reshape(x.inv_rms.shape + (1,) * (out.ndim - x.inv_rms.ndim))
+    if x.dtype == jnp.float16 or ops.observing():
+        return ops.einsum(subscripts, rms_norm(x, norm_weight, eps), w)
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + eps)  # [B, T]
+    out = ops.einsum(subscripts, norm_weight.astype(x.dtype) * x, w)
+    inv_rms = inv_rms.reshape(inv_rms.shape + (1,) * (out.ndim - inv_rms.ndim))
     return (out.astype(jnp.float32) * inv_rms).astype(out.dtype)
 
 
@@ -125,10 +110,10 @@ def rope(x: Float[Array, "B T ... hd"], positions: Int[Array, "B T"], inv_freq: 
     return x * cos + rotated * sin
 
 
-def attention_block(layer: Params, x: Normed, cache: KVCache | None, index, window, meta: AttentionMeta,
+def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta: AttentionMeta,
                     config: ModelConfig, inv_freq):
-    """Self-attention of one layer over RMSNorm(x.h): writes this step's K/V into the pages and
-    attends over them, or, with no cache, attends causally within `x` (training, scoring)."""
+    """Self-attention of one layer over RMSNorm(x): writes this step's K/V into the pages and attends
+    over them, or, with no cache, attends causally within `x` (training, scoring)."""
     G = config.q_per_kv
     qkv = normed_einsum("btd,dhgk->bthgk", x, layer["attn_norm"], layer["wqkv"], config.rms_norm_eps)
     if "bqkv" in layer:
@@ -143,7 +128,7 @@ def attention_block(layer: Params, x: Normed, cache: KVCache | None, index, wind
     if cache is None:
         out = ops.causal_attention(q, k, v, meta.positions, window, scale=scale)
     elif meta.tree_mask is not None:
-        slots = jnp.where(meta.positions >= 0, meta.tree_start[:, None] + jnp.arange(x.h.shape[1]), -1)
+        slots = jnp.where(meta.positions >= 0, meta.tree_start[:, None] + jnp.arange(x.shape[1]), -1)
         cache = ops.store_kv(cache, index, k, v, meta.page_table, slots)
         out = ops.paged_tree_attention(q, cache, index, meta.page_table, meta.positions, meta.tree_start,
                                        meta.tree_mask, window, scale=scale)
@@ -156,8 +141,8 @@ def attention_block(layer: Params, x: Normed, cache: KVCache | None, index, wind
     return out, cache
 
 
-def mlp_block(layer: Params, x: Normed, eps: float):
-    """SwiGLU over RMSNorm(x.h): down(silu(gate x) * up x)."""
+def mlp_block(layer: Params, x, eps: float):
+    """SwiGLU over RMSNorm(x): down(silu(gate x) * up x)."""
     gate_up = normed_einsum("btd,dcf->btcf", x, layer["mlp_norm"], layer["w_gate_up"], eps)
     hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
     return ops.einsum("btf,fd->btd", hidden, layer["w_down"])
@@ -180,25 +165,22 @@ def forward_hidden(
     x = params["embed"][tokens]
     windows = jnp.asarray(np.array(config.sliding_windows, np.int32))
 
-    eps, backend = config.rms_norm_eps, config.attention_backend
-
     def layer_step(carry, xs):
-        # x + mlp is added at the start of the next layer, where its norm is computed with it.
-        x, mlp, cache = carry
+        x, cache = carry
         layer, index, window = xs
-        x, normed = add_norm(x, mlp, layer["attn_norm"], eps, backend)
-        h, cache = attention_block(layer, normed, cache, index, window, meta, config, inv_freq)
-        x, normed = add_norm(x, h, layer["mlp_norm"], eps, backend)
-        return (x, mlp_block(layer, normed, eps), cache), None
+        h, cache = attention_block(layer, x, cache, index, window, meta, config, inv_freq)
+        x = x + h
+        x = x + mlp_block(layer, x, config.rms_norm_eps)
+        return (x, cache), None
 
-    carry = (x, jnp.zeros_like(x), cache)
     if isinstance(params["layers"], (list, tuple)):
         for i, layer in enumerate(params["layers"]):
-            carry, _ = layer_step(carry, (layer, i, config.sliding_windows[i]))
+            (x, cache), _ = layer_step((x, cache), (layer, i, config.sliding_windows[i]))
     else:
-        carry, _ = jax.lax.scan(layer_step, carry, (params["layers"], jnp.arange(config.num_layers), windows))
-    x, mlp, cache = carry
-    return rms_norm(x + mlp, params["final_norm"], config.rms_norm_eps), cache
+        (x, cache), _ = jax.lax.scan(
+            layer_step, (x, cache), (params["layers"], jnp.arange(config.num_layers), windows)
+        )
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
 
 
 def unstack_layers(params: Params) -> Params:

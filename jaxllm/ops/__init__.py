@@ -2,8 +2,7 @@
 
 from jaxllm.ops.attention import causal_attention, paged_attention, store_and_attend, store_kv, write_kv
 from jaxllm.ops.matmul import einsum, observing
-from jaxllm.ops.norm import add_rms_norm
 from jaxllm.ops.tree_attention import paged_tree_attention
 
-__all__ = ["add_rms_norm", "causal_attention", "einsum", "observing", "paged_attention", "paged_tree_attention", "store_and_attend",
+__all__ = ["causal_attention", "einsum", "observing", "paged_attention", "paged_tree_attention", "store_and_attend",
            "store_kv", "write_kv"]
