@@ -3,9 +3,7 @@
 For each variant: tokens/s over 256 new tokens (median of 3, time to first token subtracted),
 GPU kernels and kernel time per step (profiler, difference of a 128- and a 65-token run), and
 the first 64 greedy tokens (to compare against the first variant). A variant whose name starts
-with "textbook" runs the forward's earlier forms (RMSNorm before the product, one-token cache writes as scatters);
-"unfused_rope": RoPE by XLA before the decode kernel instead of inside it; "unfused" (otherwise):
-the new token's K/V stored by XLA.
+with "textbook" runs the forward's earlier forms (RMSNorm before the product, one-token cache writes as scatters).
 
     PYTHONPATH=. python -m benchmarks.xla_flags --out flags.json \\
         --variant base= --variant softmax=--xla_gpu_experimental_enable_triton_softmax_priority_fusion=true
@@ -98,11 +96,6 @@ def child(out_path: str, textbook: bool, profile: bool = True) -> None:
         from jaxllm.ops import attention
 
         attention.STORE_IN_KERNEL_MAX_BATCH = 0
-    if os.environ.get("JAXLLM_BENCH_UNFUSED_ROPE") == "1":
-        # RoPE and the qkv rows' layout by an XLA kernel before the decode kernel (which then stores).
-        from jaxllm.ops import attention
-
-        attention.ROPE_IN_KERNEL = False
     if os.environ.get("JAXLLM_BENCH_DECODE_CONFIG"):  # "BLOCK_KV,STAGES": the decode kernel's default
         from pallas_kernels import paged_decode_attention as pda
 
@@ -175,8 +168,7 @@ def main(argv=None) -> int:
         name, _, flags = spec.partition("=")
         env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags])),
                    JAXLLM_BENCH_TEXTBOOK="1" if name.startswith("textbook") else "0",
-                   JAXLLM_BENCH_UNFUSED="1" if name.startswith("unfused") and not name.startswith("unfused_rope") else "0",
-                   JAXLLM_BENCH_UNFUSED_ROPE="1" if name.startswith("unfused_rope") else "0",
+                   JAXLLM_BENCH_UNFUSED="1" if name.startswith("unfused") else "0",
                    JAXLLM_BENCH_DECODE_CONFIG=_decode_config(name),
                    JAXLLM_BENCH_KMAJOR=name.split("_")[1] if name.startswith("kmajor_") else "",
                    JAXLLM_BENCH_PROFILE="0" if args.no_profile and name not in (args.profile_variants or ()) else "1")

@@ -98,6 +98,18 @@ def normed_einsum(subscripts: str, x: Float[Array, "B T D"], norm_weight: Float[
     return (out.astype(jnp.float32) * inv_rms).astype(out.dtype)
 
 
+def rope(x: Float[Array, "B T ... hd"], positions: Int[Array, "B T"], inv_freq: Float[Array, "hd/2"]):
+    """Rotary embedding, halves layout: x*cos + rotate_half(x)*sin."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    extra = (None,) * (x.ndim - 3)
+    cos = jnp.cos(angles)[:, :, *extra].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, *extra].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
 def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta: AttentionMeta,
                     config: ModelConfig, inv_freq):
     """Self-attention of one layer over RMSNorm(x): writes this step's K/V into the pages and attends
@@ -106,28 +118,23 @@ def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta
     qkv = normed_einsum("btd,dhgk->bthgk", x, layer["attn_norm"], layer["wqkv"], config.rms_norm_eps)
     if "bqkv" in layer:
         qkv = qkv + layer["bqkv"].astype(qkv.dtype)
-    cos_sin = ops.rotary_cos_sin(meta.positions, inv_freq, qkv.dtype)  # RoPE: q, k <- rotate(q, k)
+    q, k, v = qkv[..., :G, :], qkv[..., G, :], qkv[..., G + 1, :]
+    if "q_norm" in layer:
+        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+    q = rope(q, meta.positions, inv_freq)
+    k = rope(k, meta.positions, inv_freq)
     scale = config.head_dim**-0.5
-    if cache is not None and meta.tree_mask is None and "q_norm" not in layer:
-        # The split of qkv, RoPE, the K/V store and attention: one kernel at small-batch decode.
-        out, cache = ops.rope_store_and_attend(qkv, cos_sin, cache, index, meta.page_table, meta.positions,
-                                               meta.kv_lens, window, scale=scale, backend=config.attention_backend)
+    if cache is None:
+        out = ops.causal_attention(q, k, v, meta.positions, window, scale=scale)
+    elif meta.tree_mask is not None:
+        slots = jnp.where(meta.positions >= 0, meta.tree_start[:, None] + jnp.arange(x.shape[1]), -1)
+        cache = ops.store_kv(cache, index, k, v, meta.page_table, slots)
+        out = ops.paged_tree_attention(q, cache, index, meta.page_table, meta.positions, meta.tree_start,
+                                       meta.tree_mask, window, scale=scale)
     else:
-        q, k, v = qkv[..., :G, :], qkv[..., G, :], qkv[..., G + 1, :]
-        if "q_norm" in layer:
-            q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
-            k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
-        q, k = ops.rotate(q, cos_sin), ops.rotate(k, cos_sin)
-        if cache is None:
-            out = ops.causal_attention(q, k, v, meta.positions, window, scale=scale)
-        elif meta.tree_mask is not None:
-            slots = jnp.where(meta.positions >= 0, meta.tree_start[:, None] + jnp.arange(x.shape[1]), -1)
-            cache = ops.store_kv(cache, index, k, v, meta.page_table, slots)
-            out = ops.paged_tree_attention(q, cache, index, meta.page_table, meta.positions, meta.tree_start,
-                                           meta.tree_mask, window, scale=scale)
-        else:
-            out, cache = ops.store_and_attend(q, k, v, cache, index, meta.page_table, meta.positions, meta.kv_lens,
-                                              window, scale=scale, backend=config.attention_backend)
+        out, cache = ops.store_and_attend(q, k, v, cache, index, meta.page_table, meta.positions, meta.kv_lens,
+                                          window, scale=scale, backend=config.attention_backend)
     out = ops.einsum("bthgk,hgkd->btd", out, layer["wo"])
     if "bo" in layer:
         out = out + layer["bo"].astype(out.dtype)

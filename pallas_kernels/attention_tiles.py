@@ -61,15 +61,6 @@ class Tiles:
         """Zeros in the input dtype, for clearing a query tile in shared memory."""
         return self._layout(jnp.zeros((ROWS, self.head_dim), self.dtype), plgpu.Layout.WGMMA)
 
-    def column(self, vec_ref):
-        """A (ROWS, n) float32 tile in wgmma's layout whose every row holds the n values of `vec_ref`."""
-        vec = vec_ref[...]
-        shape = (ROWS, vec.shape[0])
-        if self.interpret:
-            return jnp.broadcast_to(vec.astype(jnp.float32), shape)
-        vec = plgpu.layout_cast(vec, plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
-        return plgpu.layout_cast(lax.broadcast_in_dim(vec, shape, [1]), plgpu.Layout.WGMMA)
-
     def iota(self, dim: int):
         """Row (dim 0) or key (dim 1) index within a score tile."""
         shape = (ROWS, self.block_kv)

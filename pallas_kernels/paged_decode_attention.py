@@ -195,74 +195,9 @@ def paged_decode_attention_append(
     return out, k_pages, v_pages
 
 
-def rotate(x: Float[Array, "B ... D"], cos_sin: Float[Array, "B 2 D/2"]) -> Float[Array, "B ... D"]:
-    """Rotary embedding in the halves layout, x * cos + rotate_half(x) * sin, with cos_sin[b] = (cos,
-    sin) of sequence b's position over the first D/2 frequencies (both halves use the same), each
-    product and sum rounded to x's dtype as transformers computes it."""
-    half = x.shape[-1] // 2
-    cos_sin = cos_sin.astype(x.dtype).reshape(cos_sin.shape[:2] + (1,) * (x.ndim - 2) + (half,))
-    cos, sin = cos_sin[:, 0], cos_sin[:, 1]
-    lo, hi = x[..., :half], x[..., half:]
-    return jnp.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], axis=-1)
-
-
-def paged_decode_attention_rope_append_reference(
-    qkv: Float[Array, "B Hkv G+2 D"],
-    cos_sin: Float[Array, "B 2 D/2"],
-    k_pages: Float[Array, "L P S Hkv D"],
-    v_pages: Float[Array, "L P S Hkv D"],
-    layer: Int[Array, ""] | int,
-    page_table: Int[Array, "B Pmax"],
-    kv_lens: Int[Array, "B"],
-    window: Int[Array, ""] | int = 0,
-    *,
-    scale: float,
-    config: DecodeConfig = DecodeConfig(),
-    interpret: bool = False,
-) -> tuple[Float[Array, "B Hkv G D"], Float[Array, "L P S Hkv D"], Float[Array, "L P S Hkv D"]]:
-    """`paged_decode_attention_append_reference` for the un-rotated projections of one token: per KV
-    head its G query rows, then its K and V rows (the layout of the fused qkv product); q and K are
-    rotated by `rotate` first."""
-    groups = qkv.shape[2] - 2
-    q, k = rotate(qkv[:, :, :groups], cos_sin), rotate(qkv[:, :, groups], cos_sin)
-    return paged_decode_attention_append_reference(q, k, qkv[:, :, groups + 1], k_pages, v_pages, layer, page_table,
-                                                   kv_lens, window, scale=scale)
-
-
-def paged_decode_attention_rope_append(
-    qkv: Float[Array, "B Hkv G+2 D"],
-    cos_sin: Float[Array, "B 2 D/2"],
-    k_pages: Float[Array, "L P S Hkv D"],
-    v_pages: Float[Array, "L P S Hkv D"],
-    layer: Int[Array, ""] | int,
-    page_table: Int[Array, "B Pmax"],
-    kv_lens: Int[Array, "B"],
-    window: Int[Array, ""] | int = 0,
-    *,
-    scale: float,
-    config: DecodeConfig = DecodeConfig(),
-    interpret: bool = False,
-) -> tuple[Float[Array, "B Hkv G D"], Float[Array, "L P S Hkv D"], Float[Array, "L P S Hkv D"]]:
-    """The Mosaic GPU kernel that also rotates q and K (over bf16/fp16 pages, updated in place);
-    same contract as `paged_decode_attention_rope_append_reference`. `qkv` goes in as the product
-    left it, so no XLA kernel rotates or re-lays it out."""
-    batch, kv_heads, rows, head_dim = qkv.shape
-    if rows < 3 or head_dim % 2:
-        raise ValueError(f"qkv of shape {qkv.shape} must be [B, Hkv, G + 2, D]: G >= 1 query rows, then K and V, "
-                         "with an even head size")
-    if cos_sin.shape != (batch, 2, head_dim // 2):
-        raise ValueError(f"cos_sin of shape {cos_sin.shape} must be {(batch, 2, head_dim // 2)}: cos and sin of each "
-                         "sequence's position")
-    q = jax.ShapeDtypeStruct((batch, kv_heads, rows - 2, head_dim), qkv.dtype)
-    out, (k_pages, v_pages) = _attend(q, (qkv, cos_sin), k_pages, v_pages, layer, page_table, kv_lens, window,
-                                      scale, None, None, config, interpret, rope=True)
-    return out, k_pages, v_pages
-
-
 def _attend(q, new, k_pages, v_pages, layer, page_table, kv_lens, window, scale, k_scale, v_scale, config,
-            interpret, rope=False):
-    """Runs the kernel: the attention output, and with `new` = (k_new, v_new) the updated pages; with
-    `rope`, `new` = (qkv, cos_sin) and `q` only gives the query rows' shape and dtype."""
+            interpret):
+    """Runs the kernel: the attention output, and with `new` = (k_new, v_new) the updated pages."""
     batch, kv_heads, groups, head_dim = q.shape
     layers, num_pages, page_size = k_pages.shape[:3]
     pmax, block_kv = page_table.shape[1], config.block_kv
@@ -282,20 +217,10 @@ def _attend(q, new, k_pages, v_pages, layer, page_table, kv_lens, window, scale,
     splits = min(splits, max_steps)
 
     rows = -(-groups // 8) * 8  # what TMA moves: whole 8-row tiles; the kernel zeroes the rest
-    extra = ()
-    if rope:  # one head's rows start every G + 2 rows; the kernel copies `rows` from there
-        qkv, cos_sin = new
-        q_rows = qkv.astype(dtype).reshape(batch * kv_heads * (groups + 2), head_dim)
-        if interpret:  # on the GPU, TMA reads rows past the end as zeros; the interpreter would clamp
-            q_rows = jnp.pad(q_rows, ((0, rows), (0, 0)))
-        # (cos, sin) for K, then (1, 0) for V: the memory warpgroup rotates both rows in one go.
-        identity = jnp.broadcast_to(jnp.asarray([1, 0], dtype)[None, :, None], cos_sin.shape)
-        extra = (jnp.stack([cos_sin.astype(dtype), identity], axis=1),)
-    else:
-        q_rows = q.astype(dtype)
-        if rows != groups:
-            q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - groups), (0, 0)))
-    if new is not None and not rope:  # the new K and V rows after q's, padded to a whole 8-row tile for TMA
+    q_rows = q.astype(dtype)
+    if rows != groups:
+        q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - groups), (0, 0)))
+    if new is not None:  # the new K and V rows after q's, padded to a whole 8-row tile for TMA
         new_rows = jnp.stack([x.astype(dtype) for x in new], axis=2)
         q_rows = jnp.concatenate([q_rows, jnp.pad(new_rows, ((0, 0), (0, 0), (0, 6), (0, 0)))], axis=2)
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
@@ -303,13 +228,13 @@ def _attend(q, new, k_pages, v_pages, layer, page_table, kv_lens, window, scale,
     starts = window_start(lens, window)
     kernel = _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, block_kv,
                     config.num_stages, float(scale), interpret, k_pages.dtype if quantized else None,
-                    config.dequant_warpgroups if quantized else 1, new is not None, rope)
+                    config.dequant_warpgroups if quantized else 1, new is not None)
     pages = (k_pages, v_pages)
     if new is not None:  # stored into in place: the kernel takes them as references
         pages = tuple(compat.gmem_ref(x) for x in pages)
     if quantized:  # a page's scales, every head's, as one contiguous row: one copy a page
         pages += tuple(s.reshape(layers, num_pages, page_size * kv_heads) for s in (k_scale, v_scale))
-    out, lse = kernel(q_rows, *extra, *pages, layer_arr, page_table.astype(jnp.int32), lens, starts)
+    out, lse = kernel(q_rows, *pages, layer_arr, page_table.astype(jnp.int32), lens, starts)
     out = _merge_splits(out, lse[:, :, :, :groups]).astype(q.dtype)
     return out, None if new is None else tuple(compat.freeze(x) for x in pages)
 
@@ -332,13 +257,10 @@ def _merge_splits(out, lse):
 
 @functools.lru_cache(maxsize=None)
 def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, block_kv, num_stages,
-           scale, interpret, page_dtype=None, dequant_wgs=1, append=False, rope=False):
+           scale, interpret, page_dtype=None, dequant_wgs=1, append=False):
     """`page_dtype`: the 8-bit type of quantized pages (then scales follow v), None for `dtype` pages;
     `dequant_wgs` warpgroups copy and dequantize them. `append`: q's rows are followed by the new
-    token's K and V rows, and the (bf16/fp16) pages are references to store them into. `rope`
-    (with `append`): q's input is the un-rotated [B * Hkv * (G + 2), D] rows of the qkv product,
-    followed by an input of each sequence's rotations [B, 2, 2, D / 2]: (cos, sin) for q and K, then
-    (1, 0) for V; q and K are rotated here."""
+    token's K and V rows, and the (bf16/fp16) pages are references to store them into."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -348,22 +270,10 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
     log2e_scale = scale * math.log2(math.e)
     tiles = Tiles(interpret, dtype, head_dim, block_kv)
 
-    half = head_dim // 2
-
-    def rotate_in_place(lo_ref, hi_ref, cos, sin, layout=None):
-        """x = [lo, hi] <- [lo cos - hi sin, hi cos + lo sin], each product and sum rounded to dtype
-        (as `rotate`)."""
-        cast = (lambda x: x) if layout is None or interpret else (lambda x: plgpu.layout_cast(x, layout))
-        lo, hi = (cast(r[...]).astype(jnp.float32) for r in (lo_ref, hi_ref))
-        rounded = lambda x: x.astype(dtype).astype(jnp.float32)
-        lo_ref[...] = cast((rounded(lo * cos) - rounded(hi * sin)).astype(dtype))
-        hi_ref[...] = cast((rounded(hi * cos) + rounded(lo * sin)).astype(dtype))
-
-    def body(q_ref, cs_ref, page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref, scoped):
+    def body(q_ref, page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref, scoped):
         (q_smem, out_smem, k_smem, v_smem, lse_smem, *staged), (q_bar, k_bar, v_bar, *arrived), \
             (k_free, v_free) = scoped[:3]
         row_smem, row_bar = scoped[3] if append else (None, None)
-        cs_smem = scoped[4] if rope else None  # (cos, sin) for the compute, then the memory warpgroup
         b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
         wg = lax.axis_index("wg")
         length = lens_ref[b]
@@ -383,18 +293,8 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
             if rows < ROWS:  # rows past the query heads multiply as zeros
                 q_smem[...] = tiles.zero_tile()
                 plgpu.commit_smem()
-            if rope:
-                base = (b * kv_heads + h) * (groups + 2)
-                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(base, rows)], q_smem.at[pl.ds(0, rows)], q_bar)
-                plgpu.copy_gmem_to_smem(cs_ref.at[b], cs_smem.at[0], q_bar)
-                plgpu.barrier_wait(q_bar)
-                cos, sin = (tiles.column(cs_smem.at[0, 0, i]) for i in range(2))
-                rotate_in_place(q_smem.at[:, pl.ds(0, half)], q_smem.at[:, pl.ds(half, half)], cos, sin,
-                                plgpu.Layout.WGMMA)
-                plgpu.commit_smem()  # before wgmma reads the tile
-            else:
-                plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(0, rows)], q_smem.at[pl.ds(0, rows)], q_bar)
-                plgpu.barrier_wait(q_bar)
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(0, rows)], q_smem.at[pl.ds(0, rows)], q_bar)
+            plgpu.barrier_wait(q_bar)
 
             def step_fn(step, carry):
                 acc, m_i, l_i = carry
@@ -439,11 +339,7 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
                     @pl.when(stores_new)
                     def _fetch_new_token():
                         for i in range(2):
-                            src = (q_ref.at[pl.ds((b * kv_heads + h) * (groups + 2) + groups + i, 1)] if rope
-                                   else q_ref.at[b, h, pl.ds(rows + i, 1)])
-                            plgpu.copy_gmem_to_smem(src, row_smem.at[i], row_bar)
-                        if rope:
-                            plgpu.copy_gmem_to_smem(cs_ref.at[b], cs_smem.at[1], row_bar)
+                            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(rows + i, 1)], row_smem.at[i], row_bar)
 
                     def before_copy(step):
                         # Stored once the first tile is on its way, so that the stores overlap the
@@ -451,11 +347,6 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
                         @pl.when(stores_new & (step == jnp.minimum(steps - 1, 1)))
                         def _store_new_token():
                             plgpu.barrier_wait(row_bar)
-                            if rope:  # K is stored rotated; V "rotated" by cos 1, sin 0 (a whole-warpgroup load)
-                                cos, sin = (cs_smem.at[1, :, pl.ds(i, 1)][...].astype(jnp.float32) for i in range(2))
-                                rotate_in_place(row_smem.at[:, :, pl.ds(0, half)], row_smem.at[:, :, pl.ds(half, half)],
-                                                cos, sin)
-                                plgpu.commit_smem()  # before TMA reads the rows
                             for i, ref in enumerate((k_ref, v_ref)):
                                 plgpu.copy_smem_to_gmem(row_smem.at[i], ref.at[layer_ref[0], page, pl.ds(slot, 1), h])
 
@@ -474,7 +365,6 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
                                     tensors=tensors, **page_args())
 
     def entry(q_ref, *refs):
-        cs_ref, refs = (refs[0], refs[1:]) if rope else (None, refs)
         *page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref = refs
         copies = copies_per_tile(page_size, block_kv)
         smem = (
@@ -485,7 +375,7 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
             plgpu.SMEM((ROWS,), jnp.float32),
         )
         ready = (
-            plgpu.Barrier(num_arrivals=2 if rope else 1),
+            plgpu.Barrier(),
             plgpu.Barrier(num_arrivals=1 if quantized else copies, num_barriers=ring),
             plgpu.Barrier(num_arrivals=1 if quantized else copies, num_barriers=ring),
         )
@@ -496,11 +386,9 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
         free = (plgpu.Barrier(num_barriers=ring),) * 2
         scoped = [smem, ready, free]
         if append:  # the new token's K and V rows, on their way to the page
-            scoped.append((plgpu.SMEM((2, 1, head_dim), dtype), plgpu.Barrier(num_arrivals=3 if rope else 2)))
-        if rope:  # per warpgroup: the K row's (cos, sin), then V's (1, 0)
-            scoped.append(plgpu.SMEM((2, 2, 2, half), dtype))
+            scoped.append((plgpu.SMEM((2, 1, head_dim), dtype), plgpu.Barrier(num_arrivals=2)))
         pl.run_scoped(
-            lambda *scoped: body(q_ref, cs_ref, page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref,
+            lambda *scoped: body(q_ref, page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref,
                                  scoped),
             *scoped, collective_axes="wg")
 
@@ -511,10 +399,7 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
     # Quantized pages: heads fastest (grid axis 0 varies fastest), to share each page's scale rows in L2.
     grid, names = ((kv_heads, batch, splits), ("h", "b", "s")) if quantized else \
         ((batch, kv_heads, splits), ("b", "h", "s"))
-    # Lane semantics for quantized pages (strided scale loads) and for `rope` (jax 0.11's Warpgroup
-    # layout inference refuses the query rows' copy from a start that is not a multiple of 8).
-    params = (compat.lane_compiler_params(approx_math=True) if quantized or rope
-              else plgpu.CompilerParams(approx_math=True))
+    params = compat.lane_compiler_params(approx_math=True) if quantized else plgpu.CompilerParams(approx_math=True)
     mesh = dict(grid=grid, grid_names=names, num_threads=1 + dequant_wgs, thread_name="wg")
     interpret = compat.gpu_interpret_params() if interpret else False
     if append:  # pl.kernel takes the pages as references (plgpu.kernel's vmap rule cannot)

@@ -1,10 +1,8 @@
 """The dispatch layer between models and kernels: models call these, never a kernel directly."""
 
-from jaxllm.ops.attention import (causal_attention, paged_attention, rope_store_and_attend, store_and_attend, store_kv,
-                                  write_kv)
+from jaxllm.ops.attention import causal_attention, paged_attention, store_and_attend, store_kv, write_kv
 from jaxllm.ops.matmul import einsum, observing
-from jaxllm.ops.rotary import rotary_cos_sin, rotate
 from jaxllm.ops.tree_attention import paged_tree_attention
 
-__all__ = ["causal_attention", "einsum", "observing", "paged_attention", "paged_tree_attention", "rope_store_and_attend",
-           "rotary_cos_sin", "rotate", "store_and_attend", "store_kv", "write_kv"]
+__all__ = ["causal_attention", "einsum", "observing", "paged_attention", "paged_tree_attention", "store_and_attend",
+           "store_kv", "write_kv"]

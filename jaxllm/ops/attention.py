@@ -8,7 +8,6 @@ from jaxtyping import Array, Float, Int
 
 from jaxllm.kv_cache import KVCache
 from jaxllm.ops.kv_quant import dequantize, quantize
-from jaxllm.ops.rotary import rotate
 
 _MASKED = -1e30  # finite, so rows with no visible key (padding) stay finite, not NaN
 
@@ -135,8 +134,6 @@ def paged_attention(
 # Measured on an H200 (benchmarks/NOTES.md): storing in the kernel gains 1 % at batch-1 decode, is
 # even at batch 8 and costs the kernel 3 % at batch 64 (4096-token contexts).
 STORE_IN_KERNEL_MAX_BATCH = 8
-# ... and there the kernel also applies RoPE to the qkv product's rows (`rope_store_and_attend`).
-ROPE_IN_KERNEL = True
 
 
 def store_and_attend(
@@ -160,7 +157,8 @@ def store_and_attend(
     cache-update kernels of its own; padding rows store nothing there, where `store_kv` writes them
     to the scratch page).
     """
-    if _stores_in_kernel(q, cache, backend):
+    if (q.shape[1] == 1 and q.shape[0] <= STORE_IN_KERNEL_MAX_BATCH and cache.k_scale is None
+            and _kernel_applies(backend, q, cache)):
         from pallas_kernels.paged_decode_attention import paged_decode_attention_append
 
         # The token sees keys up to its own position (kv_lens, by AttentionMeta's contract, is that
@@ -173,39 +171,6 @@ def store_and_attend(
     cache = store_kv(cache, layer, k, v, page_table, positions)
     return paged_attention(q, cache, layer, page_table, positions, kv_lens, sliding_window, scale=scale,
                            backend=backend), cache
-
-
-def rope_store_and_attend(
-    qkv: Float[Array, "B T Hkv G+2 D"],
-    cos_sin: Float[Array, "B T 2 D/2"],
-    cache: KVCache,
-    layer: Int[Array, ""] | int,
-    page_table: Int[Array, "B Pmax"],
-    positions: Int[Array, "B T"],
-    kv_lens: Int[Array, "B"],
-    sliding_window: Int[Array, ""] | int = 0,
-    *,
-    scale: float,
-    backend: str = "xla",
-) -> tuple[Float[Array, "B T Hkv G D"], KVCache]:
-    """`store_and_attend` of the un-rotated projections: per KV head G query rows, then K, then V
-    (the fused qkv product's layout); q and K are rotated by `cos_sin` first (`rotate`).
-
-    Where `store_and_attend` would take the kernel that stores the token, the kernel also rotates,
-    reading qkv as the product left it: no XLA kernel rotates or re-lays out the rows.
-    """
-    groups = qkv.shape[3] - 2
-    q, k, v = qkv[:, :, :, :groups], qkv[:, :, :, groups], qkv[:, :, :, groups + 1]
-    if ROPE_IN_KERNEL and _stores_in_kernel(q, cache, backend):
-        from pallas_kernels.paged_decode_attention import paged_decode_attention_rope_append
-
-        lens = jnp.maximum(positions[:, 0] + 1, 0)
-        out, k_pages, v_pages = paged_decode_attention_rope_append(
-            qkv[:, 0], cos_sin[:, 0], cache.k, cache.v, layer, page_table, lens, sliding_window, scale=scale,
-            interpret=jax.default_backend() != "gpu")
-        return out[:, None], KVCache(k_pages, v_pages)
-    return store_and_attend(rotate(q, cos_sin), rotate(k, cos_sin), v, cache, layer, page_table, positions, kv_lens,
-                            sliding_window, scale=scale, backend=backend)
 
 
 def kernel_limits(q_shape, cache: KVCache, q_dtype=None) -> str | None:
@@ -229,12 +194,6 @@ def kernel_limits(q_shape, cache: KVCache, q_dtype=None) -> str | None:
     if tokens > 1 and ROWS % groups:
         return f"{groups} query heads per KV head (a divisor of {ROWS} for prefill)"
     return None
-
-
-def _stores_in_kernel(q, cache: KVCache, backend: str) -> bool:
-    """Whether the decode kernel that stores the new token takes this call."""
-    return (q.shape[1] == 1 and q.shape[0] <= STORE_IN_KERNEL_MAX_BATCH and cache.k_scale is None
-            and _kernel_applies(backend, q, cache))
 
 
 def _kernel_applies(backend: str, q, cache: KVCache) -> bool:
