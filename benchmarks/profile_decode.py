@@ -31,14 +31,24 @@ def gpu_events(trace: dict) -> list[dict]:
     """Complete ('X') events of the processes whose name mentions a GPU, each kernel once.
 
     Some machines' traces list every kernel under two GPU processes (the tenth session's decode
-    profiles counted 2 calls of the lm_head a step, and more kernel time than wall time), so events
-    of the same name, start and duration are kept once."""
+    profiles counted 2 calls of the lm_head a step, and more kernel time than wall time), with the
+    same names and counts but other timestamps (the eleventh session's): a process whose events repeat
+    another's name for name and count is dropped, and events of the same name, start and duration
+    are kept once."""
     names = {e["pid"]: e.get("args", {}).get("name", "") for e in trace["traceEvents"]
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
-    seen, out = set(), []
+    by_pid = collections.defaultdict(list)
     for e in trace["traceEvents"]:
         if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+            by_pid[e["pid"]].append(e)
+    signatures, seen, out = set(), set(), []
+    for pid in sorted(by_pid, key=str):
+        signature = frozenset(collections.Counter(e.get("name") for e in by_pid[pid]).items())
+        if signature in signatures:
+            continue
+        signatures.add(signature)
+        for e in by_pid[pid]:
             key = (e.get("name"), e.get("ts"), e["dur"])
             if key not in seen:
                 seen.add(key)

@@ -423,6 +423,6 @@ def tree_candidates(
                          f"vocabulary of {head_logits.shape[2]}")
     if tree.num_nodes == 1:
         return base_token[:, None].astype(jnp.int32)
-    _, top = jax.lax.top_k(head_logits, tree.top_k)  # [B, K, top_k]
+    _, top = ops.top_k(head_logits, tree.top_k)  # [B, K, top_k]
     picked = top[:, tree.head[1:], tree.rank[1:]]  # constant indices: the tree is static
     return jnp.concatenate([base_token[:, None].astype(jnp.int32), picked.astype(jnp.int32)], axis=1)
