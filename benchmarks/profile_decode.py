@@ -34,7 +34,8 @@ def gpu_events(trace: dict) -> list[dict]:
     profiles counted 2 calls of the lm_head a step, and more kernel time than wall time), with the
     same names and counts but other timestamps (the eleventh session's): a process whose events repeat
     another's name for name and count is dropped, and events of the same name, start and duration
-    are kept once."""
+    are kept once. For one-device traces (every profile here): two GPUs running the same kernels
+    would look like such a repeat."""
     names = {e["pid"]: e.get("args", {}).get("name", "") for e in trace["traceEvents"]
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}

@@ -222,7 +222,8 @@ def _attend(q, new, k_pages, v_pages, layer, page_table, kv_lens, window, scale,
         q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - groups), (0, 0)))
     if new is not None:  # the new K and V rows after q's, padded to a whole 8-row tile for TMA
         new_rows = jnp.stack([x.astype(dtype) for x in new], axis=2)
-        q_rows = jnp.concatenate([q_rows, jnp.pad(new_rows, ((0, 0), (0, 0), (0, 6), (0, 0)))], axis=2)
+        new_rows = jnp.pad(new_rows, ((0, 0), (0, 0), (0, 8 - len(new)), (0, 0)))
+        q_rows = jnp.concatenate([q_rows, new_rows], axis=2)
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     lens = kv_lens.astype(jnp.int32)
     starts = window_start(lens, window)
