@@ -259,6 +259,15 @@ def summary(rows) -> str:
     return "\n".join(lines)
 
 
+def parse_config(text: str) -> DecodeConfig:
+    """'128x2x2' -> DecodeConfig(block_kv=128, num_stages=2, dequant_warpgroups=2)."""
+    parts = text.split("x")
+    if len(parts) != 3 or not all(x.isdigit() for x in parts):
+        raise ValueError(f"decode config {text!r}: expected BLOCKxSTAGESxWARPGROUPS, e.g. 128x2x2")
+    block, stages, groups = map(int, parts)
+    return DecodeConfig(block, stages, dequant_warpgroups=groups)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="results_attention.json")
@@ -269,6 +278,9 @@ def main(argv=None) -> int:
                         help=f"comma-separated subset of {','.join(KV_DTYPES)}: our decode kernel over those pages")
     parser.add_argument("--page-size", type=int, default=None,
                         help="with --kv-dtypes: tokens per page instead of each case's (a TMA copy moves one page)")
+    parser.add_argument("--configs", default=None,
+                        help="with --kv-dtypes: comma-separated BLOCKxSTAGESxWARPGROUPS decode configs for the "
+                             "quantized pages (e.g. 64x4x2,128x2x2) instead of the default list")
     args = parser.parse_args(argv)
     result = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, device=str(jax.devices()[0]),
                   copy_bandwidth=COPY_BANDWIDTH, heads=(HQ, HKV, D))
@@ -276,9 +288,10 @@ def main(argv=None) -> int:
         names = args.kv_dtypes.split(",")
         if not names or any(n not in KV_DTYPES for n in names):
             raise ValueError(f"--kv-dtypes {args.kv_dtypes!r}: choose from {','.join(KV_DTYPES)}")
+        configs = QUANTIZED_CONFIGS if args.configs is None else [parse_config(c) for c in args.configs.split(",")]
         rows = []
         for batch, context, page_size in CASES[:2]:
-            rows.append(run_kv_dtype_case(batch, context, args.page_size or page_size, names, QUANTIZED_CONFIGS))
+            rows.append(run_kv_dtype_case(batch, context, args.page_size or page_size, names, configs))
             with open(args.out, "w") as f:  # after each case: a run cut short keeps what it measured
                 json.dump({**result, "rows": rows}, f, indent=1)
         print(summary(rows))
