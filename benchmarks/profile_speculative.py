@@ -49,7 +49,7 @@ def idle_gaps(events: list[dict], top: int) -> tuple[float, list[tuple[str, str,
 
 def profile_method(llm: LLM, prompts, params: SamplingParams, top: int) -> dict:
     out = llm.generate(prompts, params, use_tqdm=False)  # compile
-    events, wall = traced_events(llm, prompts, params)
+    events, wall, host = traced_events(llm, prompts, params, with_host=True)
     timed = []
     for _ in range(3):  # without the profiler
         start = time.perf_counter()
@@ -63,12 +63,14 @@ def profile_method(llm: LLM, prompts, params: SamplingParams, top: int) -> dict:
     busy = sum(t for t, _ in by_name.values())
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
     idle, gaps = idle_gaps(events, 12)
+    host_calls = collections.Counter(e.get("name", "")[:100] for e in host)
     return dict(tokens=tokens, steps=steps, tokens_per_step=tokens / steps, tokens_per_s=tokens / min(timed),
                 profiled_wall_ms=1e3 * wall, kernel_us_per_step=busy / steps,
                 kernels_per_step=sum(c for _, c in by_name.values()) / steps, idle_us_per_step=idle / steps,
                 top=[dict(name=n[:160], us_per_step=t / steps, calls_per_step=c / steps) for n, (t, c) in rows],
                 top_gaps=[dict(before=a[:120], after=b[:120], us_per_step=t / steps, count_per_step=c / steps)
-                          for a, b, t, c in gaps])
+                          for a, b, t, c in gaps],
+                host_events_per_step={n: c / steps for n, c in host_calls.most_common(40)})
 
 
 def main(argv=None) -> int:
@@ -111,9 +113,12 @@ def main(argv=None) -> int:
         finally:
             top_k_module.ARGMAX_PASSES_MAX_K = saved
         results[name]["speedup_vs_plain"] = results[name]["tokens_per_s"] / results["plain"]["tokens_per_s"]
-        print(json.dumps({name: {k: v for k, v in results[name].items() if k not in ("top", "top_gaps")}}), flush=True)
+        print(json.dumps({name: {k: v for k, v in results[name].items()
+                                  if k not in ("top", "top_gaps", "host_events_per_step")}}), flush=True)
         for row in results[name]["top"][:15]:
             print(f"  {row['us_per_step']:8.1f} us  x{row['calls_per_step']:5.1f}  {row['name'][:100]}", flush=True)
+        for n, c in list(results[name]["host_events_per_step"].items())[:12]:
+            print(f"  host {c:7.2f} / step  {n[:90]}", flush=True)
         for row in results[name]["top_gaps"][:6]:
             print(f"  idle {row['us_per_step']:6.1f} us x{row['count_per_step']:4.1f}  {row['before'][:50]} -> "
                   f"{row['after'][:50]}", flush=True)

@@ -32,8 +32,8 @@ class AttentionMeta(NamedTuple):
     positions: Int[Array, "B T"]  # token position in its sequence, -1 for padding
     page_table: Int[Array, "B Pmax"]  # page ids of each sequence, in order
     kv_lens: Int[Array, "B"]  # tokens cached per sequence once this batch is written
-    # Token trees (speculative verification): row b's T tokens occupy slots tree_start[b] + t and
-    # see the prefix plus the tokens tree_mask[t] allows; None for ordinary chunks (slot = position).
+    # Token trees (speculative verification, `forward_tree`): row b's T tokens see its cached prefix,
+    # slots [0, tree_start[b]), plus the tree tokens tree_mask[t] allows; None for ordinary chunks.
     tree_start: Int[Array, "B"] | None = None
     tree_mask: Bool[Array, "T T"] | None = None
 

@@ -113,7 +113,9 @@ def rope(x: Float[Array, "B T ... hd"], positions: Int[Array, "B T"], inv_freq: 
 def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta: AttentionMeta,
                     config: ModelConfig, inv_freq):
     """Self-attention of one layer over RMSNorm(x): writes this step's K/V into the pages and attends
-    over them, or, with no cache, attends causally within `x` (training, scoring)."""
+    over them, or, with no cache, attends causally within `x` (training, scoring). A token tree
+    (meta.tree_mask set) attends over the pages and its own K/V without storing them: those come
+    back as the third value, (k, v), for the caller to store what it keeps (None otherwise)."""
     G = config.q_per_kv
     qkv = normed_einsum("btd,dhgk->bthgk", x, layer["attn_norm"], layer["wqkv"], config.rms_norm_eps)
     if "bqkv" in layer:
@@ -125,20 +127,20 @@ def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta
     q = rope(q, meta.positions, inv_freq)
     k = rope(k, meta.positions, inv_freq)
     scale = config.head_dim**-0.5
+    tree_kv = None
     if cache is None:
         out = ops.causal_attention(q, k, v, meta.positions, window, scale=scale)
     elif meta.tree_mask is not None:
-        slots = jnp.where(meta.positions >= 0, meta.tree_start[:, None] + jnp.arange(x.shape[1]), -1)
-        cache = ops.store_kv(cache, index, k, v, meta.page_table, slots)
-        out = ops.paged_tree_attention(q, cache, index, meta.page_table, meta.positions, meta.tree_start,
+        out = ops.paged_tree_attention(q, k, v, cache, index, meta.page_table, meta.positions, meta.tree_start,
                                        meta.tree_mask, window, scale=scale)
+        tree_kv = (k, v)
     else:
         out, cache = ops.store_and_attend(q, k, v, cache, index, meta.page_table, meta.positions, meta.kv_lens,
                                           window, scale=scale, backend=config.attention_backend)
     out = ops.einsum("bthgk,hgkd->btd", out, layer["wo"])
     if "bo" in layer:
         out = out + layer["bo"].astype(out.dtype)
-    return out, cache
+    return out, cache, tree_kv
 
 
 def mlp_block(layer: Params, x, eps: float):
@@ -161,6 +163,30 @@ def forward_hidden(
     Layers stacked on a leading axis run under `lax.scan`; a list of per-layer dicts (see
     `unstack_layers`) runs unrolled, each matmul reading its own weight buffer.
     """
+    if meta.tree_mask is not None:
+        raise ValueError("a token tree (meta.tree_mask set) runs through forward_tree, which returns its K/V")
+    hidden, cache, _ = _decoder(params, tokens, meta, cache, config)
+    return hidden, cache
+
+
+def forward_tree(
+    params: Params,
+    tokens: Int[Array, "B T"],
+    meta: AttentionMeta,
+    cache: KVCache,
+    config: ModelConfig,
+) -> tuple[Float[Array, "B T D"], Float[Array, "L B T Hkv D"], Float[Array, "L B T Hkv D"]]:
+    """Runs the decoder over a token tree (meta.tree_start and meta.tree_mask set) against the cached
+    prefix, storing nothing; returns final-normed hidden states and every layer's K and V of the
+    tree's tokens, so that only the accepted ones need storing (`jaxllm.ops.store_kv_layers`)."""
+    if meta.tree_mask is None or meta.tree_start is None or cache is None:
+        raise ValueError("forward_tree needs a cache and meta.tree_start / meta.tree_mask")
+    hidden, _, (k, v) = _decoder(params, tokens, meta, cache, config)
+    return hidden, k, v
+
+
+def _decoder(params: Params, tokens, meta: AttentionMeta, cache: KVCache | None, config: ModelConfig):
+    """(final-normed hidden states, cache, per-layer (k, v) stacked [L, ...] for a tree, else None)."""
     inv_freq = jnp.asarray(rope_inv_freq(config.rope, config.head_dim))
     x = params["embed"][tokens]
     windows = jnp.asarray(np.array(config.sliding_windows, np.int32))
@@ -168,19 +194,22 @@ def forward_hidden(
     def layer_step(carry, xs):
         x, cache = carry
         layer, index, window = xs
-        h, cache = attention_block(layer, x, cache, index, window, meta, config, inv_freq)
+        h, cache, tree_kv = attention_block(layer, x, cache, index, window, meta, config, inv_freq)
         x = x + h
         x = x + mlp_block(layer, x, config.rms_norm_eps)
-        return (x, cache), None
+        return (x, cache), tree_kv
 
     if isinstance(params["layers"], (list, tuple)):
+        per_layer = []
         for i, layer in enumerate(params["layers"]):
-            (x, cache), _ = layer_step((x, cache), (layer, i, config.sliding_windows[i]))
+            (x, cache), tree_kv = layer_step((x, cache), (layer, i, config.sliding_windows[i]))
+            per_layer.append(tree_kv)
+        tree_kv = None if per_layer[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
     else:
-        (x, cache), _ = jax.lax.scan(
+        (x, cache), tree_kv = jax.lax.scan(
             layer_step, (x, cache), (params["layers"], jnp.arange(config.num_layers), windows)
         )
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache, tree_kv
 
 
 def unstack_layers(params: Params) -> Params:

@@ -13,7 +13,7 @@ class ModelSpec:
     """What the runtime needs of an architecture: its forward and its checkpoint mapping."""
 
     name: str
-    model: ModuleType  # param_axes, param_shapes, forward_hidden, logits
+    model: ModuleType  # param_axes, param_shapes, forward_hidden, forward_tree, logits
     checkpoint: ModuleType  # hf_global_names, hf_layer_names, hf_shapes, convert_global, convert_layer
 
 

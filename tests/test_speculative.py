@@ -334,9 +334,13 @@ def test_bad_arguments_of_the_loop_pieces():
     from jaxllm.ops.tree_attention import paged_tree_attention
 
     cache = KVCache(jnp.zeros((1, 2, 4, 1, 8)), jnp.zeros((1, 2, 4, 1, 8)))
+    tree_args = (cache, 0, jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 3), jnp.int32), jnp.zeros(1, jnp.int32))
+    kv = jnp.zeros((1, 3, 1, 8))
     with pytest.raises(ValueError, match=r"tree_mask must be \[T, T\] = \[3, 3\]"):
-        paged_tree_attention(jnp.zeros((1, 3, 1, 1, 8)), cache, 0, jnp.ones((1, 1), jnp.int32),
-                             jnp.zeros((1, 3), jnp.int32), jnp.zeros(1, jnp.int32), jnp.ones((2, 2), bool), scale=1.0)
+        paged_tree_attention(jnp.zeros((1, 3, 1, 1, 8)), kv, kv, *tree_args, jnp.ones((2, 2), bool), scale=1.0)
+    with pytest.raises(ValueError, match=r"must both hold the 3 tree tokens' K/V of 1 rows"):
+        paged_tree_attention(jnp.zeros((1, 3, 1, 1, 8)), kv[:, :2], kv[:, :2], *tree_args, jnp.ones((3, 3), bool),
+                             scale=1.0)
 
 
 @pytest.mark.parametrize("config, match", [

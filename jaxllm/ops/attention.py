@@ -33,6 +33,24 @@ def write_kv(
     return pages.at[layer, page, slot].set(new)
 
 
+def store_kv_layers(
+    cache: KVCache,
+    k: Float[Array, "L B T Hkv D"],
+    v: Float[Array, "L B T Hkv D"],
+    page_table: Int[Array, "B Pmax"],
+    positions: Int[Array, "B T"],
+) -> KVCache:
+    """Every layer's K/V of tokens at `positions` (-1: the scratch page) stored at once, quantized
+    when the cache holds scales: what `store_kv` does layer by layer, in one scatter per array."""
+    page, slot = slot_address(page_table, positions, cache.k.shape[2])
+    write = lambda pages, new: pages.at[:, page, slot].set(new.astype(pages.dtype))
+    if cache.k_scale is None:
+        return KVCache(write(cache.k, k), write(cache.v, v))
+    kv_dtype = "int8" if cache.k.dtype == jnp.int8 else "fp8_e4m3"
+    (qk, sk), (qv, sv) = quantize(k, kv_dtype), quantize(v, kv_dtype)
+    return KVCache(write(cache.k, qk), write(cache.v, qv), write(cache.k_scale, sk), write(cache.v_scale, sv))
+
+
 def slot_address(page_table: Int[Array, "B Pmax"], positions: Int[Array, "B T"], page_size: int):
     """(page, slot in page) of token position `positions[b, t]` of sequence b; -1 maps to the
     scratch page 0, slot 0."""
