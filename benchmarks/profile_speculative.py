@@ -4,7 +4,8 @@ wall time per step, plain decoding against n-gram and Medusa (issue 7).
 One held-out completion prompt at batch 1; each method's `generate` call of `--max-tokens` tokens
 runs once to compile, once under jax.profiler, then three times timed (tokens/s: the best). With
 `--lax-top-k`, "medusa, lax.top_k" is Medusa with the heads' candidates taken by `jax.lax.top_k`
-instead of `jaxllm.ops.top_k`; `--medusa NAME=DIR` adds Medusa with other heads. Steps: the plain
+instead of `jaxllm.ops.top_k`; `--xla-attention` adds plain and Medusa with XLA's attention instead of
+cuDNN's; `--medusa NAME=DIR` adds Medusa with other heads. Steps: the plain
 loop's one per token; a speculative loop's from its `spec_decode` statistics (tokens / mean accepted
 length). Per-call totals are divided by steps, so the prefill's kernels are spread over them (a few
 percent at 256 tokens). Idle time: the gaps between one kernel's end and the next one's start
@@ -27,6 +28,7 @@ from benchmarks.profile_decode import per_name, traced_events
 from benchmarks.speculative import complete_prompts, heldout_texts
 from jaxllm import LLM, SamplingParams
 from jaxllm.default_model import default_model_dir
+from jaxllm.ops import attention as attention_module
 from jaxllm.ops import topk as top_k_module
 
 
@@ -81,6 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results_profile_speculative.json")
     parser.add_argument("--lax-top-k", action="store_true", help="also Medusa with jax.lax.top_k candidates")
     parser.add_argument("--no-ngram", action="store_true")
+    parser.add_argument("--xla-attention", action="store_true",
+                        help="also plain and Medusa with the XLA attention path instead of cuDNN's")
     parser.add_argument("--medusa", action="append", default=[], metavar="NAME=DIR",
                         help="also Medusa with the heads in DIR, reported as 'medusa NAME'")
     args = parser.parse_args(argv)
@@ -92,6 +96,9 @@ def main(argv=None) -> int:
     methods["medusa"] = {"method": "medusa", "model": str(model_dir / "medusa"), **on}
     if args.lax_top_k:
         methods["medusa, lax.top_k"] = methods["medusa"]
+    if args.xla_attention:
+        methods["plain, xla attention"] = methods["plain"]
+        methods["medusa, xla attention"] = methods["medusa"]
     for item in args.medusa:
         name, sep, path = item.partition("=")
         if not sep or not name or not Path(path).is_dir():
@@ -105,13 +112,15 @@ def main(argv=None) -> int:
         if prompts is None:
             prompts = complete_prompts(llm.tokenizer, heldout_texts(model_dir, args.prompt + 1)[args.prompt:])
         jax.clear_caches()  # the patched variant must be traced again, not found in jit's cache
-        saved = top_k_module.ARGMAX_PASSES_MAX_K
+        saved = top_k_module.ARGMAX_PASSES_MAX_K, attention_module.CUDNN_ATTENTION
         if name.endswith("lax.top_k"):
             top_k_module.ARGMAX_PASSES_MAX_K = 0
+        if name.endswith("xla attention"):
+            attention_module.CUDNN_ATTENTION = False
         try:
             results[name] = profile_method(llm, prompts, params, args.top)
         finally:
-            top_k_module.ARGMAX_PASSES_MAX_K = saved
+            top_k_module.ARGMAX_PASSES_MAX_K, attention_module.CUDNN_ATTENTION = saved
         results[name]["speedup_vs_plain"] = results[name]["tokens_per_s"] / results["plain"]["tokens_per_s"]
         print(json.dumps({name: {k: v for k, v in results[name].items()
                                   if k not in ("top", "top_gaps", "host_events_per_step")}}), flush=True)

@@ -68,8 +68,31 @@ def gather_pages(pages, scales, layer, page_table: Int[Array, "B Pmax"], dtype) 
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
+# cuDNN's fused attention for the XLA path's softmax(q k^T) v on GPUs, for chunks of at least
+# CUDNN_MIN_QUERIES tokens (one kernel where XLA runs about ten a layer: products, transposes, the
+# masked max, exp, sum and scale). The Pallas kernels still take the shapes they support; this
+# serves the rest (head_dim 32, token trees). Measured on an H200 with the bundled model
+# (benchmarks/NOTES.md): a 62-node Medusa tree 13 us a layer against XLA's ~22; one query
+# (decode) 6.9 against ~5 and slower end to end, five (n-gram verify) 13.5 against ~9.
+CUDNN_ATTENTION = True
+CUDNN_MIN_QUERIES = 32
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def _attend(q, k, v, visible, scale):
-    """softmax(q k^T * scale, over visible keys) v, with the statistics in float32."""
+    """softmax(q k^T * scale, over visible keys) v, with the statistics in float32: through cuDNN's
+    fused attention on a GPU for CUDNN_MIN_QUERIES tokens or more where it takes the shapes (checked
+    when traced), else through XLA."""
+    if (CUDNN_ATTENTION and q.shape[1] >= CUDNN_MIN_QUERIES and q.dtype in _CUDNN_DTYPES
+            and jax.default_backend() == "gpu"):
+        batch, t, kv_heads, groups, head_dim = q.shape
+        try:
+            out = jax.nn.dot_product_attention(
+                q.reshape(batch, t, kv_heads * groups, head_dim), k.astype(q.dtype), v.astype(q.dtype),
+                mask=visible[:, None], scale=scale, implementation="cudnn")
+            return out.reshape(q.shape)
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass  # a shape, dtype or cuDNN version it does not take
     scores = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(visible[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)

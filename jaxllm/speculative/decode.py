@@ -53,11 +53,13 @@ class SpecState(NamedTuple):
     hidden: Float[Array, "B D"] | None = None  # Medusa: hidden state of the last cached token
 
 
+@functools.partial(jax.jit, static_argnames=("capacity", "k"))
 def init_spec_state(
     tokens: np.ndarray, prompt_lens: np.ndarray, first: Int[Array, "B"], capacity: int, k: int,
     draft_cache: KVCache | None = None, hidden=None,
 ) -> SpecState:
-    """History = prompts, then each row's first generated token; room for `capacity` tokens."""
+    """History = prompts, then each row's first generated token; room for `capacity` tokens. One
+    compiled call: op by op, its six small ops cost a GPU generate call milliseconds."""
     batch = tokens.shape[0]
     history = jnp.zeros((batch, capacity), jnp.int32).at[:, :tokens.shape[1]].set(jnp.asarray(tokens))
     history = history.at[jnp.arange(batch), jnp.asarray(prompt_lens)].set(first, mode="drop")
