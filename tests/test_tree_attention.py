@@ -100,3 +100,40 @@ def test_forward_hidden_refuses_a_tree():
         llama.forward_hidden({}, jnp.zeros((1, 2), jnp.int32), meta, None, None)
     with pytest.raises(ValueError, match="forward_tree needs a cache"):
         llama.forward_tree({}, jnp.zeros((1, 2), jnp.int32), meta._replace(tree_mask=None), None, None)
+
+
+def test_attend_sends_long_chunks_to_cudnn_on_gpus(monkeypatch):
+    """On a GPU, chunks of CUDNN_MIN_QUERIES tokens or more go to jax.nn.dot_product_attention's
+    cuDNN implementation with query heads in KV-head-major order; shorter chunks, or shapes cuDNN
+    refuses at trace time, take XLA's ops. Here jax's XLA implementation stands in for cuDNN."""
+    from jaxllm.ops import attention
+
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def stand_in(q, k, v, *, mask, scale, implementation):
+        calls.append((q.shape, mask.shape, implementation))
+        return real(q, k, v, mask=mask, scale=scale, implementation="xla")
+
+    def refuses(*args, **kwargs):
+        calls.append("refused")
+        raise NotImplementedError("head dim")
+
+    t_long, t_short, s = attention.CUDNN_MIN_QUERIES, 8, 48
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    q = jax.random.normal(keys[0], (1, t_long, HKV, G, D), jnp.bfloat16)
+    k, v = (jax.random.normal(x, (1, s, HKV, D), jnp.bfloat16) for x in keys[1:])
+    visible = jnp.arange(s)[None, None, :] <= (s - t_long + jnp.arange(t_long))[None, :, None]
+    want = np.asarray(attention._attend(q, k, v, visible, D**-0.5), np.float32)  # CPU: XLA's ops
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    got = np.asarray(attention._attend(q, k, v, visible, D**-0.5), np.float32)
+    assert calls == [((1, t_long, HKV * G, D), (1, 1, t_long, s), "cudnn")]
+    np.testing.assert_allclose(got, want, atol=2e-2)
+    calls.clear()
+    attention._attend(q[:, :t_short], k, v, visible[:, :t_short], D**-0.5)
+    assert calls == []  # decode-sized chunks stay on XLA
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refuses)
+    got = np.asarray(attention._attend(q, k, v, visible, D**-0.5), np.float32)
+    assert calls == ["refused"]
+    np.testing.assert_array_equal(got, want)
