@@ -129,10 +129,11 @@ def attention_block(layer: Params, x, cache: KVCache | None, index, window, meta
     scale = config.head_dim**-0.5
     tree_kv = None
     if cache is None:
-        out = ops.causal_attention(q, k, v, meta.positions, window, scale=scale)
+        out = ops.causal_attention(q, k, v, meta.positions, window, scale=scale,
+                                   backend=config.attention_backend)
     elif meta.tree_mask is not None:
         out = ops.paged_tree_attention(q, k, v, cache, index, meta.page_table, meta.positions, meta.tree_start,
-                                       meta.tree_mask, window, scale=scale)
+                                       meta.tree_mask, window, scale=scale, backend=config.attention_backend)
         tree_kv = (k, v)
     else:
         out, cache = ops.store_and_attend(q, k, v, cache, index, meta.page_table, meta.positions, meta.kv_lens,

@@ -133,6 +133,8 @@ def test_attend_sends_long_chunks_to_cudnn_on_gpus(monkeypatch):
     calls.clear()
     attention._attend(q[:, :t_short], k, v, visible[:, :t_short], D**-0.5)
     assert calls == []  # decode-sized chunks stay on XLA
+    attention._attend(q, k, v, visible, D**-0.5, backend="xla")
+    assert calls == []  # so does attention_backend="xla" (and tensor parallelism, which sets it)
     monkeypatch.setattr(jax.nn, "dot_product_attention", refuses)
     got = np.asarray(attention._attend(q, k, v, visible, D**-0.5), np.float32)
     assert calls == ["refused"]

@@ -33,6 +33,11 @@ def write_kv(
     return pages.at[layer, page, slot].set(new)
 
 
+def quantized_kind(cache: KVCache) -> str:
+    """The kv_cache_dtype name ("int8" or "fp8_e4m3") of a cache that holds scales."""
+    return "int8" if cache.k.dtype == jnp.int8 else "fp8_e4m3"
+
+
 def store_kv_layers(
     cache: KVCache,
     k: Float[Array, "L B T Hkv D"],
@@ -46,8 +51,7 @@ def store_kv_layers(
     write = lambda pages, new: pages.at[:, page, slot].set(new.astype(pages.dtype))
     if cache.k_scale is None:
         return KVCache(write(cache.k, k), write(cache.v, v))
-    kv_dtype = "int8" if cache.k.dtype == jnp.int8 else "fp8_e4m3"
-    (qk, sk), (qv, sv) = quantize(k, kv_dtype), quantize(v, kv_dtype)
+    (qk, sk), (qv, sv) = quantize(k, quantized_kind(cache)), quantize(v, quantized_kind(cache))
     return KVCache(write(cache.k, qk), write(cache.v, qv), write(cache.k_scale, sk), write(cache.v_scale, sv))
 
 
@@ -79,11 +83,12 @@ CUDNN_MIN_QUERIES = 32
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _attend(q, k, v, visible, scale):
+def _attend(q, k, v, visible, scale, backend: str = "auto"):
     """softmax(q k^T * scale, over visible keys) v, with the statistics in float32: through cuDNN's
     fused attention on a GPU for CUDNN_MIN_QUERIES tokens or more where it takes the shapes (checked
-    when traced), else through XLA."""
-    if (CUDNN_ATTENTION and q.shape[1] >= CUDNN_MIN_QUERIES and q.dtype in _CUDNN_DTYPES
+    when traced) unless `backend` is "xla" (XLA's ops only; also what tensor parallelism runs), else
+    through XLA."""
+    if (CUDNN_ATTENTION and backend != "xla" and q.shape[1] >= CUDNN_MIN_QUERIES and q.dtype in _CUDNN_DTYPES
             and jax.default_backend() == "gpu"):
         batch, t, kv_heads, groups, head_dim = q.shape
         try:
@@ -114,11 +119,13 @@ def causal_attention(
     sliding_window: Int[Array, ""] | int = 0,
     *,
     scale: float,
+    backend: str = "auto",
 ) -> Float[Array, "B T Hkv G D"]:
-    """Causal self-attention within one chunk, no cache (training and scoring)."""
+    """Causal self-attention within one chunk, no cache (training and scoring); `backend` "xla"
+    keeps it off cuDNN."""
     visible = _visible(positions[:, None, :], positions[:, :, None], sliding_window)
     visible &= (positions >= 0)[:, None, :]
-    return _attend(q, k, v, visible, scale)
+    return _attend(q, k, v, visible, scale, backend)
 
 
 def store_kv(
@@ -133,8 +140,7 @@ def store_kv(
     if cache.k_scale is None:
         return KVCache(write_kv(cache.k, layer, k, page_table, positions),
                        write_kv(cache.v, layer, v, page_table, positions))
-    kv_dtype = "int8" if cache.k.dtype == jnp.int8 else "fp8_e4m3"
-    (qk, sk), (qv, sv) = quantize(k, kv_dtype), quantize(v, kv_dtype)
+    (qk, sk), (qv, sv) = quantize(k, quantized_kind(cache)), quantize(v, quantized_kind(cache))
     return KVCache(write_kv(cache.k, layer, qk, page_table, positions),
                    write_kv(cache.v, layer, qv, page_table, positions),
                    write_kv(cache.k_scale, layer, sk, page_table, positions),
@@ -169,7 +175,7 @@ def paged_attention(
     key_pos = jnp.arange(k.shape[1])[None, None, :]
     visible = _visible(key_pos, positions[:, :, None], sliding_window)
     visible &= key_pos < kv_lens[:, None, None]
-    return _attend(q, k, v, visible, scale)
+    return _attend(q, k, v, visible, scale, backend)
 
 
 # Measured on an H200 (benchmarks/NOTES.md): storing in the kernel gains 1 % at batch-1 decode, is

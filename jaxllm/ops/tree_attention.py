@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxllm.kv_cache import KVCache
-from jaxllm.ops.attention import _attend, gather_pages
+from jaxllm.ops.attention import _attend, gather_pages, quantized_kind
 from jaxllm.ops.kv_quant import dequantize, quantize
 
 
@@ -25,8 +25,7 @@ def as_stored(x: Float[Array, "B T Hkv D"], cache: KVCache, dtype) -> Float[Arra
     fp8 with per-vector scales and dequantized to `dtype`."""
     if cache.k_scale is None:
         return x.astype(cache.k.dtype)
-    kind = "int8" if cache.k.dtype == jnp.int8 else "fp8_e4m3"
-    return dequantize(*quantize(x, kind), dtype)
+    return dequantize(*quantize(x, quantized_kind(cache)), dtype)
 
 
 def paged_tree_attention(
@@ -42,10 +41,11 @@ def paged_tree_attention(
     sliding_window: Int[Array, ""] | int = 0,
     *,
     scale: float,
+    backend: str = "auto",
 ) -> Float[Array, "B T Hkv G D"]:
     """Row b's tree queries over its prefix slots [0, start[b]) and the tree's own keys `k`, `v`
-    (which this step also stored at slots start[b] + t); rows with start < 0 (padding) see nothing.
-    A window W > 0 limits prefix keys to positions > position - W."""
+    (stored nowhere yet); rows with start < 0 (padding) see nothing. A window W > 0 limits prefix
+    keys to positions > position - W. `backend` "xla" keeps it off cuDNN."""
     batch, t = q.shape[:2]
     if tuple(tree_mask.shape) != (t, t):
         raise ValueError(f"tree_mask must be [T, T] = [{t}, {t}] for {t} tree tokens, got {tuple(tree_mask.shape)}")
@@ -62,4 +62,4 @@ def paged_tree_attention(
     prefix = (key < begin) & ((window <= 0) | (key > positions[:, :, None] - window))
     tree = jnp.broadcast_to(jnp.asarray(tree_mask)[None], (batch, t, t))
     visible = jnp.concatenate([prefix, tree], axis=2) & (begin >= 0)
-    return _attend(q, keys, values, visible, scale)
+    return _attend(q, keys, values, visible, scale, backend)
