@@ -89,6 +89,8 @@ def test_store_kv_layers_equals_store_kv_layer_by_layer(kv_dtype):
             continue
         np.testing.assert_array_equal(np.asarray(a[:, 1:], np.float32), np.asarray(b[:, 1:], np.float32))
     assert not np.array_equal(np.asarray(got.k[:, 1:], np.float32), np.asarray(cache.k[:, 1:], np.float32))
+    with pytest.raises(ValueError, match=r"must both be \[layers, batch, tokens, kv_heads, head_dim\]"):
+        store_kv_layers(cache, k[:2], v[:2], page_table, positions)  # two layers for a three-layer cache
 
 
 def test_forward_hidden_refuses_a_tree():

@@ -47,6 +47,10 @@ def store_kv_layers(
 ) -> KVCache:
     """Every layer's K/V of tokens at `positions` (-1: the scratch page) stored at once, quantized
     when the cache holds scales: what `store_kv` does layer by layer, in one scatter per array."""
+    want = (cache.k.shape[0], *positions.shape, *cache.k.shape[3:])
+    if k.shape != want or v.shape != want:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [layers, batch, tokens, "
+                         f"kv_heads, head_dim] = {want} for this cache and positions {tuple(positions.shape)}")
     page, slot = slot_address(page_table, positions, cache.k.shape[2])
     write = lambda pages, new: pages.at[:, page, slot].set(new.astype(pages.dtype))
     if cache.k_scale is None:
@@ -76,8 +80,8 @@ def gather_pages(pages, scales, layer, page_table: Int[Array, "B Pmax"], dtype) 
 # CUDNN_MIN_QUERIES tokens (one kernel where XLA runs about ten a layer: products, transposes, the
 # masked max, exp, sum and scale). The Pallas kernels still take the shapes they support; this
 # serves the rest (head_dim 32, token trees). Measured on an H200 with the bundled model
-# (benchmarks/NOTES.md): a 62-node Medusa tree 13 us a layer against XLA's ~22; one query
-# (decode) 6.9 against ~5 and slower end to end, five (n-gram verify) 13.5 against ~9.
+# (benchmarks/NOTES.md): a 62-node Medusa tree 13 us a layer against XLA's ~22; one query (decode)
+# 0.975x end to end through cuDNN, five (n-gram verify) 13.5 us a layer against XLA's ~9.
 CUDNN_ATTENTION = True
 CUDNN_MIN_QUERIES = 32
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

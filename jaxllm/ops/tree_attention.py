@@ -1,13 +1,11 @@
 """Attention of a token tree (speculative candidates) over a paged cache, through XLA.
 
-The T tree tokens of row b sit in cache slots start[b] .. start[b]+T-1; each sees the row's cached
-prefix (slots before start[b]) and the tree tokens `tree_mask` allows (its ancestors and itself).
-Their rotary positions (prefix length + depth) differ from their slots, so both are given.
-
-The tree's keys are taken from the step's own K/V (as the pages hold them), not from the pages: the
-prefix then needs one mask per row and the tree one constant [T, T] mask, where a mask over the
-gathered slots needed a per-query gather of `tree_mask` (on an H200, the bundled model's Medusa
-step spent 35 us of ~380 in that masked reduction).
+Each of row b's T tree tokens sees the row's cached prefix (slots before start[b]) and the tree
+tokens `tree_mask` allows (its ancestors and itself); their rotary positions (prefix length + depth)
+are given apart from start. The tree's keys are the step's own K/V (rounded or quantized as the
+pages would hold them), not stored anywhere yet: the prefix then needs one mask per row and the tree
+one constant [T, T] mask, where attending over stored tree slots needed a per-query gather of
+`tree_mask` (on an H200, the bundled model's Medusa step spent 35 us of ~380 in that masked reduction).
 """
 
 from __future__ import annotations

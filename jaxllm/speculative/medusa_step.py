@@ -35,7 +35,7 @@ def medusa_step(params, heads, s: runner.DecodeState, sp, st, limits, *, config,
     last = s.tokens[rows, jnp.maximum(n - 1, 0)]
     candidates = tree_candidates(last, medusa_logits(heads, sp.hidden), tree)
     positions = jnp.where(live[:, None], p[:, None] + jnp.asarray(tree.depth)[None], -1)
-    meta = AttentionMeta(positions, s.page_table, jnp.where(live, p + n_nodes, 0), jnp.where(live, p, -1),
+    meta = AttentionMeta(positions, s.page_table, jnp.where(live, p, 0), jnp.where(live, p, -1),
                          jnp.asarray(tree.ancestor_mask))
     hidden, k_tree, v_tree = model.forward_tree(params, candidates, meta, s.cache, config)
     logits = model.logits(params, hidden)  # [B, N, V]
