@@ -68,13 +68,17 @@ class Tiles:
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
-    def scores(self, q_smem, k_smem):
-        """Q K^T in float32."""
+    def scores(self, q_smem, k_smem, after_issue=None):
+        """Q K^T in float32. `after_issue()`, if given, runs while the product is in flight."""
         if self.interpret:
+            if after_issue is not None:
+                after_issue()
             return jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
 
         def scope(acc_ref):
             plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+            if after_issue is not None:
+                after_issue()
             return acc_ref[...]
 
         return pl.run_scoped(scope, plgpu.ACC((ROWS, self.block_kv), jnp.float32))
@@ -105,8 +109,10 @@ class Tiles:
 
 def online_softmax(acc, m_i, l_i, s, visible, masked: float):
     """One FlashAttention step in log2 units: `s` are scores already scaled by log2(e)/sqrt(d);
-    hidden ones become `masked`. Returns the rescaled accumulator, new max and sum, and P."""
-    s = jnp.where(visible, s, masked)
+    hidden ones become `masked` (`visible=None`: every score is seen). Returns the rescaled
+    accumulator, new max and sum, and P."""
+    if visible is not None:
+        s = jnp.where(visible, s, masked)
     m_new = jnp.maximum(m_i, s.max(axis=1))
     alpha = jnp.exp2(m_i - m_new)
     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -191,9 +197,11 @@ def copies_per_tile(page_size: int, block_kv: int) -> int:
 
 
 def memory_loop(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, *, begin, steps,
-                num_stages: int, before_copy=None, **page_args):
+                num_stages: int, before_copy=None, drain: bool = False, **page_args):
     """The memory warpgroup: for each step, wait for its slot to be free, then copy K and V.
-    `before_copy(step)`, if given, runs before each step's copies are issued."""
+    `before_copy(step)`, if given, runs before each step's copies are issued. `drain` also waits
+    for the last slots' releases (the hardware does not need it; Pallas' GPU interpreter checks that
+    a waiting thread sees every phase of a barrier, so with more steps than stages it does)."""
 
     def issue(step, carry):
         slot = lax.rem(step, num_stages)
@@ -215,6 +223,14 @@ def memory_loop(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, 
         return carry
 
     lax.fori_loop(0, steps, issue, None)
+    if drain:
+        def wait_free(step, carry):
+            slot = lax.rem(step, num_stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            return carry
+
+        lax.fori_loop(jnp.maximum(steps - num_stages, 0), steps, wait_free, None)
 
 
 def dequantize_loop(tiles: Tiles, src, staged, arrived, out, ready, free, *, begin, steps, num_stages: int,

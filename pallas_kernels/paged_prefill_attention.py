@@ -3,7 +3,9 @@ sequence's cached prefix, all read through the page table (the chunk's own K/V a
 
 One block per (sequence, KV head, 2 x 64/G tokens): two compute warpgroups each own 64 rows, the
 G query heads of 64/G consecutive tokens (so one K/V tile serves every head of the group), and a
-memory warpgroup streams the K/V tiles both use, up to the block's last visible key.
+memory warpgroup streams the K/V tiles both use, up to the block's last visible key. As in
+FlashAttention-3, the compute warpgroups take turns on the tensor cores (one's softmax runs while
+the other's products do), and tiles every row sees whole skip the mask.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from pallas_kernels.attention_tiles import (ROWS, Tiles, check_pages, copies_per
                                             online_softmax, smem_tile)
 
 COMPUTE_WARPGROUPS = 2
+COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40  # per thread: 2 x 232 + 40 warps' worth fits the SM's 64k
 _MASKED = -1e30  # finite: a padding row sees no key, and its (unused) output stays finite
 _NO_WINDOW = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
-    block_kv: int = 64
-    num_stages: int = 3
+    block_kv: int = 128  # measured on the H200 (BENCHMARKS.md): 128 x 2 beats 64 x 2 and 64 x 3
+    num_stages: int = 2
 
     def __post_init__(self):
         if self.block_kv % 64:
@@ -126,7 +129,7 @@ def _build(batch, kv_heads, groups, padded, head_dim, page_size, pmax, dtype, bl
 
     def body(q_ref, k_ref, v_ref, scalars_ref, table_ref, lens_ref, starts_ref, counts_ref, o_ref, scoped):
         q_smem, k_smem, v_smem = scoped[0]
-        (q_bar, k_bar, v_bar), (k_free, v_free) = scoped[1], scoped[2]
+        (q_bar, k_bar, v_bar), (k_free, v_free), turn = scoped[1], scoped[2], scoped[3]
         b, h, blk = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("t")
         wg = lax.axis_index("wg")
         window = scalars_ref[1]
@@ -141,31 +144,52 @@ def _build(batch, kv_heads, groups, padded, head_dim, page_size, pmax, dtype, bl
         steps = jnp.maximum(lax.div(hi - begin + (block_kv - 1), block_kv), 0)
         steps = jnp.where(t0 < count, steps, 0)  # all padding: nothing to read, zeros out
 
+        def schedule_barrier():
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
+            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             tile = q_smem.at[wg]
             row0 = (t0 + wg * per_wg) * groups
             plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, ROWS)], tile, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             token = t0 + wg * per_wg + lax.shift_right_logical(tiles.iota(0), group_shift)
             pos = start + token
+            # Tiles every row of this warpgroup sees whole (causal, cached, no window) need no mask.
+            first_pos = start + t0 + wg * per_wg
+            unmasked = lax.div(jnp.minimum(first_pos + 1, length) - begin, block_kv)
+            unmasked = jnp.where(window == _NO_WINDOW, jnp.clip(unmasked, 0, steps), 0)
 
-            def step_fn(step, carry):
+            def step_fn(step, carry, masked: bool):
                 acc, m_i, l_i = carry
                 slot = lax.rem(step, num_stages)
                 plgpu.barrier_wait(k_bar.at[slot])
-                qk = tiles.scores(tile, k_smem.at[slot])
+                qk = tiles.scores(tile, k_smem.at[slot], after_issue=schedule_barrier)
                 plgpu.barrier_arrive(k_free.at[slot])
-                key = begin + step * block_kv + tiles.iota(1)
-                visible = (key <= pos) & (key > pos - window) & (key < length) & (token < count)
+                if masked:
+                    key = begin + step * block_kv + tiles.iota(1)
+                    visible = (key <= pos) & (key > pos - window) & (key < length) & (token < count)
+                else:
+                    visible = None
                 acc, m_i, l_i, p = online_softmax(acc, m_i, l_i, qk * log2e_scale, visible, _MASKED)
+                # The other warpgroup's products run on the tensor cores while this one's softmax
+                # runs (FlashAttention-3's ping-pong); then this one takes its turn.
+                p = p.astype(dtype)
+                acc, m_i, l_i, p = lax.optimization_barrier((acc, m_i, l_i, p))
+                plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(turn)
                 acc = tiles.accumulate_pv(acc, p, v_smem.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_i, l_i
 
             init = (tiles.zero_output(), tiles.row_stat(_MASKED), tiles.row_stat(0.0))
-            acc, m_i, l_i = lax.fori_loop(0, steps, step_fn, init)
+            pl.when(wg == 1)(schedule_barrier)  # warpgroup 1 starts half a step behind
+            carry = lax.fori_loop(0, unmasked, functools.partial(step_fn, masked=False), init)
+            acc, m_i, l_i = lax.fori_loop(unmasked, steps, functools.partial(step_fn, masked=True), carry)
+            pl.when(wg == 0)(schedule_barrier)  # both warpgroups pass the barrier equally often
             acc /= lax.broadcast_in_dim(jnp.maximum(l_i, 1e-30), acc.shape, [0])
             tile[...] = acc.astype(dtype)
             plgpu.commit_smem()
@@ -174,9 +198,10 @@ def _build(batch, kv_heads, groups, padded, head_dim, page_size, pmax, dtype, bl
 
         @pl.when(wg == COMPUTE_WARPGROUPS)
         def _memory():
+            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
             memory_loop(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, begin=begin,
                         steps=steps, num_stages=num_stages, layer=scalars_ref[0], table_ref=table_ref,
-                        b=b, h=h, page_size=page_size, block_kv=block_kv, pmax=pmax)
+                        b=b, h=h, page_size=page_size, block_kv=block_kv, pmax=pmax, drain=True)
 
     def entry(q_ref, k_ref, v_ref, scalars_ref, table_ref, lens_ref, starts_ref, counts_ref, o_ref):
         copies = copies_per_tile(page_size, block_kv)
@@ -191,10 +216,11 @@ def _build(batch, kv_heads, groups, padded, head_dim, page_size, pmax, dtype, bl
             plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
         )
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=num_stages),) * 2
+        turn = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS)
         pl.run_scoped(
             lambda *scoped: body(q_ref, k_ref, v_ref, scalars_ref, table_ref, lens_ref, starts_ref,
                                  counts_ref, o_ref, scoped),
-            smem, ready, free, collective_axes="wg")
+            smem, ready, free, turn, collective_axes="wg")
 
     return plgpu.kernel(
         entry,

@@ -34,6 +34,7 @@ CASES = [  # groups, tokens, starts, counts, page_size, pmax, window, block_kv, 
     (4, 32, [70, 0], [30, 32], 16, 8, 24, 64, 2),  # sliding window across the prefix
     (2, 64, [0, 0], [64, 0], 64, 2, 0, 128, 2),  # a row of padding only; big pages and tiles
     (1, 40, [17], [40], 8, 8, 0, 64, 2),  # one head a group: 64 tokens a warpgroup, T padded
+    (4, 64, [127, 100], [64, 50], 16, 16, 0, 64, 2),  # long prefixes: unmasked tiles, then the diagonal
 ]
 
 
