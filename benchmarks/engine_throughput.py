@@ -33,6 +33,8 @@ def main(argv=None) -> int:
                         help="engine runs: tokens a step computes (decodes and prefill chunks)")
     parser.add_argument("--num-decode-steps", type=int, nargs="+", default=[8],
                         help="engine runs, one per value: decode steps per scheduler visit")
+    parser.add_argument("--quantization", default=None, help="LLM's quantization (e.g. fp8); default bf16")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="LLM's kv_cache_dtype (auto, fp8, int8)")
     parser.add_argument("--small", action="store_true", help="a tiny model, to smoke-test on a CPU")
     parser.add_argument("--out", default="results_engine_throughput.json")
     args = parser.parse_args(argv)
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
     rows = []
     for workload in args.workloads:
         n_in, n_out = map(int, workload.split("x"))
-        llm = LLM.from_params(config, params, mesh, max_model_len=n_in + n_out + 16, max_num_seqs=args.max_num_seqs)
+        llm = LLM.from_params(config, params, mesh, max_model_len=n_in + n_out + 16, max_num_seqs=args.max_num_seqs,
+                              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
         requests = RandomWorkload(args.num_prompts, n_in, n_out).sample(config.vocab_size)
         runs = [(b, n) for b in args.backends for n in (args.num_decode_steps if b == "engine" else [None])]
         for backend, steps in runs:
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
             result = run_throughput(llm, requests, backend="llm" if backend.startswith("llm") else backend,
                                     engine_config=engine_config)
             row = dict(result.as_dict(), backend=backend, workload=workload, num_decode_steps=steps,
+                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                        max_num_batched_tokens=args.max_num_batched_tokens if backend == "engine" else None,
                        wall_with_warmup_s=time.perf_counter() - start)
             rows.append(row)
