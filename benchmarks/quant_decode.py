@@ -1,11 +1,14 @@
 """Batch-1 decode and 2048-token prefill of the 8B shape per quantization method, bf16 first, one
 process, same random weights (Pallas attention kernels on).
 
-A method named with a "/nmajor" suffix (int8/nmajor, int4/nmajor) keeps the weights in their stored
-[K, N] layout instead of the K-major kernels' one, so its products run through XLA (until the eighth
-session they ran in N-major Mosaic GPU kernels, since removed: the K-major ones replaced them).
+A method is "none" or one of `jaxllm.quantization.METHODS` needing no calibration (int8, int4, fp8,
+nvfp4, mxfp4). One named with a "/nmajor" suffix (int8/nmajor, int4/nmajor, nvfp4/nmajor) keeps the
+weights in their stored [K, N] layout instead of the K-major kernels' one, so its products run
+through XLA (until the eighth session they ran in N-major Mosaic GPU kernels, since removed: the
+K-major ones replaced them; fp4 there means dequantizing before each product).
 
     PYTHONPATH=. python -m benchmarks.quant_decode --methods none int8 int4 int8/nmajor --out results.json
+    PYTHONPATH=. python -m benchmarks.quant_decode --methods none nvfp4 mxfp4 nvfp4/nmajor --out results.json
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             "activation-aware scales from --calib; gptq: int4 with GPTQ's error feedback "
                             "from --calib; fp8: W8A8 e4m3, dynamic per-token activation scales; "
                             "smoothquant: int8 W8A8 with migration strength calibrated on --calib; "
-                            "mxfp4/nvfp4: fp4 (e2m1) block storage, dequantized before the product")
+                            "mxfp4/nvfp4: fp4 (e2m1) block storage, dequantized before the product (Hopper has no fp4 "
+                            "tensor cores)")
     quant.add_argument("--calib", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files (awq, gptq, smoothquant)")
     quant.add_argument("--calib-rows", type=int, default=32, metavar="N",
                        help="most calibration rows of --calib-len tokens (default: 32)")

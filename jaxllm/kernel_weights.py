@@ -1,11 +1,11 @@
 """Quantized weights re-laid for the K-major Mosaic GPU kernels (pallas_kernels/quant_matmul_kmajor.py,
-pallas_kernels/fp8_matmul.py) and for XLA's 8-bit gemms.
+pallas_kernels/fp4_matmul_kmajor.py, pallas_kernels/fp8_matmul.py) and for XLA's 8-bit gemms.
 
 The kernels read each output feature's codes along K, so the codes are stored transposed, [N, K],
-once at load. `to_kernel_layout` swaps each int8 (QuantizedWeight) and int4 (Int4Weight) leaf of a
-model's params for its K-major twin where the kernels take the weight's shape, and every W8A8 leaf
-(fp8, SmoothQuant) whose input axes lead; the twins still multiply through XLA for the shapes the
-kernels do not take or where XLA is faster (prefill).
+once at load. `to_kernel_layout` swaps each int8 (QuantizedWeight), int4 (Int4Weight) and fp4
+(FP4Weight) leaf of a model's params for its K-major twin where the kernels take the weight's shape,
+and every W8A8 leaf (fp8, SmoothQuant) whose input axes lead; the twins still multiply through XLA
+for the shapes the kernels do not take or where XLA is faster (prefill).
 """
 
 from __future__ import annotations
@@ -49,7 +49,22 @@ class KMajorW8A8Weight:
     kind: str  # "int8" or "fp8"
 
 
-KMAJOR_TYPES = (KMajorInt8Weight, KMajorInt4Weight, KMajorW8A8Weight)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q_t", "block_scale", "channel_scale"],
+                   meta_fields=["shape", "fmt"])
+@dataclasses.dataclass(frozen=True)
+class KMajorFP4Weight:
+    """An FP4Weight for pallas_kernels/fp4_matmul_kmajor.py: W[k, n] = e2m1(q_t[n, k]) *
+    block_scale[k // 16, n] * channel_scale[n] (see `fp4_twin`)."""
+
+    q_t: Array  # int4 [N, K]: each e2m1 code's four bits
+    block_scale: Array  # [K/16, N]: float8_e4m3fn (nvfp4) or float8_e5m2 (mxfp4)
+    channel_scale: Float[Array, "N"]
+    shape: tuple[int, ...]
+    fmt: str  # "nvfp4" or "mxfp4"
+
+
+KMAJOR_TYPES = (KMajorInt8Weight, KMajorInt4Weight, KMajorW8A8Weight, KMajorFP4Weight)
+MX_MIN_RELATIVE_SCALE = 2.0**-16  # float8_e5m2's smallest power of two
 
 
 def _int8_k(w) -> int | None:
@@ -68,10 +83,35 @@ def _kernels_take(kind: str, k: int, n: int) -> bool:
     return True
 
 
+def fp4_twin(w) -> KMajorFP4Weight:
+    """An FP4Weight's K-major twin, its block scales in 8 bits. NVFP4: the block scales are e4m3
+    values (exact in float8_e4m3fn), the channel scale the per-tensor one. MXFP4 (power-of-two
+    scales a block of 32): each scale serves both its 16-input halves, stored relative to the
+    channel's largest (the channel scale) as float8_e5m2, exact down to 2^-16; a block scale below
+    2^-16 of its channel's largest becomes 0 (its weights, at most 6 * 2^-17 of that scale, drop
+    out). Everything else is exact: for ordinary weights `dequantize` of the twin equals
+    `dequantize_fp4` of the weight."""
+    from jaxllm.quantization import FP4_BLOCK
+    from pallas_kernels.fp4_matmul_kmajor import BLOCK, fp4_kmajor
+
+    n = w.packed.shape[1]
+    scale = w.block_scale.astype(jnp.float32)
+    glob = jnp.asarray(w.global_scale, jnp.float32)
+    if w.fmt == "nvfp4":
+        block, channel = scale.astype(jnp.float8_e4m3fn), jnp.broadcast_to(glob, (n,))
+    else:
+        top = jnp.max(scale, axis=0)
+        rel = scale / top
+        rel = jnp.where(rel >= MX_MIN_RELATIVE_SCALE, rel, 0.0).astype(jnp.float8_e5m2)
+        block, channel = jnp.repeat(rel, FP4_BLOCK[w.fmt] // BLOCK, axis=0), top * glob
+    return KMajorFP4Weight(fp4_kmajor(w.packed), block, channel, tuple(w.shape), w.fmt)
+
+
 def kernel_layout(w):
-    """The K-major twin of an int8 / int4 weight the kernels can take, or of any W8A8 weight whose
-    input axes lead (XLA's 8-bit gemms also want both operands K-major); else the weight unchanged."""
-    from jaxllm.quantization import Int4Weight, QuantizedWeight, W8A8Weight
+    """The K-major twin of an int8 / int4 / fp4 weight the kernels can take, or of any W8A8 weight
+    whose input axes lead (XLA's 8-bit gemms also want both operands K-major); else the weight
+    unchanged."""
+    from jaxllm.quantization import FP4Weight, Int4Weight, QuantizedWeight, W8A8Weight
     from pallas_kernels.quant_matmul_kmajor import INT4_GROUP, int4_kmajor, int8_kmajor
 
     if isinstance(w, W8A8Weight) and (k := _int8_k(w)) is not None:
@@ -85,21 +125,26 @@ def kernel_layout(w):
     if (isinstance(w, Int4Weight) and w.group_size == INT4_GROUP
             and _kernels_take("int4", 2 * w.packed.shape[0], w.packed.shape[1])):
         return KMajorInt4Weight(int4_kmajor(w.packed), w.scale, w.zero, w.input_scale, tuple(w.shape))
+    if isinstance(w, FP4Weight) and _kernels_take("fp4", 2 * w.packed.shape[0], w.packed.shape[1]):
+        return fp4_twin(w)
     return w
 
 
 def to_kernel_layout(params: dict) -> dict:
-    """The params with every int8 / int4 weight the kernels take, and every W8A8 weight, K-major."""
-    from jaxllm.quantization import Int4Weight, QuantizedWeight, W8A8Weight
+    """The params with every int8 / int4 / fp4 weight the kernels take, and every W8A8 weight, K-major."""
+    from jaxllm.quantization import FP4Weight, Int4Weight, QuantizedWeight, W8A8Weight
 
-    leaf = lambda x: isinstance(x, (QuantizedWeight, Int4Weight, W8A8Weight))
+    leaf = lambda x: isinstance(x, (QuantizedWeight, Int4Weight, W8A8Weight, FP4Weight))
     return jax.tree.map(kernel_layout, params, is_leaf=leaf)
 
 
 def dequantize(w, dtype=jnp.float32) -> Array:
     """The dense weight a K-major weight stands for."""
+    from pallas_kernels.fp4_matmul_kmajor import dequantize_fp4_kmajor
     from pallas_kernels.quant_matmul_kmajor import dequantize_int4_kmajor
 
+    if isinstance(w, KMajorFP4Weight):
+        return dequantize_fp4_kmajor(w.q_t, w.block_scale, w.channel_scale).reshape(w.shape).astype(dtype)
     if isinstance(w, KMajorInt8Weight):
         return (w.q_t.T.astype(jnp.float32) * w.scale[None, :]).reshape(w.shape).astype(dtype)
     if isinstance(w, KMajorW8A8Weight):
@@ -110,7 +155,7 @@ def dequantize(w, dtype=jnp.float32) -> Array:
 
 def xla_einsum(subscripts: str, x: Array, w) -> Array:
     """The product through XLA: int8 codes multiplied transposed (no copy), W8A8 as an 8-bit gemm
-    of per-token activation codes, int4 dequantized first."""
+    of per-token activation codes, int4 and fp4 dequantized first."""
     from jaxllm.ops.matmul import as_matrix_product
 
     dims = as_matrix_product(subscripts, tuple(x.shape), w.shape)
@@ -147,9 +192,12 @@ def matmul_kernel(x2: Float[Array, "M K"], w, *, interpret: bool) -> Float[Array
     """x2 @ W through the Pallas kernel of w's kind: the weight-only K-major kernels up to
     `quant_matmul_kmajor.MAX_TOKENS` tokens (W8A8 weights too: the activations stay unquantized),
     the fp8 x fp8 kernel above."""
+    from pallas_kernels.fp4_matmul_kmajor import w4a16_fp4_kmajor
     from pallas_kernels.fp8_matmul import fp8_matmul
     from pallas_kernels.quant_matmul_kmajor import MAX_TOKENS, w4a16_kmajor, w8a16_kmajor
 
+    if isinstance(w, KMajorFP4Weight):
+        return w4a16_fp4_kmajor(x2, w.q_t, w.block_scale, w.channel_scale, interpret=interpret)
     if isinstance(w, KMajorInt8Weight):
         return w8a16_kmajor(x2, w.q_t, w.scale, interpret=interpret)
     if isinstance(w, KMajorW8A8Weight):

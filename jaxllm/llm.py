@@ -98,8 +98,8 @@ def _quantized(params: dict, config: ModelConfig, method: str | None) -> dict:
 
 
 def _in_kernel_layout(params: dict) -> dict:
-    """int8 / int4 weights re-laid for the K-major kernels where `ops.matmul`'s "auto" mode runs
-    them (one GPU); elsewhere unchanged."""
+    """int8 / int4 / fp4 / W8A8 weights re-laid for the K-major kernels where `ops.matmul`'s "auto"
+    mode runs them (one GPU); elsewhere unchanged."""
     from jaxllm.kernel_weights import to_kernel_layout
     from jaxllm.ops.matmul import kernels_by_default
 

@@ -8,7 +8,9 @@
 - `FP4Weight` (mxfp4, nvfp4): 4-bit floats (e2m1) in blocks along the input dimension, MXFP4's
   32-element blocks with a power-of-two scale or NVFP4's 16-element blocks with an e4m3 scale and a
   per-tensor float32 scale. Storage only: Hopper has no fp4 tensor cores, so the weights are
-  dequantized before the product (in a kernel, eventually; through XLA for now).
+  dequantized before the product: in registers by `pallas_kernels/fp4_matmul_kmajor.py` for decode
+  shapes on one GPU (e2m1 -> e4m3 by table lookup, e4m3 -> float16 in hardware, float16 tensor-core
+  products), through XLA elsewhere.
 - `Int4Weight` (int4, AWQ, GPTQ): 4-bit values packed two to a byte along the input dimension, with an
   asymmetric scale and zero point per group of `group_size` inputs and output channel (AutoAWQ's
   scheme), and a per-input-channel `input_scale` (AWQ's activation-aware scale; ones for plain

@@ -46,7 +46,7 @@ MIN_STEPS_PER_SPLIT = 4
 SUMS_WIDTH = 64  # int4's per-group activation sums, padded to 256 bytes a row (TMA moves 128-byte multiples)
 INT4_GROUP = 128  # the int4 kernel steps one group of inputs at a time
 CODE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4),
-               "bf16": jnp.dtype(jnp.bfloat16)}
+               "bf16": jnp.dtype(jnp.bfloat16), "fp4": jnp.dtype(jnp.int4)}  # fp4: e2m1 codes held in int4
 EIGHT_BIT_KINDS = {CODE_DTYPES["int8"]: "int8", CODE_DTYPES["fp8"]: "fp8"}  # w8a16_kmajor's code dtypes
 F16_MAX = 65504.0
 
@@ -75,7 +75,8 @@ class KMajorConfig:
 class Plan:
     """The static shape of one kernel launch."""
 
-    kind: str  # "int8", "fp8" (e4m3 codes, one scale per channel, as int8), "int4" or "bf16" (no codes)
+    kind: str  # "int8", "fp8" (e4m3 codes, one scale per channel, as int8), "int4", "bf16" (no codes)
+    # or "fp4" (e2m1 codes, a scale per 16 inputs: pallas_kernels/fp4_matmul_kmajor.py)
     k: int
     n: int
     tokens: int  # padded token count (wgmma's N)
@@ -88,7 +89,7 @@ class Plan:
     def operand_dtype(self):
         """What the codes become in registers, and the activations' dtype: Hopper converts e4m3 to
         float16 only (w8a16_kmajor saturates activations beyond float16's range, 65504)."""
-        return jnp.dtype(jnp.float16 if self.kind == "fp8" else jnp.bfloat16)
+        return jnp.dtype(jnp.float16 if self.kind in ("fp8", "fp4") else jnp.bfloat16)
 
     @property
     def steps(self) -> int:
@@ -105,6 +106,8 @@ class Plan:
     def stage_bytes(self) -> int:
         codes = self.block_n * self.block_k * bits(CODE_DTYPES[self.kind]) // 8
         extra = self.block_n * 5 + 4 * SUMS_WIDTH if self.kind == "int4" else 0
+        if self.kind == "fp4":  # block scales, counted as float16 (8-bit ones take half)
+            extra = 2 * self.block_n * self.block_k // 16
         return codes + self.tokens * self.block_k * 2 + extra
 
     def fixed_bytes(self) -> int:
@@ -122,12 +125,13 @@ def plan(kind: str, m: int, k: int, n: int, config: KMajorConfig | None = None) 
     block_n = config.block_n or (128 if n % 128 == 0 else 64)
     if n % block_n:
         raise ValueError(f"N={n} output features must be a multiple of block_n={block_n}")
-    if kind == "int4":
-        if block_n < 128:  # a TMA copy moves at least 128 bytes here: the block's zero points
-            raise ValueError(f"the int4 kernel takes block_n of 128 or 256 (got {block_n}), so N={n} must be a "
+    if kind in ("int4", "fp4"):
+        if block_n < 128:  # a TMA copy moves at least 128 bytes here: the block's zero points or scales
+            raise ValueError(f"the {kind} kernel takes block_n of 128 or 256 (got {block_n}), so N={n} must be a "
                              f"multiple of 128")
         if config.block_k not in (None, INT4_GROUP):
-            raise ValueError(f"the int4 kernel steps one group of {INT4_GROUP} inputs, not block_k={config.block_k}")
+            what = "one group of" if kind == "int4" else "a step of"
+            raise ValueError(f"the {kind} kernel steps {what} {INT4_GROUP} inputs, not block_k={config.block_k}")
         block_k = INT4_GROUP
     else:
         block_k = config.block_k or 128

@@ -1,9 +1,11 @@
 """Matrix products against weights: dense arrays, or quantized pytrees (jaxllm.quantization).
 
-On a single GPU, `LLM` stores int8, int4 and W8A8 (fp8, SmoothQuant) weights in the K-major
-kernels' layout (`jaxllm.kernel_weights.to_kernel_layout`); their products of one token (int8), up
-to 16 (W8A8, weight-only there) or up to 64 tokens (int4) run in `pallas_kernels.quant_matmul_kmajor`
-(batch-1 8B decode on the H200: int8 1.28x, int4 1.36x and fp8 1.40x bf16's tokens/s, BENCHMARKS.md).
+On a single GPU, `LLM` stores int8, int4, fp4 (mxfp4, nvfp4) and W8A8 (fp8, SmoothQuant) weights in
+the K-major kernels' layout (`jaxllm.kernel_weights.to_kernel_layout`); their products of one token
+(int8), up to 16 (W8A8, weight-only there) or up to 64 tokens (int4) run in
+`pallas_kernels.quant_matmul_kmajor` (batch-1 8B decode on the H200: int8 1.28x, int4 1.36x and fp8
+1.40x bf16's tokens/s, BENCHMARKS.md), fp4's up to 64 tokens in `pallas_kernels.fp4_matmul_kmajor`
+(nvfp4: 274 tokens/s, 1.15x bf16; its kernel 3.0-3.7x XLA's dequantize-then-multiply).
 From two tokens on, XLA's int8 gemm fusion is as fast or faster on some shapes, and at prefill XLA's
 fp8 gemm beats our fp8 x fp8 kernel (`pallas_kernels.fp8_matmul`, run only in "pallas" mode), so
 those products, weights in their stored layout, and everything else run through XLA
@@ -107,16 +109,16 @@ def as_matrix_product(subscripts: str, x_shape: tuple[int, ...], w_shape: tuple[
 
 def kernel_limits(subscripts: str, x, w) -> str | None:
     """Why the quantized-matmul kernels cannot take this product, or None when they can."""
-    from jaxllm.kernel_weights import KMAJOR_TYPES, KMajorInt4Weight, KMajorW8A8Weight
-    from jaxllm.quantization import Int4Weight, QuantizedWeight, W8A8Weight
+    from jaxllm.kernel_weights import KMAJOR_TYPES, KMajorFP4Weight, KMajorInt4Weight, KMajorW8A8Weight
+    from jaxllm.quantization import FP4Weight, Int4Weight, QuantizedWeight, W8A8Weight
     from pallas_kernels import fp8_matmul
     from pallas_kernels.quant_matmul_kmajor import MAX_TOKENS, plan
 
-    if isinstance(w, (QuantizedWeight, Int4Weight, W8A8Weight)):
+    if isinstance(w, (QuantizedWeight, Int4Weight, W8A8Weight, FP4Weight)):
         return (f"{type(w).__name__} in its stored layout (jaxllm.kernel_weights.to_kernel_layout "
-                "re-lays int8, int4 and W8A8 weights for the kernels)")
+                "re-lays int8, int4, fp4 and W8A8 weights for the kernels)")
     if not isinstance(w, KMAJOR_TYPES):
-        return f"{type(w).__name__} weights (the kernels take int8, int4, fp8 and SmoothQuant's W8A8)"
+        return f"{type(w).__name__} weights (the kernels take int8, int4, fp4, fp8 and SmoothQuant's W8A8)"
     if x.dtype != jnp.bfloat16:
         return f"{x.dtype} activations (the kernels take bfloat16)"
     dims = as_matrix_product(subscripts, tuple(x.shape), w.shape)
@@ -130,7 +132,7 @@ def kernel_limits(subscripts: str, x, w) -> str | None:
             return fp8_matmul.limits(m, k, n)
         kind = w.kind
     else:
-        kind = "int4" if isinstance(w, KMajorInt4Weight) else "int8"
+        kind = "int4" if isinstance(w, KMajorInt4Weight) else "fp4" if isinstance(w, KMajorFP4Weight) else "int8"
     try:
         plan(kind, m, k, n)
     except ValueError as err:
