@@ -23,7 +23,8 @@ activations XLA re-lays as [K/16, tokens, 16] so each chunk of a step is its own
 - "products": each chunk's product goes to its own float32 accumulator and is scaled after the
   wgmma (acc += scale_j * P_j), `accumulators_in_flight` of them issued together. More registers
   and a multiply-add per accumulator element and chunk, which "operand" replaces with a float16
-  multiply per weight element; it is kept to compare on the GPU.
+  multiply per weight element; measured on the H200 it was slower at 8 of 9 decode points
+  (BENCHMARKS.md), so "operand" is the default.
 
 Block scales may be float16 or 8-bit (float8_e4m3fn for NVFP4's e4m3 scales, float8_e5m2 for
 MXFP4's powers of two): 8-bit ones add 1/8 of the codes' bytes, float16 ones 1/4, to a kernel bound
