@@ -42,3 +42,17 @@ def test_engine_host_profile_benchmark(tmp_path):
     for run in ("timed", "profiled"):
         assert 0 < r[run]["device_s"] < r[run]["step_s"] <= r[run]["elapsed_s"]
     assert any("engine.py" in row["function"] and "_step" in row["function"] for row in r["top_cumulative"])
+
+
+def test_engine_throughput_passes_quantization_and_kv_dtype(monkeypatch, tmp_path):
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(engine_throughput.LLM, "from_params", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        engine_throughput.main(["--small", "--quantization", "fp8", "--kv-cache-dtype", "int8",
+                                "--out", str(tmp_path / "x.json")])
+    assert (seen["quantization"], seen["kv_cache_dtype"]) == ("fp8", "int8")
