@@ -43,7 +43,7 @@ from jax import lax
 from jaxtyping import Array, Float, UInt8
 
 from pallas_kernels import compat
-from pallas_kernels.quant_matmul_kmajor import F16_MAX, WG_ROWS, KMajorConfig, Plan, plan
+from pallas_kernels.quant_matmul_kmajor import F16_MAX, WG_ROWS, KMajorConfig, Plan, _check_x, _pad_tokens, plan
 from pallas_kernels.smem import swizzled
 
 BLOCK = 16  # inputs per block scale
@@ -211,10 +211,7 @@ def _check(x, q_t, block_scale, channel_scale) -> tuple[int, int, int]:
     if q_t.ndim != 2 or q_t.dtype != jnp.int4:
         raise ValueError(f"q_t of shape {tuple(q_t.shape)} and dtype {q_t.dtype} must be a 2-D int4 [N, K] matrix")
     n, k = q_t.shape
-    if x.ndim != 2 or x.shape[1] != k:
-        raise ValueError(f"x of shape {tuple(x.shape)} must be [M, {k}] for a weight with K={k}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x of dtype {x.dtype}: the kernel takes floating-point activations")
+    m = _check_x(x, k)
     if k % STEP:
         raise ValueError(f"K={k} must be a multiple of {STEP} for the fp4 kernel")
     if block_scale.shape != (k // BLOCK, n) or block_scale.dtype not in SCALE_DTYPES:
@@ -223,7 +220,7 @@ def _check(x, q_t, block_scale, channel_scale) -> tuple[int, int, int]:
                          f"float8_e5m2")
     if channel_scale.shape != (n,):
         raise ValueError(f"channel_scale of shape {tuple(channel_scale.shape)} must be ({n},)")
-    return x.shape[0], k, n
+    return m, k, n
 
 
 def w4a16_fp4_kmajor(
@@ -241,7 +238,7 @@ def w4a16_fp4_kmajor(
     p = plan("fp4", m, k, n, config)
     scale_at = config.scale_at if isinstance(config, FP4Config) else "operand"
     xh = jnp.clip(x.astype(jnp.float32), -F16_MAX, F16_MAX).astype(jnp.float16)
-    xh = jnp.pad(xh, ((0, p.tokens - m), (0, 0)))
+    xh = _pad_tokens(xh, p.tokens)
     chunks = xh.reshape(p.tokens, k // BLOCK, BLOCK).transpose(1, 0, 2)  # [K/16, tokens, 16]: a tile per chunk
     partial = _build(p, jnp.dtype(block_scale.dtype), scale_at, interpret)(chunks, q_t, block_scale)
     y = jnp.sum(partial, axis=0) * channel_scale.astype(jnp.float32)[:, None]
