@@ -17,9 +17,12 @@ works through the other tests meanwhile, then, from the last module backwards, r
 yet started itself (in one run it had waited ~400 s on modules running in the background while later
 ones had not started).
 JAXLLM_TEST_SERIAL=1 runs each module's process only when its first test is reached.
+JAXLLM_TEST_XML_DIR=DIR keeps each module process's JUnit XML in DIR (its tests' own durations: the
+main process's `--durations` counts only the wait for a module's results).
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +81,10 @@ def _run_module(path: str, rootpath) -> dict[str, str | None]:
                 outcomes[case.get("name")] = (None if bad is None and skipped is None else
                                               (bad if bad is not None else skipped).get("message", "failed"))
         outcomes["__output__"] = proc.stdout[-4000:] + proc.stderr[-2000:]
+        keep = os.environ.get("JAXLLM_TEST_XML_DIR")  # for timing the module processes' tests
+        if keep and os.path.exists(xml):
+            os.makedirs(keep, exist_ok=True)
+            shutil.copy(xml, os.path.join(keep, os.path.basename(path) + ".xml"))
         return outcomes
 
 
