@@ -55,12 +55,14 @@ class SpecState(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("capacity", "k"))
 def init_spec_state(
-    tokens: np.ndarray, prompt_lens: np.ndarray, first: Int[Array, "B"], capacity: int, k: int,
+    tokens: np.ndarray, prompt_lens: np.ndarray, generated: Int[Array, "B T"], capacity: int, k: int,
     draft_cache: KVCache | None = None, hidden=None,
 ) -> SpecState:
-    """History = prompts, then each row's first generated token; room for `capacity` tokens. One
-    compiled call: op by op, its six small ops cost a GPU generate call milliseconds."""
+    """History = prompts, then each row's first generated token (`generated[:, 0]`); room for
+    `capacity` tokens. One compiled call: op by op, its six small ops cost a GPU generate call
+    milliseconds (the slice of `generated` too, so it is taken here)."""
     batch = tokens.shape[0]
+    first = generated[:, 0]
     history = jnp.zeros((batch, capacity), jnp.int32).at[:, :tokens.shape[1]].set(jnp.asarray(tokens))
     history = history.at[jnp.arange(batch), jnp.asarray(prompt_lens)].set(first, mode="drop")
     return SpecState(history, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, k), jnp.int32),

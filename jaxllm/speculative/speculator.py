@@ -122,7 +122,7 @@ class Speculator:
             draft_cache = init_cache(self.draft_config, num_pages, page_size, self.draft_config.dtype, cache_sharding)
             draft_cache = _prefill_draft(self.draft_params, draft_cache, tokens, prompt_lens, page_table,
                                          config=self.draft_config)
-        return init_spec_state(tokens, prompt_lens, state.tokens[:, 0], capacity, self.plan.k, draft_cache, hidden)
+        return init_spec_state(tokens, prompt_lens, state.tokens, capacity, self.plan.k, draft_cache, hidden)
 
     def decode(self, params, state, spec: SpecState, st, limits, num_steps, *, config, logprobs_k,
                sampling_mode: str = "auto", penalties: bool | None = None, check_every: int = 1):
