@@ -180,6 +180,7 @@ def test_several_decode_steps_per_visit_equal_one_step_per_visit(llm, alone):
                                  for o in outs]
         metrics = engine.metrics()
         assert (metrics.multi_step_visits > 0) == (steps > 1), (steps, metrics)
+        assert (metrics.num_preemptions > 0) == (pages < 128), (pages, metrics)  # the tiny pool preempts
         assert metrics.generation_tokens == sum(len(r[0]) for r in results[steps, pages])
         engine.kv.check_invariants()
         assert engine.kv.num_free_pages() == pages - 1

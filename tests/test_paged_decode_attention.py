@@ -36,20 +36,21 @@ def _inputs(seed, batch, kv_heads, groups, head_dim, page_size, pmax, lens, laye
     return q, k, v, jnp.asarray(table, jnp.int32), jnp.asarray(lens, jnp.int32)
 
 
-CASES = [  # groups, page_size, pmax, lens, window, block_kv, stages, splits
-    (4, 16, 8, [100, 7, 128], 0, 64, 2, 1),
-    (4, 16, 8, [100, 7, 128], 0, 64, 2, 3),  # splits, one of them empty for the short row
-    (4, 16, 8, [100, 70, 128], 50, 64, 3, 2),  # sliding window: the first keys are masked
-    (8, 8, 16, [1, 128, 65], 0, 64, 4, 2),  # 8 pages per tile, a 1-token context
-    (2, 128, 2, [200, 129, 0], 0, 64, 2, 2),  # pages larger than a tile; an empty (padding) row
-    (1, 64, 3, [192, 3, 64], 0, 128, 2, 1),  # MQA-like single group, 128-key tiles
+CASES = [  # groups, page_size, pmax, lens, window, block_kv, stages, splits, kv_heads
+    # (The interpreter's time goes with the grid, rows x KV heads x splits: most cases have one KV head.)
+    (4, 16, 8, [100, 7, 128], 0, 64, 2, 3, 1),  # splits, one of them empty for the short row
+    (4, 16, 8, [100, 70, 128], 50, 64, 3, 2, 1),  # sliding window: the first keys are masked
+    (8, 8, 16, [1, 128, 65], 0, 64, 4, 2, 1),  # 8 pages per tile, a 1-token context
+    (2, 128, 2, [200, 129, 0], 0, 64, 2, 2, 2),  # pages larger than a tile; an empty (padding) row; two
+    # KV heads (with one, this case's one-key-fewer control falls within the bound)
+    (1, 64, 3, [192, 3, 64], 0, 128, 2, 1, 1),  # one split; MQA-like single group, 128-key tiles
 ]
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("groups,page_size,pmax,lens,window,block_kv,stages,splits", CASES)
-def test_kernel_matches_reference(groups, page_size, pmax, lens, window, block_kv, stages, splits):
-    q, k, v, table, lens = _inputs(len(lens) + groups, len(lens), 2, groups, 64, page_size, pmax, lens)
+@pytest.mark.parametrize("groups,page_size,pmax,lens,window,block_kv,stages,splits,kv_heads", CASES)
+def test_kernel_matches_reference(groups, page_size, pmax, lens, window, block_kv, stages, splits, kv_heads):
+    q, k, v, table, lens = _inputs(len(lens) + groups, len(lens), kv_heads, groups, 64, page_size, pmax, lens)
     cfg = DecodeConfig(block_kv=block_kv, num_stages=stages, num_splits=splits)
     got = paged_decode_attention(q, k, v, 1, table, lens, window, scale=0.125, config=cfg, interpret=True)
     want = paged_decode_attention_reference(q, k, v, 1, table, lens, window, scale=0.125)
@@ -64,20 +65,20 @@ def test_kernel_matches_reference(groups, page_size, pmax, lens, window, block_k
     assert not np.allclose(other, want, atol=8e-3, rtol=1e-2)
 
 
-APPEND_CASES = [  # groups, page_size, pmax, lens, window, block_kv, stages, splits
-    (4, 16, 8, [100, 7, 128], 0, 64, 2, 3),  # splits: the token is the last of a middle split for row 1
-    (8, 8, 16, [1, 128, 65], 0, 64, 4, 2),  # a 1-token context (only the new token); 8 pages a tile
-    (2, 128, 2, [200, 129, 0], 50, 64, 2, 2),  # pages larger than a tile, a window; an empty row
+APPEND_CASES = [  # groups, page_size, pmax, lens, window, block_kv, stages, splits, kv_heads
+    (4, 16, 8, [100, 7, 128], 0, 64, 2, 3, 1),  # splits: the token is the last of a middle split for row 1
+    (8, 8, 16, [1, 128, 65], 0, 64, 4, 2, 2),  # a 1-token context (only the new token); 8 pages a tile; 2 KV heads
+    (2, 128, 2, [200, 129, 0], 50, 64, 2, 2, 1),  # pages larger than a tile, a window; an empty row
 ]
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("groups,page_size,pmax,lens,window,block_kv,stages,splits", APPEND_CASES)
+@pytest.mark.parametrize("groups,page_size,pmax,lens,window,block_kv,stages,splits,kv_heads", APPEND_CASES)
 def test_append_kernel_stores_the_token_and_matches_reference(groups, page_size, pmax, lens, window, block_kv,
-                                                              stages, splits):
-    q, k, v, table, lens = _inputs(len(lens) + 7, len(lens), 2, groups, 64, page_size, pmax, lens)
+                                                              stages, splits, kv_heads):
+    q, k, v, table, lens = _inputs(len(lens) + 7, len(lens), kv_heads, groups, 64, page_size, pmax, lens)
     rng = np.random.default_rng(groups)
-    k_new, v_new = (jnp.asarray(rng.standard_normal((len(lens), 2, 64)), jnp.bfloat16) for _ in range(2))
+    k_new, v_new = (jnp.asarray(rng.standard_normal((len(lens), kv_heads, 64)), jnp.bfloat16) for _ in range(2))
     cfg = DecodeConfig(block_kv=block_kv, num_stages=stages, num_splits=splits)
     got = jax.jit(lambda *a: paged_decode_attention_append(*a, 1, table, lens, window, scale=0.125, config=cfg,
                                                            interpret=True))(q, k_new, v_new, k, v)
@@ -85,7 +86,8 @@ def test_append_kernel_stores_the_token_and_matches_reference(groups, page_size,
     np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), atol=8e-3, rtol=1e-2)
     for got_pages, want_pages, old in zip(got[1:], want[1:], (k, v)):  # exactly the token's rows change
         np.testing.assert_array_equal(np.asarray(got_pages, np.float32), np.asarray(want_pages, np.float32))
-        assert int(np.sum(np.any(np.asarray(got_pages != old), axis=-1))) == 2 * int(np.sum(np.asarray(lens) > 0))
+        changed = int(np.sum(np.any(np.asarray(got_pages != old), axis=-1)))  # (page row, KV head) pairs
+        assert changed == kv_heads * int(np.sum(np.asarray(lens) > 0))
     # Negative control: attending without the new token (the old page rows) is far off.
     stale = paged_decode_attention_reference(q, k, v, 1, table, lens, window, scale=0.125)
     assert not np.allclose(np.asarray(stale, np.float32), np.asarray(want[0], np.float32), atol=8e-3, rtol=1e-2)
@@ -148,7 +150,7 @@ QUANTIZED_CASES = [  # kind, kv_heads, groups, page_size, pmax, lens, window, st
     ("int8", 1, 4, 32, 4, [100, 7], 0, 2, 2, 1),  # the short row's second split is empty
     ("fp8_e4m3", 2, 4, 16, 8, [128, 70], 50, 3, 1, 1),  # sliding window
     ("fp8_e4m3", 2, 8, 128, 2, [200, 0], 0, 2, 1, 1),  # pages larger than a tile, 4 steps; an empty row
-    ("int8", 2, 4, 16, 8, [128, 70], 0, 2, 2, 2),  # K and V dequantized by a warpgroup each
+    ("int8", 1, 4, 32, 4, [128, 70], 0, 2, 2, 2),  # K and V dequantized by a warpgroup each
 ]
 
 
@@ -299,16 +301,23 @@ def tiny_hd64(tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
-def test_llm_decode_through_kernel_matches_xla(tiny_hd64):
+def test_llm_decode_through_kernel_matches_xla(tiny_hd64, monkeypatch):
     """The whole decode loop with the kernel (interpreted) gives the XLA path's tokens and logprobs."""
+    from jaxllm import llm as llm_module
+
+    # Each interpreted kernel call costs seconds and the device loop runs DECODE_CHECK_EVERY steps a
+    # visit: with checks every step, 3 tokens are a prefill and two decode steps (the second reads
+    # the token the first stored in the pages).
+    monkeypatch.setattr(llm_module, "DECODE_CHECK_EVERY", 1)
     prompts = [{"prompt_token_ids": [1, 2, 3, 4, 5]}, {"prompt_token_ids": list(range(10, 40))}]
-    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=1)
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=1)
     outs = {}
     for backend in ("xla", "pallas"):
         llm = LLM(str(tiny_hd64), dtype="float16", skip_tokenizer_init=True, attention_backend=backend,
                   max_model_len=64, progress=False)
         assert llm.config.attention_backend == backend
         outs[backend] = [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert [len(o.token_ids) for o in outs["pallas"]] == [3, 3]
     for ref, ker in zip(outs["xla"], outs["pallas"]):
         assert ref.token_ids == ker.token_ids
         for step, token in enumerate(ref.token_ids):

@@ -447,11 +447,12 @@ def test_step_offsets_shift_the_sampling_step():
     shifted = make_sampling_tensors(params, [5, 6, 7], 3, V, step_offsets=[0, 4, 9])
     np.testing.assert_array_equal(plain.step_offset, 0)
     np.testing.assert_array_equal(shifted.step_offset, [0, 4, 9])
+    draw = jax.jit(sample)  # one compilation for the 32 calls (eagerly, each call traces its conds anew)
     for step in range(6):
-        got = sample(logits, shifted, jnp.full((3,), step, jnp.int32), pm, oc)
-        want = sample(logits, plain, jnp.asarray([step, step + 4, step + 9], jnp.int32), pm, oc)
+        got = draw(logits, shifted, jnp.full((3,), step, jnp.int32), pm, oc)
+        want = draw(logits, plain, jnp.asarray([step, step + 4, step + 9], jnp.int32), pm, oc)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    draws = {int(sample(logits, plain, jnp.full((3,), t, jnp.int32), pm, oc)[1]) for t in range(20)}
+    draws = {int(draw(logits, plain, jnp.full((3,), t, jnp.int32), pm, oc)[1]) for t in range(20)}
     assert len(draws) > 1  # the step really changes the draw, so the comparison above can fail
 
 
