@@ -523,16 +523,22 @@ class LLM:
             spec = speculator.start(tokens, prompt_lens, state, hidden[0] if medusa else None, page_table,
                                     rows * pages_per_seq + 1, self.page_size, cache_sharding(self.mesh),
                                     prompt_len + max_new + extra)
-        prompt_lp = jax.device_get(prompt_lp)
         steps = max(max_tokens) - 1
         check = interval is not None or any(r.params.stop for r in batch)  # look at text between slices
         interval = interval or (STOP_STRING_CHECK_STEPS if check else max(steps, 1))
+        # Without text to look at, the decode call follows the prefill with no host round trip
+        # between them (rows done at the prefill sit the loop out); one transfer brings back the rest.
+        look = check or steps <= 0
         while True:
-            host = jax.device_get(state._replace(cache=None, prompt_mask=None, output_counts=None))
-            last = steps <= 0 or bool(host.done[:len(batch)].all())
+            last = False
+            if look:
+                host, spec_host, prompt_lp = jax.device_get((
+                    state._replace(cache=None, prompt_mask=None, output_counts=None),
+                    None if spec is None else spec._replace(history=None, draft_cache=None, hidden=None),
+                    prompt_lp))
+                last = steps <= 0 or bool(host.done[:len(batch)].all())
+            look = True
             if check or last:
-                spec_host = None if spec is None else jax.device_get(spec._replace(
-                    history=None, draft_cache=None, hidden=None))
                 results = {(r.request_id, r.sample_index): self._completion(i, r, host, prompt_lp, spec_host)
                            for i, r in enumerate(batch)}
                 stopped = np.array([c.finish_reason is not None for c, _ in results.values()])

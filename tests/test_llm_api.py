@@ -145,6 +145,19 @@ def test_stop_token_ids(llm, greedy_runs):
     assert c.text == llm.get_tokenizer().decode(full[:j + 1])
 
 
+def test_stop_token_at_first_token(llm, greedy_runs):
+    """A row whose prefill's token is a stop token keeps only it, alone (the decode loop then runs no
+    step) and beside a row that goes on."""
+    full = [greedy_runs[i].outputs[0].token_ids for i in (3, 1)]
+    stop_first = greedy(32, stop_token_ids=[full[0][0]])
+    alone = llm.generate(PROMPTS[3], stop_first, use_tqdm=False)[0].outputs[0]
+    assert alone.token_ids == full[0][:1]
+    assert alone.finish_reason == "stop" and alone.stop_reason == full[0][0]
+    both = llm.generate([PROMPTS[3], PROMPTS[1]], [stop_first, greedy(32)], use_tqdm=False)
+    assert tokens_of(both) == [full[0][:1], full[1]]
+    assert [o.outputs[0].finish_reason for o in both] == ["stop", "length"]
+
+
 def _eos_checkpoint(ckpt, dest, token: int, where: str):
     path = shutil.copytree(ckpt, dest)
     file = path / where
