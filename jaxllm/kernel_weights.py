@@ -44,7 +44,7 @@ class KMajorInt4Weight:
 class KMajorW8A8Weight:
     q_t: Array  # int8 or float8_e4m3fn [N, K]
     scale: Float[Array, "N"]
-    input_scale: Float[Array, "K"]  # SmoothQuant's s (ones for fp8): x enters as x / s
+    input_scale: Float[Array, "K"] | None  # SmoothQuant's s: x enters as x / s; None: all ones (fp8)
     shape: tuple[int, ...]
     kind: str  # "int8" or "fp8"
 
@@ -107,6 +107,20 @@ def fp4_twin(w) -> KMajorFP4Weight:
     return KMajorFP4Weight(fp4_kmajor(w.packed), block, channel, tuple(w.shape), w.fmt)
 
 
+def _unless_ones(s: Float[Array, "K"]) -> Array | None:
+    """None for an all-ones input scale (fp8, uncalibrated W8A8), known at load: no leaf to pass to
+    every call and no division per token."""
+    if isinstance(s, jax.core.Tracer) or not bool(jnp.all(s == 1.0)):
+        return s
+    return None
+
+
+def _scaled_input(x2: Float[Array, "M K"], w: KMajorW8A8Weight) -> Float[Array, "M K"]:
+    """x2 / input_scale in float32 (SmoothQuant's x / s)."""
+    x = x2.astype(jnp.float32)
+    return x if w.input_scale is None else x / w.input_scale[None, :]
+
+
 def kernel_layout(w):
     """The K-major twin of an int8 / int4 / fp4 weight the kernels can take, or of any W8A8 weight
     whose input axes lead (XLA's 8-bit gemms also want both operands K-major); else the weight
@@ -117,7 +131,7 @@ def kernel_layout(w):
     if isinstance(w, W8A8Weight) and (k := _int8_k(w)) is not None:
         n = w.q.size // k
         return KMajorW8A8Weight(w.q.reshape(k, n).T, w.scale.reshape(n).astype(jnp.float32),
-                                w.input_scale.reshape(k).astype(jnp.float32), tuple(w.q.shape), w.kind)
+                                _unless_ones(w.input_scale.reshape(k).astype(jnp.float32)), tuple(w.q.shape), w.kind)
     k = _int8_k(w) if isinstance(w, QuantizedWeight) else None
     if k is not None and _kernels_take("int8", k, n := w.q.size // k):
         return KMajorInt8Weight(int8_kmajor(w.q.reshape(k, n)), w.scale.reshape(n).astype(jnp.float32),
@@ -148,7 +162,9 @@ def dequantize(w, dtype=jnp.float32) -> Array:
     if isinstance(w, KMajorInt8Weight):
         return (w.q_t.T.astype(jnp.float32) * w.scale[None, :]).reshape(w.shape).astype(dtype)
     if isinstance(w, KMajorW8A8Weight):
-        dense = w.q_t.T.astype(jnp.float32) * w.scale[None, :] / w.input_scale[:, None]
+        dense = w.q_t.T.astype(jnp.float32) * w.scale[None, :]
+        if w.input_scale is not None:
+            dense = dense / w.input_scale[:, None]
         return dense.reshape(w.shape).astype(dtype)
     return dequantize_int4_kmajor(w.q_t, w.scale, w.zero, w.input_scale).reshape(w.shape).astype(dtype)
 
@@ -173,7 +189,7 @@ def _token_codes(x2: Float[Array, "M K"], w: KMajorW8A8Weight):
     """Per-token codes and scales of x2 / input_scale (SmoothQuant's s; ones for fp8)."""
     from jaxllm.quantization import quantize_tokens
 
-    return quantize_tokens(x2.astype(jnp.float32) / w.input_scale[None, :], w.kind)
+    return quantize_tokens(_scaled_input(x2, w), w.kind)
 
 
 def w8a8_matmul(x2: Float[Array, "M K"], w: KMajorW8A8Weight) -> Float[Array, "M N"]:
@@ -204,6 +220,6 @@ def matmul_kernel(x2: Float[Array, "M K"], w, *, interpret: bool) -> Float[Array
         if x2.shape[0] > MAX_TOKENS:
             codes, sx = _token_codes(x2, w)
             return fp8_matmul(codes, w.q_t, sx, w.scale, out_dtype=x2.dtype, interpret=interpret)
-        x_in = (x2.astype(jnp.float32) / w.input_scale[None, :]).astype(x2.dtype)  # SmoothQuant's x / s
+        x_in = _scaled_input(x2, w).astype(x2.dtype)
         return w8a16_kmajor(x_in, w.q_t, w.scale, interpret=interpret)
     return w4a16_kmajor(x2, w.q_t, w.scale, w.zero, w.input_scale, interpret=interpret)

@@ -20,7 +20,7 @@ from jaxllm.quantization import einsum as xla_einsum
 from pallas_kernels.fp8_matmul import FP8Config, fp8_matmul, fp8_matmul_reference, limits
 from pallas_kernels.quant_matmul_kmajor import w8a16_kmajor, w8a16_kmajor_reference
 
-pytestmark = pytest.mark.isolated_module  # see conftest.py: fp8 compilations run apart
+pytestmark = pytest.mark.isolated_module(seconds=30)  # see conftest.py: fp8 compilations run apart
 
 
 def _codes(rng, shape, spread=3.0):
@@ -81,6 +81,7 @@ def test_w8a8_twins_stand_for_the_same_weights():
     for qw in (quantize_w8a8(w, (0, 1), "fp8"), quantize_w8a8(w, (0, 1), "int8", s)):
         twin = kernel_layout(qw)
         assert isinstance(twin, KMajorW8A8Weight) and twin.kind == qw.kind and twin.q_t.shape == (128, 256)
+        assert (twin.input_scale is None) == (qw.kind == "fp8")  # all ones: dropped at load
         np.testing.assert_allclose(np.asarray(dequantize(twin)), np.asarray(dequantize(qw)), rtol=1e-6)
         got, want = xla_einsum("bthk,hkd->btd", x, twin), xla_einsum("bthk,hkd->btd", x, qw)
         assert got.shape == want.shape == (2, 3, 128)
