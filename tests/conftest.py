@@ -12,10 +12,10 @@ affected tests pass alone and after any one other file. A crash loses every late
 so the kernels' interpret tests, the fp8 tests and the multi-device tests run in their own processes.
 
 The isolated modules' processes start as soon as collection ends, one at a time beside the main
-process (CI has two cores), and their tests are moved to the end of the run, so the main process
-works through the other tests meanwhile, then, from the last module backwards, runs the modules not
-yet started itself (in one run it had waited ~400 s on modules running in the background while later
-ones had not started).
+process (CI has two cores), most expensive first (`isolated_module(seconds=...)`), and their tests
+are moved to the end of the run, so the main process works through the other tests meanwhile, then,
+from the cheapest module up, runs the modules not yet started itself (in one run it had waited ~400 s
+on modules running in the background while later ones had not started).
 JAXLLM_TEST_SERIAL=1 runs each module's process only when its first test is reached.
 JAXLLM_TEST_XML_DIR=DIR keeps each module process's JUnit XML in DIR (its tests' own durations: the
 main process's `--durations` counts only the wait for a module's results).
@@ -105,25 +105,32 @@ def _isolated_module(item) -> bool:
     return item.get_closest_marker("isolated_module") is not None
 
 
+def _module_seconds(items: list) -> float:
+    """The module's `isolated_module(seconds=...)`: its measured run time on two cores, for ordering."""
+    return float(items[0].get_closest_marker("isolated_module").kwargs.get("seconds", 60))
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Isolated modules' tests last (their processes run meanwhile), the modules in reverse order:
-    the background starts them from the first, the main process, once through the other tests, from
-    the last (running itself those not yet started), so both cores stay busy until the two meet.
-    The order within each module is kept."""
+    """Isolated modules' tests last (their processes run meanwhile), the modules cheapest first: the
+    background starts them from the most expensive, the main process, once through the other tests,
+    from the cheapest (running itself those not yet started), so both cores stay busy until the two
+    meet, and the module one of them may be left waiting on at the end is a short one (replayed
+    with one run's durations, file order ends ~95 s later). The order within each module is kept."""
     if not _BESIDE:
         return
     modules: dict[str, list] = {}
     for item in items:
         if _isolated_module(item):
             modules.setdefault(str(item.path), []).append(item)
-    items[:] = [i for i in items if not _isolated_module(i)] + [i for m in reversed(modules.values()) for i in m]
+    cheapest_first = sorted(modules.values(), key=_module_seconds)
+    items[:] = [i for i in items if not _isolated_module(i)] + [i for m in cheapest_first for i in m]
 
 
 def pytest_collection_finish(session):
     global _background
     if not _BESIDE:
         return
-    # the items hold the modules last to first (see above): the background takes them first to last
+    # the items hold the modules cheapest first (see above): the background takes them the other way
     paths = list(dict.fromkeys(str(i.path) for i in session.items if _isolated_module(i)))[::-1]
     if paths:
         _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isolated-modules")

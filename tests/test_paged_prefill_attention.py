@@ -10,7 +10,7 @@ import pytest
 from pallas_kernels.paged_prefill_attention import (PrefillConfig, paged_prefill_attention,
                                                     paged_prefill_attention_reference)
 
-pytestmark = pytest.mark.isolated_module  # see conftest.py
+pytestmark = pytest.mark.isolated_module(seconds=115)  # see conftest.py
 
 
 def _inputs(seed, groups, tokens, starts, counts, page_size, pmax, kv_heads=2, head_dim=64, layers=2):

@@ -21,7 +21,7 @@ from models.llama import INPUT_AXES
 
 # In a child process: the full suite's process crashed here (SIGSEGV in jax 0.10.2's CPU compiler,
 # which grows likelier with the number of programs one process compiles); see conftest.py.
-pytestmark = pytest.mark.isolated_module
+pytestmark = pytest.mark.isolated_module(seconds=240)
 
 
 def test_int8_error_bound_and_per_channel_scales():
