@@ -197,7 +197,12 @@ def test_sampled_tokens_follow_plain_distribution(small_vocab_ckpt, tmp_path, me
                     "medusa_choices": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]})
     config["disable_by_batch_size"] = None  # a tiny model would stop speculating at batch 8 otherwise
     spec = LLM(small_vocab_ckpt, speculative_config=config, **kw)
-    prompt = {"prompt_token_ids": [1, 2, 3, 1, 2, 3, 1, 2]}
+    base = [1, 2, 3, 1, 2, 3, 1, 2]
+    if method == "ngram":  # the prompt again after the model's own continuation: lookup finds what follows
+        greedy_ids = plain.generate([{"prompt_token_ids": base}], SamplingParams(temperature=0.0, max_tokens=5),
+                                    use_tqdm=False)[0].outputs[0].token_ids
+        base = base + list(greedy_ids) + base
+    prompt = {"prompt_token_ids": base}
     params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=5, ignore_eos=True, seed=s) for s in range(n)]
     a = np.array(token_ids(plain.generate([prompt] * n, params, use_tqdm=False)))
     outs = spec.generate([prompt] * n, [SamplingParams(**{**p.__dict__, "seed": p.seed + n}) for p in params],
@@ -298,7 +303,7 @@ def _ngram_reference(seq, k, n_max, n_min):
         if len(seq) < n + 1:
             continue
         suffix = seq[-n:]
-        for s in range(len(seq) - n):
+        for s in reversed(range(len(seq) - n)):  # the latest earlier occurrence
             if seq[s:s + n] == suffix:
                 cont = seq[s + n:s + n + k]
                 return cont
