@@ -1,10 +1,10 @@
 """n-gram (prompt lookup) proposals: continue the sequence the way the latest earlier occurrence of
 its last n tokens continued, trying n from a maximum down to a minimum. Runs on the device.
 
-The latest occurrence rather than the first (vLLM's choice): on the bundled model, greedy, k = 4, it
-raised the tokens per step from 2.41 / 2.66 / 3.32 to 2.97 / 3.27 / 4.61 on the speculative
-benchmark's rewrite and first two completion prompts (BENCHMARKS.md, fifteenth session): text that
-recurs tends to continue the way it did most recently."""
+The latest occurrence rather than the first (vLLM's choice): on the bundled model, greedy, k = 4, on
+the H200, it raised the tokens per step from 2.41 to 2.95 on the speculative benchmark's rewrite and
+from 4.37 / 2.69 / 1.47 to 4.89 / 2.71 / 1.66 on its three completions (BENCHMARKS.md, fifteenth
+session): text that recurs tends to continue the way it did most recently."""
 
 from __future__ import annotations
 
