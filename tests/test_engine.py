@@ -10,7 +10,7 @@ from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
 # In a child process: the full suite's process crashed here (SIGSEGV in jax 0.10.2's CPU compiler,
 # which grows likelier with the number of programs one process compiles); see conftest.py.
-pytestmark = pytest.mark.isolated_module(seconds=280)
+pytestmark = pytest.mark.isolated_module(seconds=265)
 
 RNG = np.random.default_rng(5)
 PREFIX = RNG.integers(0, 256, 16).tolist()  # shared by the last three prompts: two pages of 8
@@ -171,7 +171,7 @@ def test_several_decode_steps_per_visit_equal_one_step_per_visit(llm, alone):
     params = _mixed_params(alone)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     results = {}
-    for steps, pages in [(1, 128), (4, 128), (8, 128), (8, 14)]:
+    for steps, pages in [(1, 128), (8, 128), (8, 14)]:  # 4 steps a visit: the same path as 8, one compile more
         engine = Engine(llm, EngineConfig(num_pages=pages, page_size=4, max_num_seqs=8, max_num_batched_tokens=64,
                                           num_decode_steps=steps))
         outs = engine.generate(prompts, params)

@@ -30,11 +30,8 @@ def greedy(llm, prompts):
     return [o.outputs[0] for o in outs]
 
 
-def test_eight_devices_visible():
-    assert jax.device_count() >= 8
-
-
 def test_tp2_and_tp4_match_tp1(checkpoint):
+    assert jax.device_count() >= 8  # conftest's fake CPU devices (a test of its own cost a process)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 300, n).tolist() for n in (3, 17, 40)]
     results = {}
