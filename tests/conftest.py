@@ -2,7 +2,8 @@
 imports jax; and two markers that run tests in a fresh interpreter:
 
 - `isolated`: the test alone, in its own process;
-- `isolated_module`: the test's whole module, in one process, once (results read from its JUnit XML).
+- `isolated_module`: the test's whole module, in one process, once (results read from its JUnit XML);
+  `seconds=` its measured time (for ordering), `optimize=True` to compile it at XLA's default -O level.
 
 Why: on jax 0.10.2's CPU backend, after the suite's few hundred compilations, XLA crashed the
 process (SIGSEGV / abort in `backend_compile_and_load`) in a later, unrelated compilation: at the
@@ -33,8 +34,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 
 # LLVM at -O0: the suite is mostly XLA compilation of small programs on two cores, and -O0 compiles
-# them faster than they then run slower (the prefill kernel's interpret tests 53.6 -> 40.2 s alone).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# them faster than they then run slower. In one clean-clone run against the one before it: the decode
+# kernel's module 305 -> 214 s, the engine's 306 -> 190 s, the main process's own tests 949 -> 732 s;
+# but the quantization module, heavy in calibration and perplexity arithmetic, 343 -> 665 s, so a
+# module can ask for optimized code (`isolated_module(optimize=True)`).
+_O0 = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {_O0}")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _CHILD = os.environ.get("JAXLLM_TEST_ISOLATED") == "1"
@@ -51,8 +56,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "isolated_module: run this test's module in one fresh Python process")
 
 
-def _child(args: list[str], rootpath) -> subprocess.CompletedProcess:
+def _child(args: list[str], rootpath, optimize: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAXLLM_TEST_ISOLATED": "1"}
+    if optimize:
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(_O0, "").strip()
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     with subprocess.Popen(cmd, cwd=str(rootpath), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True) as proc:
@@ -70,11 +77,11 @@ def _child(args: list[str], rootpath) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _run_module(path: str, rootpath) -> dict[str, str | None]:
+def _run_module(path: str, rootpath, optimize: bool = False) -> dict[str, str | None]:
     """{test name: None if it passed, else the failure text}, from one process over the module."""
     with tempfile.TemporaryDirectory() as tmp:
         xml = os.path.join(tmp, "results.xml")
-        proc = _child([path, f"--junitxml={xml}"], rootpath)
+        proc = _child([path, f"--junitxml={xml}"], rootpath, optimize)
         outcomes = {}
         if os.path.exists(xml):
             for case in ET.parse(xml).iter("testcase"):
@@ -99,8 +106,13 @@ def _module_outcomes(item) -> dict[str, str | None]:
         if future is not None and not future.cancel():
             _module_results[path] = future.result()
         else:
-            _module_results[path] = _run_module(path, item.config.rootpath)
+            _module_results[path] = _run_module(path, item.config.rootpath, _optimize(item))
     return _module_results[path]
+
+
+def _optimize(item) -> bool:
+    """The module's `isolated_module(optimize=True)`: its process compiles at XLA's default -O level."""
+    return bool(item.get_closest_marker("isolated_module").kwargs.get("optimize", False))
 
 
 def _isolated_module(item) -> bool:
@@ -133,11 +145,14 @@ def pytest_collection_finish(session):
     if not _BESIDE:
         return
     # the items hold the modules cheapest first (see above): the background takes them the other way
-    paths = list(dict.fromkeys(str(i.path) for i in session.items if _isolated_module(i)))[::-1]
-    if paths:
+    firsts = {}
+    for item in session.items:
+        if _isolated_module(item):
+            firsts.setdefault(str(item.path), item)
+    if firsts:
         _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isolated-modules")
-        for path in paths:
-            _module_futures[path] = _background.submit(_run_module, path, session.config.rootpath)
+        for path, item in reversed(firsts.items()):
+            _module_futures[path] = _background.submit(_run_module, path, session.config.rootpath, _optimize(item))
 
 
 def pytest_sessionfinish(session):

@@ -11,7 +11,7 @@ from jaxllm import LLM, SamplingParams
 from jaxllm.engine.engine import Engine, EngineConfig
 from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
-pytestmark = pytest.mark.isolated_module(seconds=40)  # compiles many programs (see conftest.py)
+pytestmark = pytest.mark.isolated_module(seconds=45)  # compiles many programs (see conftest.py)
 
 RNG = np.random.default_rng(23)
 PROMPTS = [RNG.integers(0, 256, n).tolist() for n in (5, 17, 9, 12)]

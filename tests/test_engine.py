@@ -10,7 +10,7 @@ from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
 # In a child process: the full suite's process crashed here (SIGSEGV in jax 0.10.2's CPU compiler,
 # which grows likelier with the number of programs one process compiles); see conftest.py.
-pytestmark = pytest.mark.isolated_module(seconds=265)
+pytestmark = pytest.mark.isolated_module(seconds=190)
 
 RNG = np.random.default_rng(5)
 PREFIX = RNG.integers(0, 256, 16).tolist()  # shared by the last three prompts: two pages of 8

@@ -8,7 +8,7 @@ from benchmarks import engine_throughput
 
 # In a child process: it compiles four serving paths, and the jax 0.10.2 CPU compiler crashes
 # (SIGSEGV) more often as the full suite's process compiles more programs; see conftest.py.
-pytestmark = pytest.mark.isolated_module(seconds=85)
+pytestmark = pytest.mark.isolated_module(seconds=60)
 
 
 def test_engine_throughput_benchmark_rows(tmp_path):

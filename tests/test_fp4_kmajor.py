@@ -31,7 +31,7 @@ from pallas_kernels.fp4_matmul_kmajor import (
 )
 from pallas_kernels.quant_matmul_kmajor import plan
 
-pytestmark = pytest.mark.isolated_module(seconds=50)  # see conftest.py
+pytestmark = pytest.mark.isolated_module(seconds=45)  # see conftest.py
 
 
 def _close(got, want, tol=2e-2):

@@ -14,7 +14,7 @@ from jaxllm.kv_cache import contiguous_page_table, init_cache
 from jaxllm.sampling import make_sampling_tensors
 from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
-pytestmark = pytest.mark.isolated_module(seconds=60)  # compiles many programs (see conftest.py)
+pytestmark = pytest.mark.isolated_module(seconds=57)  # compiles many programs (see conftest.py)
 
 RNG = np.random.default_rng(11)
 

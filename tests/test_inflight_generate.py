@@ -41,9 +41,18 @@ def _mixed():
 
 
 def _summary(outs):
-    return [[(c.index, c.token_ids, c.finish_reason, c.text,
-              None if c.logprobs is None else [round(lp[t].logprob, 4) for lp, t in zip(c.logprobs, c.token_ids)])
-             for c in o.outputs] for o in outs]
+    return [[(c.index, c.token_ids, c.finish_reason, c.text, c.logprobs is None) for c in o.outputs] for o in outs]
+
+
+def _assert_same(got, want):
+    """Tokens, finish reasons and texts equal; the chosen tokens' logprobs within 1e-4 (two programs
+    need not round alike: rounding them to 4 decimals flipped one under XLA's -O0)."""
+    assert _summary(got) == _summary(want)
+    for g, w in zip(got, want):
+        for a, b in zip(g.outputs, w.outputs):
+            if a.logprobs is not None:
+                np.testing.assert_allclose([lp[t].logprob for lp, t in zip(a.logprobs, a.token_ids)],
+                                           [lp[t].logprob for lp, t in zip(b.logprobs, b.token_ids)], atol=1e-4)
 
 
 def test_inflight_equals_static_batches(pair, monkeypatch):
@@ -63,7 +72,7 @@ def test_inflight_equals_static_batches(pair, monkeypatch):
     got = inflight.generate(PROMPTS, params, use_tqdm=False)
     assert len(schedules) > 4  # the engine ran: 14 sequences through 4 slots
     assert [o.request_id for o in got] == [o.request_id for o in want]
-    assert _summary(got) == _summary(want)
+    _assert_same(got, want)
     assert sum(len(c.token_ids) for o in got for c in o.outputs) > 100
 
 
@@ -78,7 +87,7 @@ def test_inflight_stop_strings_and_fallback_for_prompt_logprobs(pair):
     for p in params:
         want = static.generate(PROMPTS[:3], p, use_tqdm=False)
         got = inflight.generate(PROMPTS[:3], p, use_tqdm=False)
-        assert _summary(got) == _summary(want)
+        _assert_same(got, want)
         assert [o.prompt_logprobs is None for o in got] == [p.prompt_logprobs is None] * 3
     assert got[0].prompt_logprobs is not None  # prompt_logprobs came from the static path
 
@@ -109,7 +118,7 @@ def test_inflight_pool_shrinks_to_free_memory_and_stays_exact(pair, monkeypatch)
 
     monkeypatch.setattr(Engine, "__init__", spy)
     got = inflight.generate(PROMPTS, params, use_tqdm=False)
-    assert _summary(got) == _summary(want)
+    _assert_same(got, want)
     (engine,) = engines
     assert engine.config.num_pages == 24  # not the 4 x 16 + 1 that four rows of up to 64 tokens take
     assert engine.metrics().num_preemptions > 0
@@ -134,4 +143,4 @@ def test_inflight_prefill_steps_stay_within_max_num_batched_tokens(path, pair, m
     monkeypatch.setattr(Engine, "__init__", spy)
     got = small.generate(PROMPTS, params, use_tqdm=False)
     assert budgets == [16]  # not 4 rows x 32 prompt tokens
-    assert _summary(got) == _summary(static.generate(PROMPTS, params, use_tqdm=False))
+    _assert_same(got, static.generate(PROMPTS, params, use_tqdm=False))

@@ -19,7 +19,7 @@ from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
 # In a child process: with this module (and test_speculative) added, the full suite's process crashed
 # (SIGSEGV in jax 0.10.2's CPU compiler) in a later, unrelated test; see conftest.py.
-pytestmark = pytest.mark.isolated_module(seconds=50)
+pytestmark = pytest.mark.isolated_module(seconds=52)
 
 RNG = np.random.default_rng(20260707)
 D, V = 48, 96

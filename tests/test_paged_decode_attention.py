@@ -22,7 +22,7 @@ from pallas_kernels.paged_decode_attention import (DecodeConfig, choose_splits, 
                                                    paged_decode_attention_append_reference,
                                                    paged_decode_attention_reference)
 
-pytestmark = pytest.mark.isolated_module(seconds=270)  # see conftest.py
+pytestmark = pytest.mark.isolated_module(seconds=215)  # see conftest.py
 
 
 def _inputs(seed, batch, kv_heads, groups, head_dim, page_size, pmax, lens, layers=2):

@@ -32,7 +32,7 @@ from pallas_kernels.quant_matmul_kmajor import (
     w8a16_kmajor_reference,
 )
 
-pytestmark = pytest.mark.isolated_module(seconds=55)  # see conftest.py
+pytestmark = pytest.mark.isolated_module(seconds=60)  # see conftest.py
 
 
 def _close(got, want, tol=2e-2):

@@ -16,7 +16,7 @@ from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
 # Run in a child process: in the full suite, jax 0.10.2's CPU compiler crashed (SIGSEGV) compiling
 # this module's loops after the rest of the suite had run in the same process (conftest.py says more).
-pytestmark = pytest.mark.isolated_module(seconds=180)
+pytestmark = pytest.mark.isolated_module(seconds=120)
 
 RNG = np.random.default_rng(7)
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"]

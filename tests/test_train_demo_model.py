@@ -10,7 +10,7 @@ from jaxllm import LLM, SamplingParams
 
 # In a child process: the jax 0.10.2 CPU compiler crashed (SIGSEGV) in the full suite's process as
 # its compiled-program count grew, here; see conftest.py.
-pytestmark = pytest.mark.isolated_module(seconds=75)
+pytestmark = pytest.mark.isolated_module(seconds=40)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
 TINY = ["--max-files", "40", "--steps", "30", "--steps-per-call", "10", "--warmup", "5", "--batch", "4",
