@@ -18,17 +18,13 @@ after a warm-up, with the bytes it must move at least, read once and written onc
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import json
-import os
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.profile_decode import gpu_events, per_name
+from benchmarks.profile_decode import gpu_events, per_name, traced
 from jaxllm.quantization import quantize_tokens
 
 
@@ -62,22 +58,22 @@ def divided(gate_up, ones):
     return quantize_tokens(hidden.astype(jnp.float32) / ones[None, :], "fp8")
 
 
-VARIANTS = {"current": current, "divided by ones": divided, "blocked max": blocked_max, "hidden kept": hidden_kept, "bf16 max": bf16_max}
+VARIANTS = {"current": current, "divided by ones": divided, "blocked max": blocked_max, "hidden kept": hidden_kept,
+            "bf16 max": bf16_max}
 
 
 def timed(fn, x, ones, iters: int) -> tuple[float, dict[str, float]]:
     """Seconds per call: GPU kernel time from the profiler (wall time where no GPU is traced), and
     microseconds per call by kernel name."""
     jax.block_until_ready(fn(x, ones))
-    log_dir = tempfile.mkdtemp()
-    start = time.perf_counter()
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+
+    def run():
         for _ in range(iters):
             jax.block_until_ready(fn(x, ones))
-    wall = (time.perf_counter() - start) / iters
-    path = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
-    with gzip.open(path) as f:
-        events = gpu_events(json.load(f))
+
+    trace, wall = traced(run)
+    wall /= iters
+    events = gpu_events(trace)
     names = {n: t / iters for n, (t, _) in per_name(events).items()}
     return (sum(names.values()) / 1e6 if events else wall), names
 
@@ -89,6 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default="results_fp8_activation_quant.json")
     args = parser.parse_args(argv)
+    if args.tokens < 1 or args.ffn < 128 or args.ffn % 128 or args.iters < 1:
+        parser.error("--tokens and --iters must be at least 1, --ffn a positive multiple of 128 "
+                     f"(got {args.tokens}, {args.ffn}, {args.iters})")
     t, f = args.tokens, args.ffn
     x = jax.random.normal(jax.random.key(0), (t, 2, f), jnp.float32).astype(jnp.bfloat16)
     least = t * 2 * f * 2 + t * f + t * 4  # read gate/up once, write codes and scales

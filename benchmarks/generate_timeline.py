@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-medusa", action="store_true")
     parser.add_argument("--out", default="results_generate_timeline.json")
     args = parser.parse_args(argv)
+    if not args.lengths or min(args.lengths) < 1:
+        parser.error(f"--lengths must be token counts of at least 1, got {args.lengths}")
     model_dir = default_model_dir()
     methods = {"plain": None}
     if not args.no_medusa:

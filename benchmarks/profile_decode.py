@@ -79,16 +79,21 @@ def summarise(short: list[dict], long: list[dict], steps: int, top: int = 40) ->
     )
 
 
-def traced_events(llm, prompts, params, with_host: bool = False):
-    """The GPU events of one `generate` call and its wall time (and, `with_host`, the other events)."""
+def traced(run) -> tuple[dict, float]:
+    """The Perfetto trace of `run()` under jax.profiler, and its wall time."""
     log_dir = tempfile.mkdtemp()
     start = time.perf_counter()
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        llm.generate(prompts, params, use_tqdm=False)
+        run()
     wall = time.perf_counter() - start
     path = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
     with gzip.open(path) as f:
-        trace = json.load(f)
+        return json.load(f), wall
+
+
+def traced_events(llm, prompts, params, with_host: bool = False):
+    """The GPU events of one `generate` call and its wall time (and, `with_host`, the other events)."""
+    trace, wall = traced(lambda: llm.generate(prompts, params, use_tqdm=False))
     gpu = gpu_events(trace)
     if not with_host:
         return gpu, wall
