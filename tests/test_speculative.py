@@ -305,8 +305,10 @@ def _ngram_reference(seq, k, n_max, n_min):
         suffix = seq[-n:]
         for s in reversed(range(len(seq) - n)):  # the latest earlier occurrence
             if seq[s:s + n] == suffix:
-                cont = seq[s + n:s + n + k]
-                return cont
+                text = list(seq)
+                for j in range(k):  # an overlapping copy: past the end it copies what it proposed
+                    text.append(text[s + n + j])
+                return text[len(seq):]
     return []
 
 
@@ -321,6 +323,13 @@ def test_ngram_proposals_match_reference():
         want = _ngram_reference(hist[b, :lengths[b]].tolist(), k, 3, 1)
         assert count[b] == len(want)
         assert drafts[b, :count[b]].tolist() == want
+
+
+def test_ngram_proposal_repeats_a_cycle_that_reaches_the_end():
+    hist = jnp.asarray([[5, 1, 2, 7, 7, 7, 0, 0], [5, 1, 2, 1, 2, 1, 2, 0]], jnp.int32)
+    drafts, count = propose_ngram(hist, jnp.array([6, 7]), k=4, n_max=2, n_min=1)
+    assert np.asarray(count).tolist() == [4, 4]
+    assert np.asarray(drafts).tolist() == [[7, 7, 7, 7], [1, 2, 1, 2]]
 
 
 # -- bad input -------------------------------------------------------------------------------------
