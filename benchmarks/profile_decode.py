@@ -1,9 +1,11 @@
 """Where a decode step's time goes: GPU kernel time by kernel name, and the gaps between kernels.
 
 Runs the Llama-3-8B-shaped decode (random bf16 weights, unrolled layers) under jax.profiler,
-reads the Perfetto trace and sums the GPU events per name.
+reads the Perfetto trace and sums the GPU events per name. `--quantization` profiles the same
+weights quantized at load (each method after the other, in one process), as `LLM` runs them.
 
     PYTHONPATH=. python -m benchmarks.profile_decode --batch 1 --out profile_b1.json
+    PYTHONPATH=. python -m benchmarks.profile_decode --batch 1 --quantization int8 int4 --out profile_q.json
 """
 
 from __future__ import annotations
@@ -108,15 +110,21 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 greedy; the throughput benchmark samples at 1")
+    parser.add_argument("--quantization", nargs="+", default=["none"],
+                        help="weight methods to profile: none (bf16) or jaxllm.quantization's (int8, int4, fp8, ...)")
     parser.add_argument("--out", default="profile_decode.json")
     args = parser.parse_args(argv)
+    from jaxllm.quantization import METHODS
+    for method in args.quantization:
+        if method != "none" and method not in METHODS:
+            parser.error(f"--quantization {method!r}: choose none or one of {sorted(METHODS)}")
     config = llama3_8b().replace(attention_backend=args.backend)
     mesh = make_mesh(ParallelConfig(1))
     params = unstack_layers(random_params(config, mesh))
     results = []
-    for batch in args.batch:
+    for method, batch in ((m, b) for m in args.quantization for b in args.batch):
         llm = LLM.from_params(config, params, mesh, max_model_len=args.prompt_len + 384,
-                              max_num_seqs=batch)
+                              max_num_seqs=batch, quantization=None if method == "none" else method)
         rng = np.random.default_rng(0)
         prompts = [{"prompt_token_ids": rng.integers(0, config.vocab_size, args.prompt_len).tolist()} for _ in range(batch)]
         # 65 and 128 new tokens share one output bucket, so both runs use the same executables.
@@ -125,7 +133,7 @@ def main(argv=None) -> int:
         llm.generate(prompts, long, use_tqdm=False)  # compile
         (short_events, short_s), (long_events, long_s) = (traced_events(llm, prompts, p) for p in (short, long))
         summary = summarise(short_events, long_events, 128 - 65)
-        summary.update(batch=batch, backend=args.backend, prompt_len=args.prompt_len, temperature=args.temperature, wall_ms_per_step=1e3 * (long_s - short_s) / (128 - 65))
+        summary.update(quantization=method, batch=batch, backend=args.backend, prompt_len=args.prompt_len, temperature=args.temperature, wall_ms_per_step=1e3 * (long_s - short_s) / (128 - 65))
         results.append(summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "top"}), flush=True)
         for row in summary["top"][:25]:

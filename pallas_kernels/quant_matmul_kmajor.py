@@ -19,9 +19,12 @@ wgmma's register operand holds runs of K. Measured on the H200 (BENCHMARKS.md): 
 GPU's wider "upcast" layouts and shuffling after the conversion was as fast for int8 and 13-15 %
 slower for int4.
 
-int8's channel scale multiplies the output. int4's group scale and zero point apply to each group's
-float32 partial product: sum_k (c - z) s x = s * (P + (8 - z) * sum_k x)
-with c - 8 the signed code the kernel multiplies and the activation sums per group computed by XLA.
+int8's channel scale multiplies the output. int4's zero point comes off the codes in registers, after
+the conversion: the stored code is c - 8, so the kernel subtracts z - 8 from it, and c - z, an integer
+of at most 15 in size, is exact in bf16. The group scale multiplies each group's float32 partial
+product: sum_k (c - z) s x = s * sum_k (c - z) x. (Until the sixteenth session the kernel multiplied
+c - 8 and added (8 - z) times each group's activation sum, which XLA computed before every product:
+two fusions, 0.3 ms of a batch-1 8B decode step.)
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ MAX_TOKENS = 64
 SMEM_PER_SM = 228 * 1024
 SMEM_BUDGET = 110 * 1024  # per block for the default stage count (two blocks an SM)
 MIN_STEPS_PER_SPLIT = 4
-SUMS_WIDTH = 64  # int4's per-group activation sums, padded to 256 bytes a row (TMA moves 128-byte multiples)
 INT4_GROUP = 128  # the int4 kernel steps one group of inputs at a time
 CODE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4),
                "bf16": jnp.dtype(jnp.bfloat16), "fp4": jnp.dtype(jnp.int4)}  # fp4: e2m1 codes held in int4
@@ -105,7 +107,7 @@ class Plan:
 
     def stage_bytes(self) -> int:
         codes = self.block_n * self.block_k * bits(CODE_DTYPES[self.kind]) // 8
-        extra = self.block_n * 5 + 4 * SUMS_WIDTH if self.kind == "int4" else 0
+        extra = self.block_n * 5 if self.kind == "int4" else 0  # float32 scales, uint8 zero points
         if self.kind == "fp4":  # block scales, counted as float16 (8-bit ones take half)
             extra = 2 * self.block_n * self.block_k // 16
         return codes + self.tokens * self.block_k * 2 + extra
@@ -321,9 +323,7 @@ def w4a16_kmajor(
     if input_scale is not None:
         xf = xf / input_scale.astype(jnp.float32)
     xb = _pad_tokens(xf, p.tokens).astype(jnp.bfloat16)
-    sums = xb.astype(jnp.float32).reshape(p.tokens, -1, INT4_GROUP).sum(-1).T  # [G, tokens]
-    sums = jnp.pad(sums, ((0, 0), (0, SUMS_WIDTH - p.tokens)))
-    partial = _build(p, interpret)(xb, q_t, scale.astype(jnp.float32), zero.astype(jnp.uint8), sums)
+    partial = _build(p, interpret)(xb, q_t, scale.astype(jnp.float32), zero.astype(jnp.uint8))
     return jnp.sum(partial, axis=0).T[:m].astype(x.dtype)
 
 
@@ -334,22 +334,27 @@ def _build(p: Plan, interpret: bool):
 
     int4 = p.kind == "int4"
     wgs, bk, tokens, stages = p.compute_wgs, p.block_k, p.tokens, p.num_stages
-    copies = wgs + (4 if int4 else 1)  # TMA copies landing on a stage's barrier
+    copies = wgs + (3 if int4 else 1)  # TMA copies landing on a stage's barrier
 
     def layout(x, kind):
         return x if interpret else plgpu.layout_cast(x, kind)
 
-    def weight_operand(ref):
-        """wgmma's weight operand: the [64, block_k] codes as bf16 in its register-operand layout,
-        or a bf16 weight's tile left in shared memory, which wgmma reads as it is."""
+    def weight_operand(ref, offset=None):
+        """wgmma's weight operand: the [64, block_k] codes as bf16 in its register-operand layout
+        (minus `offset`, one value per row, where given), or a bf16 weight's tile left in shared
+        memory, which wgmma reads as it is."""
         if interpret:
-            return ref[...].astype(p.operand_dtype)
+            w = ref[...].astype(p.operand_dtype)
+            return w if offset is None else w - offset[:, None]
         if p.kind == "bf16":
             return ref
         with jax.named_scope("load"):  # scopes name the events of a Mosaic GPU profile
             raw = compat.mgpu_load(ref, layout=plgpu.Layout.WGMMA)
         with jax.named_scope("convert"):
-            return raw.astype(p.operand_dtype)
+            w = raw.astype(p.operand_dtype)
+            if offset is None:
+                return w
+            return w - lax.broadcast_in_dim(offset, (WG_ROWS, p.block_k), [0])
 
     def product(a, x_ref):
         """a [64, block_k] @ x_ref[...]^T, in float32."""
@@ -365,8 +370,8 @@ def _build(p: Plan, interpret: bool):
 
     def body(refs, scoped):
         if int4:
-            x_ref, w_ref, s_ref, z_ref, sums_ref, out_ref = refs
-            (w_smem, x_smem, s_smem, z_smem, sums_smem, o_smem), ready, free = scoped
+            x_ref, w_ref, s_ref, z_ref, out_ref = refs
+            (w_smem, x_smem, s_smem, z_smem, o_smem), ready, free = scoped
         else:
             x_ref, w_ref, out_ref = refs
             (w_smem, x_smem, o_smem), ready, free = scoped
@@ -381,15 +386,15 @@ def _build(p: Plan, interpret: bool):
                 slot = lax.rem(i, stages)
                 with jax.named_scope("wait_ready"):
                     plgpu.barrier_wait(ready.at[slot])
-                prod = product(weight_operand(w_smem.at[slot, wg]), x_smem.at[slot])
-                if int4:
-                    cols = pl.ds(wg * WG_ROWS, WG_ROWS)
-                    scale = layout(s_smem.at[slot, cols][...], plgpu.Layout.WGMMA.reduce(1))
-                    zero = layout(z_smem.at[slot, cols][...], plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-                    total = layout(sums_smem.at[slot, pl.ds(0, tokens)][...], plgpu.Layout.WGMMA.reduce(0))
-                    shape = (WG_ROWS, tokens)
-                    by_row = lambda v: lax.broadcast_in_dim(v, shape, [0])
-                    prod = by_row(scale) * (prod + by_row(8.0 - zero) * lax.broadcast_in_dim(total, shape, [1]))
+                if int4:  # the stored codes are c - 8: c - z = stored - (z - 8)
+                    rows = pl.ds(wg * WG_ROWS, WG_ROWS)
+                    zero = layout(z_smem.at[slot, rows][...], plgpu.Layout.WGMMA.reduce(1))
+                    offset = (zero.astype(jnp.float32) - 8.0).astype(p.operand_dtype)
+                    prod = product(weight_operand(w_smem.at[slot, wg], offset), x_smem.at[slot])
+                    scale = layout(s_smem.at[slot, rows][...], plgpu.Layout.WGMMA.reduce(1))
+                    prod = lax.broadcast_in_dim(scale, (WG_ROWS, tokens), [0]) * prod
+                else:
+                    prod = product(weight_operand(w_smem.at[slot, wg]), x_smem.at[slot])
 
                 @pl.when(i + stages < steps)  # the memory warpgroup waits for this slot again
                 def _():
@@ -422,7 +427,6 @@ def _build(p: Plan, interpret: bool):
                 if int4:
                     plgpu.copy_gmem_to_smem(s_ref.at[step, pl.ds(n0, p.block_n)], s_smem.at[slot], ready.at[slot])
                     plgpu.copy_gmem_to_smem(z_ref.at[step, pl.ds(n0, p.block_n)], z_smem.at[slot], ready.at[slot])
-                    plgpu.copy_gmem_to_smem(sums_ref.at[step], sums_smem.at[slot], ready.at[slot])
                 return carry
 
             lax.fori_loop(0, steps, issue, None)
@@ -432,8 +436,7 @@ def _build(p: Plan, interpret: bool):
                 swizzled((stages, tokens, bk), p.operand_dtype)]
         if int4:
             smem += [plgpu.SMEM((stages, p.block_n), jnp.float32),
-                     plgpu.SMEM((stages, p.block_n), jnp.uint8),
-                     plgpu.SMEM((stages, SUMS_WIDTH), jnp.float32)]
+                     plgpu.SMEM((stages, p.block_n), jnp.uint8)]
         smem.append(plgpu.SMEM((wgs, WG_ROWS, tokens), jnp.float32))
         ready = plgpu.Barrier(num_arrivals=copies, num_barriers=stages)
         free = plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)
