@@ -24,7 +24,7 @@ the conversion: the stored code is c - 8, so the kernel subtracts z - 8 from it,
 of at most 15 in size, is exact in bf16. The group scale multiplies each group's float32 partial
 product: sum_k (c - z) s x = s * sum_k (c - z) x. (Until the sixteenth session the kernel multiplied
 c - 8 and added (8 - z) times each group's activation sum, which XLA computed before every product:
-two fusions, 0.3 ms of a batch-1 8B decode step.)
+three fusions, 0.3 ms of a batch-1 8B decode step.)
 """
 
 from __future__ import annotations
