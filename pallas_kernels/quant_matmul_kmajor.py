@@ -152,22 +152,6 @@ def plan(kind: str, m: int, k: int, n: int, config: KMajorConfig | None = None) 
     return dataclasses.replace(base, num_stages=stages, num_splits=min(splits, base.steps))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["codes"], meta_fields=["plan", "steps"])
-@dataclasses.dataclass(frozen=True)
-class Prefetch:
-    """The next product's codes, which a launch asks the L2 cache for once it has requested all its own
-    tiles: the first `steps` tiles of each block of the next launch (`plan`), so that launch's first
-    loads find them in L2 instead of waiting on HBM while the GPU sits between kernels."""
-
-    codes: Array  # the next K-major weight's [N', K'] codes (any kind the kernels take)
-    plan: Plan  # the next launch's plan
-    steps: int = 2
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be at least 1")
-
-
 # -- weight layouts --------------------------------------------------------------------------
 
 
@@ -270,28 +254,16 @@ def _pad_tokens(x, tokens: int):
     return jnp.pad(x, ((0, tokens - x.shape[0]), (0, 0)))
 
 
-def _prefetch_args(prefetch: Prefetch | None) -> tuple[tuple, tuple | None]:
-    """The extra kernel input and the static part of a Prefetch."""
-    if prefetch is None:
-        return (), None
-    q = prefetch.plan
-    if tuple(prefetch.codes.shape) != (q.n, q.k):
-        raise ValueError(f"prefetch codes of shape {tuple(prefetch.codes.shape)} must be the next plan's "
-                         f"[N, K] = [{q.n}, {q.k}]")
-    return (prefetch.codes,), (q, prefetch.steps)
-
-
 def w8a16_kmajor(
     x: Float[Array, "M K"],
     w_t: Array,  # int8 or float8_e4m3fn [N, K]
     scale: Float[Array, "N"],
     *,
     config: KMajorConfig | None = None,
-    prefetch: Prefetch | None = None,
     interpret: bool = False,
 ) -> Float[Array, "M N"]:
     """The Mosaic GPU kernel (activations in bf16, float16 for e4m3 codes); same contract as
-    `w8a16_kmajor_reference`. `prefetch` names the next product's weight (see `Prefetch`)."""
+    `w8a16_kmajor_reference`."""
     if w_t.ndim != 2 or w_t.dtype not in EIGHT_BIT_KINDS:
         raise ValueError(f"w_t of shape {tuple(w_t.shape)} and dtype {w_t.dtype} must be a 2-D int8 or "
                          f"float8_e4m3fn [N, K] matrix")
@@ -303,8 +275,7 @@ def w8a16_kmajor(
     out_dtype = x.dtype
     if p.operand_dtype == jnp.float16:  # saturate rather than overflow to inf
         x = jnp.clip(x.astype(jnp.float32), -F16_MAX, F16_MAX)
-    extra, ahead = _prefetch_args(prefetch)
-    partial = _build(p, interpret, ahead)(_pad_tokens(x.astype(p.operand_dtype), p.tokens), w_t, *extra)
+    partial = _build(p, interpret)(_pad_tokens(x.astype(p.operand_dtype), p.tokens), w_t)
     y = jnp.sum(partial, axis=0) * jnp.reshape(scale, (n, 1)).astype(jnp.float32)
     return y.T[:m].astype(out_dtype)
 
@@ -314,18 +285,16 @@ def bf16_kmajor(
     w_t: Float[Array, "N K"],
     *,
     config: KMajorConfig | None = None,
-    prefetch: Prefetch | None = None,
     interpret: bool = False,
 ) -> Float[Array, "M N"]:
     """The Mosaic GPU kernel over a bf16 weight stored [N, K] (activations in bf16); same contract as
-    `bf16_kmajor_reference`. `prefetch` names the next product's weight (see `Prefetch`)."""
+    `bf16_kmajor_reference`."""
     if w_t.ndim != 2 or w_t.dtype != jnp.bfloat16:
         raise ValueError(f"w_t of shape {tuple(w_t.shape)} and dtype {w_t.dtype} must be a 2-D bfloat16 [N, K] matrix")
     n, k = w_t.shape
     m = _check_x(x, k)
     p = plan("bf16", m, k, n, config)
-    extra, ahead = _prefetch_args(prefetch)
-    partial = _build(p, interpret, ahead)(_pad_tokens(x.astype(jnp.bfloat16), p.tokens), w_t, *extra)
+    partial = _build(p, interpret)(_pad_tokens(x.astype(jnp.bfloat16), p.tokens), w_t)
     return jnp.sum(partial, axis=0).T[:m].astype(x.dtype)
 
 
@@ -337,11 +306,9 @@ def w4a16_kmajor(
     input_scale: Float[Array, "K"] | None = None,
     *,
     config: KMajorConfig | None = None,
-    prefetch: Prefetch | None = None,
     interpret: bool = False,
 ) -> Float[Array, "M N"]:
-    """The Mosaic GPU kernel (activations in bf16); same contract as `w4a16_kmajor_reference`.
-    `prefetch` names the next product's weight (see `Prefetch`)."""
+    """The Mosaic GPU kernel (activations in bf16); same contract as `w4a16_kmajor_reference`."""
     if q_t.ndim != 2 or q_t.dtype != jnp.int4:
         raise ValueError(f"q_t of shape {tuple(q_t.shape)} and dtype {q_t.dtype} must be a 2-D int4 [N, K] matrix")
     n, k = q_t.shape
@@ -356,15 +323,12 @@ def w4a16_kmajor(
     if input_scale is not None:
         xf = xf / input_scale.astype(jnp.float32)
     xb = _pad_tokens(xf, p.tokens).astype(jnp.bfloat16)
-    extra, ahead = _prefetch_args(prefetch)
-    partial = _build(p, interpret, ahead)(xb, q_t, scale.astype(jnp.float32), zero.astype(jnp.uint8), *extra)
+    partial = _build(p, interpret)(xb, q_t, scale.astype(jnp.float32), zero.astype(jnp.uint8))
     return jnp.sum(partial, axis=0).T[:m].astype(x.dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _build(p: Plan, interpret: bool, ahead: tuple[Plan, int] | None = None):
-    """The launch of plan `p`; `ahead` = (the next launch's plan, tiles a block of it to prefetch)
-    adds the next weight's codes as a last input."""
+def _build(p: Plan, interpret: bool):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -404,31 +368,7 @@ def _build(p: Plan, interpret: bool, ahead: tuple[Plan, int] | None = None):
 
         return pl.run_scoped(scope, plgpu.ACC((WG_ROWS, tokens), jnp.float32))
 
-    def prefetch_next(next_ref, nb, sp):
-        """Asks the L2 for the first tiles of the next launch's blocks b' = b, b + B, ... (B this
-        launch's block count), so the next launch's first loads hit the L2."""
-        q, count = ahead
-        blocks, next_blocks = p.n // p.block_n * p.num_splits, q.n // q.block_n * q.num_splits
-        b = nb * p.num_splits + sp
-        for j in range(-(-next_blocks // blocks)):
-            bq = b + j * blocks
-
-            @pl.when(bq < next_blocks)
-            def _():
-                nq, sq = bq // q.num_splits, lax.rem(bq, q.num_splits)
-                for t in range(min(count, q.per_split)):
-                    step = sq * q.per_split + t
-
-                    @pl.when(step < q.steps)
-                    def _():
-                        plgpu.async_prefetch(next_ref.at[pl.ds(nq * q.block_n, q.block_n),
-                                                         pl.ds(step * q.block_k, q.block_k)])
-
     def body(refs, scoped):
-        next_ref = None
-        if ahead is not None:
-            *refs, next_ref, out_ref = refs
-            refs = (*refs, out_ref)
         if int4:
             x_ref, w_ref, s_ref, z_ref, out_ref = refs
             (w_smem, x_smem, s_smem, z_smem, o_smem), ready, free = scoped
@@ -464,11 +404,10 @@ def _build(p: Plan, interpret: bool, ahead: tuple[Plan, int] | None = None):
 
             zeros = layout(jnp.zeros((WG_ROWS, tokens), jnp.float32), plgpu.Layout.WGMMA)
             acc = lax.fori_loop(0, steps, step_fn, zeros)
-            with jax.named_scope("epilogue"):
-                o_smem.at[wg][...] = acc
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[wg], out_ref.at[sp, pl.ds(n0 + wg * WG_ROWS, WG_ROWS)])
-                plgpu.wait_smem_to_gmem(0)
+            o_smem.at[wg][...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], out_ref.at[sp, pl.ds(n0 + wg * WG_ROWS, WG_ROWS)])
+            plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == wgs)
         def _memory():
@@ -491,8 +430,6 @@ def _build(p: Plan, interpret: bool, ahead: tuple[Plan, int] | None = None):
                 return carry
 
             lax.fori_loop(0, steps, issue, None)
-            if next_ref is not None and not interpret:  # the interpreter has no L2 to warm
-                prefetch_next(next_ref, nb, sp)
 
     def entry(*refs):
         smem = [swizzled((stages, wgs, WG_ROWS, bk), CODE_DTYPES[p.kind]),
