@@ -1,14 +1,17 @@
-"""A batch-1 decode step's weight products in a chain, through the K-major kernels, with the
-kernels' early weight loads on and off (`pallas_kernels.quant_matmul_kmajor.EARLY_WEIGHTS`).
+"""A batch-1 decode step's weight products in a chain, through the K-major kernels: a proxy for
+the products' share of a decode step that needs no model (int8: 96 us a layer here, 94.5 us of
+kernels a layer in the decode step's profile, products 75 of them).
 
 Llama-3-8B's four products a layer (qkv 4096x6144, o 4096x4096, gate/up 4096x28672, down 14336x4096)
 over `--layers` layers of distinct random weights, each product's input made from the last one's
 output (sliced to its K and divided by its RMS: two small XLA kernels between products, as in a
-real step). Variants ("early" or "late") alternate in the order given, so drift shows as a
-difference between repeats of one variant; each row also gives its output's largest difference
-from the first variant's (the variants compute the same values: 0).
+real step). `--configs` sets the kernels' KMajorConfig (block_n:num_stages:num_splits, 0 for the
+default), run in the order given, so drift shows between repeats of one config; each row also gives
+its output's largest difference from the first config's (configs compute the same values: 0).
+(Until 3a326d4 / 6e64a82 this chain measured two reverted tries: the L2 prefetch of the next
+weight and early weight loads under programmatic dependent launch.)
 
-    PYTHONPATH=. python -m benchmarks.product_chain --kinds int8 int4 --variants late early late early --out results.json
+    PYTHONPATH=. python -m benchmarks.product_chain --kinds int8 int4 --configs default 256:6:0 --out results.json
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from benchmarks.shapes import COPY_BANDWIDTH
 from pallas_kernels.quant_matmul_kmajor import KMajorConfig, w4a16_kmajor, w8a16_kmajor
 
 KINDS = ("int8", "int4")
-VARIANTS = ("early", "late")
 
 
 def random_weights(kind: str, k: int, n: int, key) -> tuple:
@@ -48,10 +50,19 @@ def product(kind: str, x, w, config=None):
     return w4a16_kmajor(x, *w, config=config)
 
 
-def chain_fn(kind: str, early: bool):
-    """f(x, weights) running every product once in order; weights: [layer][product] arrays."""
-    config = KMajorConfig(early_weights=early)
+def parse_config(text: str) -> KMajorConfig | None:
+    """'default' or block_n:num_stages:num_splits (0: the default) as a KMajorConfig."""
+    if text == "default":
+        return None
+    parts = text.split(":")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"{text!r} is not 'default' or block_n:num_stages:num_splits")
+    bn, st, sp = (int(p) or None for p in parts)
+    return KMajorConfig(block_n=bn, num_stages=st, num_splits=sp)
 
+
+def chain_fn(kind: str, config: KMajorConfig | None):
+    """f(x, weights) running every product once in order; weights: [layer][product] arrays."""
     def f(x, weights):
         shapes = [s for _ in weights for s in LAYER_SHAPES]
         flat = [w for layer in weights for w in layer]
@@ -79,7 +90,8 @@ def timed(f, x, weights, iters: int, repeats: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    parser.add_argument("--variants", nargs="+", default=["late", "early", "late", "early"], choices=VARIANTS)
+    parser.add_argument("--configs", nargs="+", default=["default", "default"],
+                        help="'default' or block_n:num_stages:num_splits (0 = default), in order")
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--iters", type=int, default=20)
@@ -88,6 +100,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.layers < 1:
         parser.error(f"--layers {args.layers}: at least 1")
+    try:
+        configs = [(c, parse_config(c)) for c in args.configs]
+    except ValueError as e:
+        parser.error(f"--configs: {e}")
     rows = []
     for kind in args.kinds:
         keys = jax.random.split(jax.random.PRNGKey(0), args.layers * len(LAYER_SHAPES))
@@ -96,9 +112,9 @@ def main(argv=None) -> int:
         layer_bytes = sum(weight_bytes(kind, k, n) for k, n in LAYER_SHAPES)
         x = jax.random.normal(jax.random.PRNGKey(1), (args.m, LAYER_SHAPES[0][0]), jnp.bfloat16)
         first = None
-        for variant in args.variants:
-            f = chain_fn(kind, variant == "early")
-            row = dict(kind=kind, m=args.m, variant=variant, layers=args.layers,
+        for name, config in configs:
+            f = chain_fn(kind, config)
+            row = dict(kind=kind, m=args.m, config=name, layers=args.layers,
                        **timed(f, x, weights, args.iters, args.repeats))
             out = np.asarray(jax.device_get(f(x, weights)), np.float32)
             first = out if first is None else first

@@ -5,9 +5,7 @@ A method is "none" or one of `jaxllm.quantization.METHODS` needing no calibratio
 nvfp4, mxfp4). One named with a "/nmajor" suffix (int8/nmajor, int4/nmajor, nvfp4/nmajor) keeps the
 weights in their stored [K, N] layout instead of the K-major kernels' one, so its products run
 through XLA (until the eighth session they ran in N-major Mosaic GPU kernels, since removed: the
-K-major ones replaced them; fp4 there means dequantizing before each product). One with "/late"
-(int8/late, int4/late) has its kernels request their first weight tiles only after the kernel
-before them ends (`jaxllm.kernel_weights.EARLY_WEIGHT_LOADS` off).
+K-major ones replaced them; fp4 there means dequantizing before each product).
 
     PYTHONPATH=. python -m benchmarks.quant_decode --methods none int8 int4 int8/nmajor --out results.json
     PYTHONPATH=. python -m benchmarks.quant_decode --methods none nvfp4 mxfp4 nvfp4/nmajor --out results.json
@@ -35,18 +33,20 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["none", "fp8", "int4"])
     parser.add_argument("--out", default="results_quant_decode.json")
     args = parser.parse_args(argv)
+    from jaxllm.quantization import METHODS
     for method in args.methods:
-        if method.partition("/")[2] not in ("", "nmajor", "late"):
-            parser.error(f"--methods {method!r}: the suffix is /nmajor or /late")
+        name, _, layout = method.partition("/")
+        if name != "none" and name not in METHODS:
+            parser.error(f"--methods {method!r}: choose none or one of {sorted(METHODS)}")
+        if layout not in ("", "nmajor"):
+            parser.error(f"--methods {method!r}: the only suffix is /nmajor")
     config = llama3_8b()
     params = random_params(config, make_mesh(ParallelConfig(1)))
     rows = []
     for method in args.methods:
         name, _, layout = method.partition("/")
         q = None if name == "none" else name
-        keep = (mock.patch("jaxllm.llm._in_kernel_layout", lambda p: p) if layout == "nmajor" else
-                mock.patch("jaxllm.kernel_weights.EARLY_WEIGHT_LOADS", False) if layout == "late" else
-                contextlib.nullcontext())
+        keep = mock.patch("jaxllm.llm._in_kernel_layout", lambda p: p) if layout == "nmajor" else contextlib.nullcontext()
         with keep:
             row = decode.run(batch=1, config=config, params=params, layers="unrolled", prefill_len=2048,
                              repeats=1, quantization=q)

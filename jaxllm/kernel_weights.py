@@ -204,29 +204,22 @@ def w8a8_matmul(x2: Float[Array, "M K"], w: KMajorW8A8Weight) -> Float[Array, "M
     return (y.astype(jnp.float32) * sx[:, None] * w.scale[None, :]).astype(x2.dtype)
 
 
-# The twins hold the model's weights, which every program of `LLM` takes as inputs, so no kernel of
-# a program writes them: their kernels may request the first weight tiles before the kernel before
-# them ends (`pallas_kernels.quant_matmul_kmajor.EARLY_WEIGHTS`).
-EARLY_WEIGHT_LOADS = True
-
-
 def matmul_kernel(x2: Float[Array, "M K"], w, *, interpret: bool) -> Float[Array, "M N"]:
     """x2 @ W through the Pallas kernel of w's kind: the weight-only K-major kernels up to
     `quant_matmul_kmajor.MAX_TOKENS` tokens (W8A8 weights too: the activations stay unquantized),
     the fp8 x fp8 kernel above."""
     from pallas_kernels.fp4_matmul_kmajor import w4a16_fp4_kmajor
     from pallas_kernels.fp8_matmul import fp8_matmul
-    from pallas_kernels.quant_matmul_kmajor import MAX_TOKENS, KMajorConfig, w4a16_kmajor, w8a16_kmajor
+    from pallas_kernels.quant_matmul_kmajor import MAX_TOKENS, w4a16_kmajor, w8a16_kmajor
 
-    config = KMajorConfig(early_weights=EARLY_WEIGHT_LOADS)
     if isinstance(w, KMajorFP4Weight):
         return w4a16_fp4_kmajor(x2, w.q_t, w.block_scale, w.channel_scale, interpret=interpret)
     if isinstance(w, KMajorInt8Weight):
-        return w8a16_kmajor(x2, w.q_t, w.scale, config=config, interpret=interpret)
+        return w8a16_kmajor(x2, w.q_t, w.scale, interpret=interpret)
     if isinstance(w, KMajorW8A8Weight):
         if x2.shape[0] > MAX_TOKENS:
             codes, sx = _token_codes(x2, w)
             return fp8_matmul(codes, w.q_t, sx, w.scale, out_dtype=x2.dtype, interpret=interpret)
         x_in = _scaled_input(x2, w).astype(x2.dtype)
-        return w8a16_kmajor(x_in, w.q_t, w.scale, config=config, interpret=interpret)
-    return w4a16_kmajor(x2, w.q_t, w.scale, w.zero, w.input_scale, config=config, interpret=interpret)
+        return w8a16_kmajor(x_in, w.q_t, w.scale, interpret=interpret)
+    return w4a16_kmajor(x2, w.q_t, w.scale, w.zero, w.input_scale, interpret=interpret)

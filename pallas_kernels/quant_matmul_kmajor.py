@@ -51,14 +51,6 @@ CODE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn),
                "bf16": jnp.dtype(jnp.bfloat16), "fp4": jnp.dtype(jnp.int4)}  # fp4: e2m1 codes held in int4
 EIGHT_BIT_KINDS = {CODE_DTYPES["int8"]: "int8", CODE_DTYPES["fp8"]: "fp8"}  # w8a16_kmajor's code dtypes
 F16_MAX = 65504.0
-# `early_weights`: the launch may start while the kernel before it still runs (programmatic
-# dependent launch): the memory warpgroup requests its first `num_stages` weight tiles, then waits
-# for the earlier kernels (griddepcontrol.wait) before it requests activations, scales or zero
-# points, and the compute warpgroups wait too before they read or write anything. The first HBM
-# round trip of the weights then overlaps the kernels before. Only for codes that no kernel of the
-# same program writes (the program's inputs, as `LLM` passes its weights): hence off by default.
-# (jax 0.11 launches a kernel that waits so; under jax 0.10 the wait is a no-op.)
-EARLY_WEIGHTS = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +61,6 @@ class KMajorConfig:
     block_k: int | None = None  # int8 only: inputs per pipeline step, 128 or 256 (int4 steps one group)
     num_stages: int | None = None  # tiles in flight per block
     num_splits: int | None = None  # blocks sharing one output block's K range
-    early_weights: bool | None = None  # request the first weight tiles before the previous kernel ends
 
     def __post_init__(self):
         if self.block_n is not None and self.block_n not in (64, 128, 256):
@@ -95,7 +86,6 @@ class Plan:
     block_k: int  # inputs per step
     num_stages: int
     num_splits: int
-    early_weights: bool = False  # see EARLY_WEIGHTS
 
     @property
     def operand_dtype(self):
@@ -159,8 +149,7 @@ def plan(kind: str, m: int, k: int, n: int, config: KMajorConfig | None = None) 
     blocks = n // block_n
     most = max(1, base.steps // MIN_STEPS_PER_SPLIT)
     splits = config.num_splits or max(1, min(most, per_sm * compat.num_sms() // blocks))
-    early = EARLY_WEIGHTS if config.early_weights is None else config.early_weights
-    return dataclasses.replace(base, num_stages=stages, num_splits=min(splits, base.steps), early_weights=early)
+    return dataclasses.replace(base, num_stages=stages, num_splits=min(splits, base.steps))
 
 
 # -- weight layouts --------------------------------------------------------------------------
@@ -344,7 +333,6 @@ def _build(p: Plan, interpret: bool):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     int4 = p.kind == "int4"
-    early = p.early_weights and not interpret  # the interpreter runs one kernel at a time
     wgs, bk, tokens, stages = p.compute_wgs, p.block_k, p.tokens, p.num_stages
     copies = wgs + (3 if int4 else 1)  # TMA copies landing on a stage's barrier
 
@@ -394,9 +382,6 @@ def _build(p: Plan, interpret: bool):
 
         @pl.when(wg < wgs)
         def _compute():
-            if early:
-                plgpu.griddepcontrol_wait()
-
             def step_fn(i, acc):
                 slot = lax.rem(i, stages)
                 with jax.named_scope("wait_ready"):
@@ -427,36 +412,25 @@ def _build(p: Plan, interpret: bool):
 
         @pl.when(wg == wgs)
         def _memory():
-            def issue_codes(i):
-                slot, ks = lax.rem(i, stages), pl.ds((first + i) * bk, bk)
+            def issue(i, carry):
+                slot = lax.rem(i, stages)
+
+                @pl.when(i >= stages)
+                def _():
+                    plgpu.barrier_wait(free.at[slot])
+
+                step = first + i
+                ks = pl.ds(step * bk, bk)
                 for h in range(wgs):
                     src = w_ref.at[pl.ds(n0 + h * WG_ROWS, WG_ROWS), ks]
                     plgpu.copy_gmem_to_smem(src, w_smem.at[slot, h], ready.at[slot])
-
-            def issue_rest(i):
-                """The step's activations (and int4's scales and zero points)."""
-                slot, step = lax.rem(i, stages), first + i
-                plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(step * bk, bk)], x_smem.at[slot], ready.at[slot])
+                plgpu.copy_gmem_to_smem(x_ref.at[:, ks], x_smem.at[slot], ready.at[slot])
                 if int4:
                     plgpu.copy_gmem_to_smem(s_ref.at[step, pl.ds(n0, p.block_n)], s_smem.at[slot], ready.at[slot])
                     plgpu.copy_gmem_to_smem(z_ref.at[step, pl.ds(n0, p.block_n)], z_smem.at[slot], ready.at[slot])
-
-            def issue(i, carry):
-                @pl.when(i >= stages)
-                def _():
-                    plgpu.barrier_wait(free.at[lax.rem(i, stages)])
-
-                issue_codes(i)
-                issue_rest(i)
                 return carry
 
-            start = 0
-            if early:  # the first stages' codes, then the wait, then what earlier kernels may write
-                start = jnp.minimum(steps, stages)
-                lax.fori_loop(0, start, lambda i, c: (issue_codes(i), c)[1], None)
-                plgpu.griddepcontrol_wait()
-                lax.fori_loop(0, start, lambda i, c: (issue_rest(i), c)[1], None)
-            lax.fori_loop(start, steps, issue, None)
+            lax.fori_loop(0, steps, issue, None)
 
     def entry(*refs):
         smem = [swizzled((stages, wgs, WG_ROWS, bk), CODE_DTYPES[p.kind]),
