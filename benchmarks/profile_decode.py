@@ -81,6 +81,22 @@ def summarise(short: list[dict], long: list[dict], steps: int, top: int = 40) ->
     )
 
 
+def timeline(events: list[dict], count: int) -> list[dict]:
+    """`count` consecutive kernels from the middle of a run, in start order: name, microseconds
+    from the first, duration, the idle gap before it, and the event's arguments (grid, shared
+    memory) where the trace gives them."""
+    ordered = sorted(events, key=lambda e: e["ts"])
+    start = max(0, len(ordered) // 2 - count // 2)
+    window = ordered[start:start + count]
+    out, end = [], None
+    for e in window:
+        gap = None if end is None else e["ts"] - end
+        end = max(end or e["ts"], e["ts"] + e["dur"])
+        args = {k: v for k, v in e.get("args", {}).items() if isinstance(v, (int, float, str)) and len(str(v)) < 80}
+        out.append(dict(name=e["name"][:60], t=e["ts"] - window[0]["ts"], dur=e["dur"], gap=gap, args=args))
+    return out
+
+
 def traced(run) -> tuple[dict, float]:
     """The Perfetto trace of `run()` under jax.profiler, and its wall time."""
     log_dir = tempfile.mkdtemp()
@@ -112,12 +128,16 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 greedy; the throughput benchmark samples at 1")
     parser.add_argument("--quantization", nargs="+", default=["none"],
                         help="weight methods to profile: none (bf16) or jaxllm.quantization's (int8, int4, fp8, ...)")
+    parser.add_argument("--timeline", type=int, default=0,
+                        help="also keep this many consecutive kernels from the middle of the long run")
     parser.add_argument("--out", default="profile_decode.json")
     args = parser.parse_args(argv)
     from jaxllm.quantization import METHODS
     for method in args.quantization:
         if method != "none" and method not in METHODS:
             parser.error(f"--quantization {method!r}: choose none or one of {sorted(METHODS)}")
+    if args.timeline < 0:
+        parser.error(f"--timeline {args.timeline}: a kernel count, 0 or more")
     config = llama3_8b().replace(attention_backend=args.backend)
     mesh = make_mesh(ParallelConfig(1))
     params = unstack_layers(random_params(config, mesh))
@@ -133,6 +153,8 @@ def main(argv=None) -> int:
         llm.generate(prompts, long, use_tqdm=False)  # compile
         (short_events, short_s), (long_events, long_s) = (traced_events(llm, prompts, p) for p in (short, long))
         summary = summarise(short_events, long_events, 128 - 65)
+        if args.timeline:
+            summary["timeline"] = timeline(long_events, args.timeline)
         summary.update(quantization=method, batch=batch, backend=args.backend, prompt_len=args.prompt_len, temperature=args.temperature, wall_ms_per_step=1e3 * (long_s - short_s) / (128 - 65))
         results.append(summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "top"}), flush=True)
