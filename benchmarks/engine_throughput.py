@@ -53,8 +53,11 @@ def main(argv=None) -> int:
                                          max_num_batched_tokens=args.max_num_batched_tokens)
             # "llm" is LLM.generate in static batches, "llm-inflight" LLM.generate on the engine.
             llm.batching = "inflight" if backend == "llm-inflight" else "static"
+            def warmed(seconds, compiles, name=f"{workload} {backend} (decode steps a visit: {steps})"):
+                print(f"{name}: warm-up {seconds:.0f} s, {compiles[0]} compilations ({compiles[1]:.0f} s)", flush=True)
+
             result = run_throughput(llm, requests, backend="llm" if backend.startswith("llm") else backend,
-                                    engine_config=engine_config)
+                                    engine_config=engine_config, on_warm=warmed)
             row = dict(result.as_dict(), backend=backend, workload=workload, num_decode_steps=steps,
                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                        max_num_batched_tokens=args.max_num_batched_tokens if backend == "engine" else None,

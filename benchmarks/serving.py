@@ -1,5 +1,7 @@
 """Issue 5's serving table in one GPU call: each engine_throughput / prefix_reuse run in its own
-process (one run's device memory does not crowd the next), under one deadline, into one JSON.
+process (one run's device memory does not crowd the next), under one deadline, into one JSON. Each
+run's output is echoed as it comes, prefixed by the run's name, so a run cut short by the deadline
+still shows how far it got (warm-up lines included).
 
     PYTHONPATH=. python -m benchmarks.serving --deadline-s 540 --out benchmarks/results_serving_h200.json
     PYTHONPATH=. python -m benchmarks.serving --runs engine_128 static_128 --deadline-s 300 --out s.json
@@ -14,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 _SEQS_256 = ["--max-num-seqs", "256", "--gpu-memory-utilization", "0.85"]
@@ -48,6 +51,24 @@ def _command(name: str, small: bool) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def run_streaming(cmd: list[str], timeout: float, prefix: str = "") -> tuple[int | None, str]:
+    """Runs `cmd`, echoing each line of its stdout as it comes (so a run cut short still shows how far
+    it got); returns (exit code, or None if killed at `timeout` seconds; the end of its stderr)."""
+    with tempfile.TemporaryFile("w+") as err, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err,
+                                                               text=True) as proc:
+        lines = threading.Thread(target=lambda: [print(prefix + line, end="", flush=True) for line in proc.stdout])
+        lines.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = None
+        lines.join()
+        err.seek(0)
+        return code, err.read()[-20000:]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
@@ -66,12 +87,12 @@ def main(argv=None) -> int:
             out = os.path.join(tmp, "out.json")
             cmd = _command(name, args.small) + ["--out", out]
             t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
-                row = json.load(open(out)) if proc.returncode == 0 else dict(error=proc.stderr[-3000:])
-            except subprocess.TimeoutExpired:
+            code, err = run_streaming(cmd, left, prefix=f"  [{name}] ")
+            if code is None:
                 row = json.load(open(out)) if os.path.exists(out) else {}
-                row["timed_out_after_s"] = left
+                row.update(timed_out_after_s=left, stderr_tail=err[-3000:])
+            else:
+                row = json.load(open(out)) if code == 0 else dict(error=err[-3000:])
             row.update(command=" ".join(cmd[1:-2]), wall_s=time.perf_counter() - t0)
         result["runs"][name] = row
         print(f"{name}: {row['wall_s']:.0f} s, " + ", ".join(

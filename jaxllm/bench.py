@@ -13,7 +13,7 @@ import json
 import math
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -531,7 +531,7 @@ async def _ramp(aengine: AsyncLLM, requests: list[BenchRequest]) -> None:
 
 
 async def _run_engine(llm: LLM, requests: list[BenchRequest], offsets, config: EngineConfig,
-                      warmup: bool, seed: int):
+                      warmup: bool, seed: int, on_warm: WarmupCallback | None = None):
     """(traces, elapsed_s, resolved engine config, engine counter changes) of one AsyncLLM run.
 
     The warmup (untimed, fresh tokens) sends every request at once when they all arrive at once,
@@ -541,12 +541,14 @@ async def _run_engine(llm: LLM, requests: list[BenchRequest], offsets, config: E
     try:
         _check_pool(aengine, requests)
         if warmup:
+            warm_start, warm_compiled = time.perf_counter(), compile_count()
             fresh = _warmup_requests(requests, llm, seed)
             if np.all(offsets == 0):
                 start = time.perf_counter()
                 await asyncio.gather(*(_submit(aengine, r, f"warmup-{i}", start, 0.0) for i, r in enumerate(fresh)))
             else:
                 await _ramp(aengine, fresh[:aengine.engine.config.max_num_seqs])
+            _report_warmup(on_warm, warm_start, warm_compiled)
         before, compiled = aengine.metrics(), compile_count()
         start = time.perf_counter()
         traces = await asyncio.gather(*(_submit(aengine, r, f"bench-{i}", start, float(t))
@@ -558,11 +560,21 @@ async def _run_engine(llm: LLM, requests: list[BenchRequest], offsets, config: E
         await aengine.shutdown()
 
 
+# Told when a warmup ends: its seconds, and the XLA compilations (count, seconds) it caused.
+WarmupCallback = Callable[[float, tuple[int, float]], None]
+
+
+def _report_warmup(on_warm: WarmupCallback | None, start: float, compiled: tuple[int, float]) -> None:
+    if on_warm is not None:
+        on_warm(time.perf_counter() - start, tuple(now - then for now, then in zip(compile_count(), compiled)))
+
+
 def run_throughput(llm: LLM, requests: Sequence[BenchRequest], *, backend: str = "engine",
                    engine_config: EngineConfig = EngineConfig(), warmup: bool = True,
-                   seed: int = 0) -> ThroughputResult:
+                   seed: int = 0, on_warm: WarmupCallback | None = None) -> ThroughputResult:
     """Submits every request at once, through AsyncLLM ("engine") or one LLM.generate call ("llm");
-    `warmup` first runs requests of the same lengths (fresh tokens) untimed, to compile."""
+    `warmup` first runs requests of the same lengths (fresh tokens) untimed, to compile, and then
+    calls `on_warm(seconds, (compilations, their seconds))` if given."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     requests = _check_requests(requests, llm)
@@ -570,7 +582,7 @@ def run_throughput(llm: LLM, requests: Sequence[BenchRequest], *, backend: str =
     input_tokens = sum(r.input_len for r in requests)
     if backend == "engine":
         traces, elapsed, config, metrics, compiles = asyncio.run(
-            _run_engine(llm, requests, np.zeros(len(requests)), engine_config, warmup, seed))
+            _run_engine(llm, requests, np.zeros(len(requests)), engine_config, warmup, seed, on_warm))
         return ThroughputResult("engine", len(requests), input_tokens, sum(t.output_len for t in traces), elapsed,
                                 config, metrics, compiles)
 
@@ -579,7 +591,9 @@ def run_throughput(llm: LLM, requests: Sequence[BenchRequest], *, backend: str =
         return llm.generate(prompts, [_params(r) for r in batch], use_tqdm=False)
 
     if warmup:
+        warm_start, warm_compiled = time.perf_counter(), compile_count()
         generate(_warmup_requests(requests, llm, seed))
+        _report_warmup(on_warm, warm_start, warm_compiled)
     compiled, start = compile_count(), time.perf_counter()
     outputs = generate(requests)
     elapsed = time.perf_counter() - start
@@ -589,15 +603,17 @@ def run_throughput(llm: LLM, requests: Sequence[BenchRequest], *, backend: str =
 
 
 def run_latency(llm: LLM, requests: Sequence[BenchRequest], *, request_rate: float = math.inf,
-                engine_config: EngineConfig = EngineConfig(), warmup: bool = True, seed: int = 0) -> LatencyResult:
+                engine_config: EngineConfig = EngineConfig(), warmup: bool = True, seed: int = 0,
+                on_warm: WarmupCallback | None = None) -> LatencyResult:
     """Sends the requests through AsyncLLM as they arrive (Poisson at `request_rate`, seeded) and
     records each one's timeline; `warmup` first runs requests of the same lengths (fresh tokens)
-    untimed, all at once for an infinite rate, else ramping up one at a time."""
+    untimed, all at once for an infinite rate, else ramping up one at a time (then `on_warm` as in
+    `run_throughput`)."""
     requests = _check_requests(requests, llm)
     check_engine_config(engine_config)
     offsets = arrival_offsets(len(requests), request_rate, seed)
     traces, elapsed, config, metrics, compiles = asyncio.run(
-        _run_engine(llm, requests, offsets, engine_config, warmup, seed))
+        _run_engine(llm, requests, offsets, engine_config, warmup, seed, on_warm))
     return LatencyResult(float(request_rate), traces, elapsed, config, metrics, compiles)
 
 

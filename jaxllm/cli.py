@@ -390,12 +390,15 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         requests = bench.dataset_requests(workload, tokenizer=llm.tokenizer, vocab_size=llm.config.vocab_size,
                                           max_model_len=llm.max_model_len, output_len=output_len)
+    def warmed(seconds: float, compiles: tuple[int, float]) -> None:  # progress, on stderr beside the table
+        print(f"warm-up: {seconds:.1f} s, {compiles[0]} XLA compilations ({compiles[1]:.1f} s)", file=sys.stderr)
+
     if args.benchmark == "throughput":
         result = bench.run_throughput(llm, requests, backend=backend, engine_config=config, warmup=args.warmup,
-                                      seed=args.seed)
+                                      seed=args.seed, on_warm=warmed)
     else:
         result = bench.run_latency(llm, requests, request_rate=args.request_rate, engine_config=config,
-                                   warmup=args.warmup, seed=args.seed)
+                                   warmup=args.warmup, seed=args.seed, on_warm=warmed)
     print(bench.format_table(result))
     if args.json is not None:
         record = result.as_dict()

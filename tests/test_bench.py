@@ -42,12 +42,12 @@ def run(capsys, *args):
 
 
 def bench_cli(capsys, model_dir, tmp_path, kind, *args):
-    """Runs `jaxllm bench KIND` on the tiny model; returns (stdout, the JSON record)."""
+    """Runs `jaxllm bench KIND` on the tiny model; returns (stdout, the JSON record, stderr)."""
     path = tmp_path / f"{kind}.json"
     code, out, err = run(capsys, "bench", kind, "--model", model_dir, "--dtype", "float32", "--max-model-len",
                          MAX_MODEL_LEN, "--json", path, *args)
     assert code == 0, err
-    return out, json.loads(path.read_text())
+    return out, json.loads(path.read_text()), err
 
 
 def random_yields(n_yields):
@@ -158,9 +158,9 @@ def test_arrivals_are_a_seeded_poisson_process():
 def test_throughput_produces_every_output_token(capsys, model_dir, tmp_path, backend, warmup):
     num, in_len, out_len = int(RNG.integers(3, 7)), int(RNG.integers(5, 20)), int(RNG.integers(3, 9))
     engine = ENGINE if backend == "engine" else ENGINE[:2] + ENGINE[4:6]  # llm: page size and batch only
-    out, record = bench_cli(capsys, model_dir, tmp_path, "throughput", "--backend", backend, "--num-prompts", num,
-                            "--input-len", in_len, "--output-len", out_len, *engine,
-                            *([] if warmup else ["--no-warmup"]))
+    out, record, err = bench_cli(capsys, model_dir, tmp_path, "throughput", "--backend", backend, "--num-prompts",
+                                 num, "--input-len", in_len, "--output-len", out_len, *engine,
+                                 *([] if warmup else ["--no-warmup"]))
     assert set(record) == THROUGHPUT_KEYS
     assert record["benchmark"] == "throughput" and record["backend"] == record["config"]["backend"] == backend
     assert record["num_requests"] == num
@@ -184,15 +184,17 @@ def test_throughput_produces_every_output_token(capsys, model_dir, tmp_path, bac
         assert record["engine_metrics"] is None
     assert f"throughput ({backend})" in out and "output tokens/s" in out
     assert f"{num * out_len:,}" in out
+    assert ("warm-up: " in err) == warmup  # on stderr, beside the table: seconds and compilations
 
 
 def test_latency_respects_arrivals_and_counts(capsys, model_dir, tmp_path, llm):
     num, in_len, out_len, ratio, seed = 6, 12, 6, 0.5, int(RNG.integers(1000))
     rate = 40.0
-    out, record = bench_cli(capsys, model_dir, tmp_path, "latency", "--request-rate", rate, "--num-prompts", num,
-                            "--input-len", in_len, "--output-len", out_len, "--range-ratio", ratio, "--seed", seed,
-                            *ENGINE)
+    out, record, err = bench_cli(capsys, model_dir, tmp_path, "latency", "--request-rate", rate, "--num-prompts",
+                                 num, "--input-len", in_len, "--output-len", out_len, "--range-ratio", ratio, "--seed",
+                                 seed, *ENGINE)
     assert set(record) == LATENCY_KEYS
+    assert "warm-up: " in err
     assert record["request_rate"] == record["config"]["request_rate"] == rate
     want = bench.RandomWorkload(num, in_len, out_len, ratio, seed=seed).sample(*bench.vocabulary(llm))
     reqs = record["requests"]
@@ -233,7 +235,7 @@ def test_jsonl_dataset_with_text_and_token_prompts(capsys, model_dir, tmp_path, 
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")  # a trailing blank line is skipped
     default_out = 5
-    _, record = bench_cli(capsys, model_dir, tmp_path, "throughput", "--dataset", path, "--output-len", default_out,
+    _, record, _ = bench_cli(capsys, model_dir, tmp_path, "throughput", "--dataset", path, "--output-len", default_out,
                           "--no-warmup", *ENGINE)
     in_lens = [len(llm.tokenizer.encode(texts[0])), len(token_prompts[0]), len(llm.tokenizer.encode(texts[1])),
                len(token_prompts[1])]
@@ -241,7 +243,7 @@ def test_jsonl_dataset_with_text_and_token_prompts(capsys, model_dir, tmp_path, 
     assert record["input_tokens"] == sum(in_lens)
     assert record["output_tokens"] == 3 + default_out + default_out + 7
 
-    _, record = bench_cli(capsys, model_dir, tmp_path, "latency", "--dataset", path, "--num-prompts", 2,
+    _, record, _ = bench_cli(capsys, model_dir, tmp_path, "latency", "--dataset", path, "--num-prompts", 2,
                           "--output-len", default_out + 1, "--no-warmup", *ENGINE)
     assert [(r["input_len"], r["output_len"]) for r in record["requests"]] == [(in_lens[0], 3),
                                                                                (in_lens[1], default_out + 1)]

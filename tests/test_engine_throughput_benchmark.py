@@ -11,7 +11,7 @@ from benchmarks import engine_throughput
 pytestmark = pytest.mark.isolated_module(seconds=60)
 
 
-def test_engine_throughput_benchmark_rows(tmp_path):
+def test_engine_throughput_benchmark_rows(tmp_path, capsys):
     out = tmp_path / "throughput.json"
     argv = ["--small", "--workloads", "24x6", "--num-prompts", "6", "--max-num-seqs", "4", "--num-decode-steps", "1",
             "4", "--max-num-batched-tokens", "32", "--out", str(out)]
@@ -25,6 +25,11 @@ def test_engine_throughput_benchmark_rows(tmp_path):
     one, four = rows[0]["engine_metrics"], rows[1]["engine_metrics"]
     assert one["multi_step_visits"] == 0 < four["multi_step_visits"]
     assert rows[0]["max_num_batched_tokens"] == 32 and rows[2]["max_num_batched_tokens"] is None
+    warmups = [line for line in capsys.readouterr().out.splitlines() if ": warm-up " in line]
+    assert [line.split(": warm-up")[0] for line in warmups] == [
+        "24x6 engine (decode steps a visit: 1)", "24x6 engine (decode steps a visit: 4)",
+        "24x6 llm (decode steps a visit: None)", "24x6 llm-inflight (decode steps a visit: None)"]
+    assert "compilations" in warmups[0] and not warmups[0].endswith(" 0 compilations (0 s)")
 
 
 def test_engine_host_profile_benchmark(tmp_path):
