@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.product_chain import parse_config, random_weights
+from benchmarks.quant_matmul_kernels import kernel
 from pallas_kernels import compat
 from pallas_kernels import quant_matmul_kmajor as qm
 
@@ -68,9 +69,9 @@ def summarise(trace: dict) -> dict:
             continue
         last_product = max(end for _, end in spans.get("wgmma", waits))
         epilogue = spans.get("epilogue", [])
-        rows.append(dict(sm=events[0]["pid"] - 1, trace=events[0]["tid"] - 1, start=events[0]["ts"], end=events[-1]["ts"], first_wait=waits[0][1] - waits[0][0],
-                         steps=len(waits), step=(last_product - waits[0][1]) / len(waits),
-                         epilogue=sum(b - a for a, b in epilogue)))
+        rows.append(dict(sm=events[0]["pid"] - 1, trace=events[0]["tid"] - 1, start=events[0]["ts"],
+                         end=events[-1]["ts"], first_wait=waits[0][1] - waits[0][0], steps=len(waits),
+                         step=(last_product - waits[0][1]) / len(waits), epilogue=sum(b - a for a, b in epilogue)))
     t0 = min(r["start"] for r in rows)
     return dict(warpgroups=len(rows), span_us=max(r["end"] for r in rows) - t0,
                 start_us=percentiles([r["start"] - t0 for r in rows]),
@@ -81,12 +82,6 @@ def summarise(trace: dict) -> dict:
                 end_us=percentiles([r["end"] - t0 for r in rows]),
                 per_warpgroup=[[r["sm"], r["trace"], round(r["start"] - t0, 3), round(r["first_wait"], 3),
                                 round(r["step"], 3), round(r["end"] - t0, 3)] for r in rows])
-
-
-def product_fn(kind: str, config: qm.KMajorConfig | None = None):
-    if kind == "int8":
-        return lambda x, w: qm.w8a16_kmajor(x, *w, config=config)
-    return lambda x, w: qm.w4a16_kmajor(x, *w, config=config)
 
 
 def profiled_launch(kind: str, k: int, n: int, m: int, config=None, copies: int = 4) -> dict:
@@ -102,7 +97,7 @@ def profiled_launch(kind: str, k: int, n: int, m: int, config=None, copies: int 
 
     qm._build.cache_clear()
     with mock.patch.object(qm.compat, "lane_compiler_params", profiled):
-        f = jax.jit(product_fn(kind, config))
+        f = jax.jit(kernel(kind, config))
         for w in ws:
             jax.block_until_ready(f(x, w))
     qm._build.cache_clear()
@@ -119,7 +114,8 @@ def kernel_us(kind: str, k: int, n: int, m: int, config=None, copies: int = 4) -
     keys = jax.random.split(jax.random.PRNGKey(0), copies)
     ws = [random_weights(kind, k, n, key) for key in keys]
     x = jax.random.normal(jax.random.PRNGKey(1), (m, k), jnp.bfloat16)
-    f = jax.jit(lambda x, ws: [product_fn(kind, config)(x, w) for w in ws])
+    product = kernel(kind, config)
+    f = jax.jit(lambda x, ws: [product(x, w) for w in ws])
     jax.block_until_ready(f(x, ws))
     trace, _ = traced(lambda: jax.block_until_ready(f(x, ws)))
     durs = [e["dur"] for e in gpu_events(trace) if "mosaic" in e["name"]]
@@ -137,6 +133,10 @@ def main(argv=None) -> int:
                         help="kernel configs to run, each 'default' or block_n:num_stages:num_splits (0 = default)")
     parser.add_argument("--out", default="results_kmajor_block_timeline.json")
     args = parser.parse_args(argv)
+    if args.skip_kernel_time and args.skip_profile:
+        parser.error("--skip-kernel-time and --skip-profile together leave nothing to measure")
+    if not 1 <= args.m <= qm.MAX_TOKENS:
+        parser.error(f"--m {args.m}: the kernels take 1 to {qm.MAX_TOKENS} tokens")
     shapes = []
     for s in args.shapes:
         try:

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.quant_matmul_kernels import LAYER_SHAPES, weight_bytes
+from benchmarks.quant_matmul_kernels import LAYER_SHAPES, kernel, weight_bytes
 from benchmarks.shapes import COPY_BANDWIDTH
-from pallas_kernels.quant_matmul_kmajor import KMajorConfig, w4a16_kmajor, w8a16_kmajor
+from pallas_kernels.quant_matmul_kmajor import MAX_TOKENS, KMajorConfig
 
 KINDS = ("int8", "int4")
 
@@ -44,12 +44,6 @@ def random_weights(kind: str, k: int, n: int, key) -> tuple:
             jax.random.randint(kz, (k // 128, n), 0, 16, jnp.uint8))
 
 
-def product(kind: str, x, w, config=None):
-    if kind == "int8":
-        return w8a16_kmajor(x, *w, config=config)
-    return w4a16_kmajor(x, *w, config=config)
-
-
 def parse_config(text: str) -> KMajorConfig | None:
     """'default' or block_n:num_stages:num_splits (0: the default) as a KMajorConfig."""
     if text == "default":
@@ -63,12 +57,14 @@ def parse_config(text: str) -> KMajorConfig | None:
 
 def chain_fn(kind: str, config: KMajorConfig | None):
     """f(x, weights) running every product once in order; weights: [layer][product] arrays."""
+    product = kernel(kind, config)
+
     def f(x, weights):
         shapes = [s for _ in weights for s in LAYER_SHAPES]
         flat = [w for layer in weights for w in layer]
         for i, w in enumerate(flat):
             nk = shapes[(i + 1) % len(flat)][0]
-            y = product(kind, x, w, config)[:, :nk].astype(jnp.float32)  # the next product's input
+            y = product(x, w)[:, :nk].astype(jnp.float32)  # the next product's input
             x = (y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6)).astype(jnp.bfloat16)
         return x
     return jax.jit(f)
@@ -98,8 +94,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="results_product_chain.json")
     args = parser.parse_args(argv)
-    if args.layers < 1:
-        parser.error(f"--layers {args.layers}: at least 1")
+    if not 1 <= args.m <= MAX_TOKENS:
+        parser.error(f"--m {args.m}: the kernels take 1 to {MAX_TOKENS} tokens")
+    for name in ("layers", "iters", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: at least 1")
     try:
         configs = [(c, parse_config(c)) for c in args.configs]
     except ValueError as e:

@@ -91,7 +91,7 @@ def timeline(events: list[dict], count: int) -> list[dict]:
     out, end = [], None
     for e in window:
         gap = None if end is None else e["ts"] - end
-        end = max(end or e["ts"], e["ts"] + e["dur"])
+        end = e["ts"] + e["dur"] if end is None else max(end, e["ts"] + e["dur"])
         args = {k: v for k, v in e.get("args", {}).items() if isinstance(v, (int, float, str)) and len(str(v)) < 80}
         out.append(dict(name=e["name"][:60], t=e["ts"] - window[0]["ts"], dur=e["dur"], gap=gap, args=args))
     return out

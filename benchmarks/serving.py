@@ -56,7 +56,11 @@ def run_streaming(cmd: list[str], timeout: float, prefix: str = "") -> tuple[int
     it got); returns (exit code, or None if killed at `timeout` seconds; the end of its stderr)."""
     with tempfile.TemporaryFile("w+") as err, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err,
                                                                text=True) as proc:
-        lines = threading.Thread(target=lambda: [print(prefix + line, end="", flush=True) for line in proc.stdout])
+        def echo():
+            for line in proc.stdout:
+                print(prefix + line, end="", flush=True)
+
+        lines = threading.Thread(target=echo)
         lines.start()
         try:
             code = proc.wait(timeout=timeout)

@@ -16,7 +16,11 @@ from benchmarks import (fp8_activation_quant, generate_timeline, kmajor_block_ti
     (quant_decode.main, ["--methods", "int8/kmajor"], "'int8/kmajor'"),
     (product_chain.main, ["--configs", "default", "128:5"], "'128:5'"),
     (product_chain.main, ["--configs", "96:0:0"], "block_n=96"),
-    (product_chain.main, ["--layers", "0"], "0"),
+    (product_chain.main, ["--layers", "0"], "--layers 0"),
+    (product_chain.main, ["--repeats", "0"], "--repeats 0"),
+    (product_chain.main, ["--m", "65"], "--m 65"),
+    (kmajor_block_timeline.main, ["--m", "0"], "--m 0"),
+    (kmajor_block_timeline.main, ["--skip-kernel-time", "--skip-profile"], "nothing to measure"),
     (kmajor_block_timeline.main, ["--shapes", "4096by4096"], "'4096by4096'"),
     (kmajor_block_timeline.main, ["--configs", "x:1:1"], "'x:1:1'"),
 ])
