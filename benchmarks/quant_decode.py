@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         name, _, layout = method.partition("/")
         q = None if name == "none" else name
         keep = mock.patch("jaxllm.llm._in_kernel_layout", lambda p: p) if layout == "nmajor" else contextlib.nullcontext()
+        jax.clear_caches()  # a variant patched in (a suffix) must not reuse the last method's compiled step
         with keep:
             row = decode.run(batch=1, config=config, params=params, layers="unrolled", prefill_len=2048,
                              repeats=1, quantization=q)

@@ -121,6 +121,13 @@ def _scaled_input(x2: Float[Array, "M K"], w: KMajorW8A8Weight) -> Float[Array, 
     return x if w.input_scale is None else x / w.input_scale[None, :]
 
 
+def kernel_order(a: Array, axis: int, kind: str) -> Array:
+    """The inputs of `a` along `axis` in (or back from) the order the kernels store `kind` codes in."""
+    from pallas_kernels.quant_matmul_kmajor import kernel_order
+
+    return kernel_order(a, axis, kind)
+
+
 def kernel_layout(w):
     """The K-major twin of an int8 / int4 / fp4 weight the kernels can take, or of any W8A8 weight
     whose input axes lead (XLA's 8-bit gemms also want both operands K-major); else the weight
@@ -130,7 +137,7 @@ def kernel_layout(w):
 
     if isinstance(w, W8A8Weight) and (k := _int8_k(w)) is not None:
         n = w.q.size // k
-        return KMajorW8A8Weight(w.q.reshape(k, n).T, w.scale.reshape(n).astype(jnp.float32),
+        return KMajorW8A8Weight(kernel_order(w.q.reshape(k, n), 0, w.kind).T, w.scale.reshape(n).astype(jnp.float32),
                                 _unless_ones(w.input_scale.reshape(k).astype(jnp.float32)), tuple(w.q.shape), w.kind)
     k = _int8_k(w) if isinstance(w, QuantizedWeight) else None
     if k is not None and _kernels_take("int8", k, n := w.q.size // k):
@@ -160,9 +167,10 @@ def dequantize(w, dtype=jnp.float32) -> Array:
     if isinstance(w, KMajorFP4Weight):
         return dequantize_fp4_kmajor(w.q_t, w.block_scale, w.channel_scale).reshape(w.shape).astype(dtype)
     if isinstance(w, KMajorInt8Weight):
-        return (w.q_t.T.astype(jnp.float32) * w.scale[None, :]).reshape(w.shape).astype(dtype)
+        dense = kernel_order(w.q_t, 1, "int8").T.astype(jnp.float32) * w.scale[None, :]
+        return dense.reshape(w.shape).astype(dtype)
     if isinstance(w, KMajorW8A8Weight):
-        dense = w.q_t.T.astype(jnp.float32) * w.scale[None, :]
+        dense = kernel_order(w.q_t, 1, w.kind).T.astype(jnp.float32) * w.scale[None, :]
         if w.input_scale is not None:
             dense = dense / w.input_scale[:, None]
         return dense.reshape(w.shape).astype(dtype)
@@ -177,19 +185,28 @@ def xla_einsum(subscripts: str, x: Array, w) -> Array:
     dims = as_matrix_product(subscripts, tuple(x.shape), w.shape)
     if dims is not None and isinstance(w, KMajorInt8Weight):
         m, k, n, out_shape = dims
-        y = jnp.dot(x.reshape(m, k), w.q_t.T.astype(x.dtype), preferred_element_type=jnp.float32)
+        x2 = kernel_order(x.reshape(m, k), 1, "int8")  # in the codes' input order
+        y = jnp.dot(x2, w.q_t.T.astype(x.dtype), preferred_element_type=jnp.float32)
         return (y * w.scale[None, :]).astype(x.dtype).reshape(out_shape)
     if dims is not None and isinstance(w, KMajorW8A8Weight):
         m, k, n, out_shape = dims
         return w8a8_matmul(x.reshape(m, k), w).reshape(out_shape)
+    if dims is not None and isinstance(w, KMajorInt4Weight):
+        from pallas_kernels.quant_matmul_kmajor import dequantize_int4_stored
+
+        m, k, n, out_shape = dims
+        dense = dequantize_int4_stored(w.q_t, w.scale, w.zero, w.input_scale).astype(x.dtype)
+        return jnp.dot(kernel_order(x.reshape(m, k), 1, "int4"), dense).reshape(out_shape)  # x in the codes' order
     return jnp.einsum(subscripts, x, dequantize(w, x.dtype))
 
 
 def _token_codes(x2: Float[Array, "M K"], w: KMajorW8A8Weight):
-    """Per-token codes and scales of x2 / input_scale (SmoothQuant's s; ones for fp8)."""
+    """Per-token codes and scales of x2 / input_scale (SmoothQuant's s; ones for fp8), the codes'
+    inputs in the weight codes' order."""
     from jaxllm.quantization import quantize_tokens
 
-    return quantize_tokens(_scaled_input(x2, w), w.kind)
+    codes, sx = quantize_tokens(_scaled_input(x2, w), w.kind)
+    return kernel_order(codes, 1, w.kind), sx
 
 
 def w8a8_matmul(x2: Float[Array, "M K"], w: KMajorW8A8Weight) -> Float[Array, "M N"]:

@@ -11,13 +11,17 @@ block owns `block_n` output features (one compute warpgroup per 64) and a range 
 warpgroup streams the code tiles and the matching activation tiles into shared memory by TMA,
 `num_stages` deep; K is split across blocks when the output blocks alone do not fill the GPU, and a
 small XLA epilogue sums the splits, applies int8's channel scales and transposes back to [M, N].
-A compute warpgroup loads its [64, block_k] tile of codes (128 inputs unless configured) straight into wgmma's
-register-operand layout (two int8, or two int4, a thread reads together), converts them to bf16 in
-registers and multiplies, with no bf16 copy written back to shared memory and no fence before each
-product (the removed N-major kernels did both). K-major codes are what make that load possible:
-wgmma's register operand holds runs of K. Measured on the H200 (BENCHMARKS.md): loading in Mosaic
-GPU's wider "upcast" layouts and shuffling after the conversion was as fast for int8 and 13-15 %
-slower for int4.
+A compute warpgroup loads its [64, block_k] tile of codes (128 inputs unless configured) into
+registers, converts them to bf16 there and multiplies with them as wgmma's register operand, with no
+bf16 copy written back to shared memory and no fence before each product (the removed N-major
+kernels did both). K-major codes are what make that load possible: wgmma's register operand holds
+runs of K. int8 and int4 codes are loaded a 32-bit word a thread at a time (Mosaic GPU's "upcast"
+layouts: 4 int8 or 8 int4) and used as they lie: the inputs are stored in the order (`kernel_order`,
+set once at load) that makes each thread's words hold the inputs wgmma wants from it. Measured on the
+H200 (BENCHMARKS.md, eighteenth session): against loading one or two codes at a time in the operand's
+own layout, 11-13 % less time a product for int4 and 2-8 % for int8 at batch 1; shuffling the
+codes into place after an upcast load instead (the eighth session) was as fast for int8 and 13-15 %
+slower for int4. fp8 codes keep the byte-pair load: their twins also feed the fp8 x fp8 kernel.
 
 int8's channel scale multiplies the output. int4's zero point comes off the codes in registers, after
 the conversion: the stored code is c - 8, so the kernel subtracts z - 8 from it, and c - z, an integer
@@ -47,6 +51,10 @@ SMEM_PER_SM = 228 * 1024
 SMEM_BUDGET = 110 * 1024  # per block for the default stage count (two blocks an SM)
 MIN_STEPS_PER_SPLIT = 4
 INT4_GROUP = 128  # the int4 kernel steps one group of inputs at a time
+# Kinds whose codes a thread loads a 32-bit word at a time (Mosaic GPU's WGMMA_UPCAST layouts) and
+# feeds to wgmma as they lie, which the codes' stored input order makes right (`kernel_order`). The
+# others load one or two codes at a time in the WGMMA layout (benchmarks patch this to compare).
+UPCAST_KINDS = frozenset({"int8", "int4"})
 CODE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4),
                "bf16": jnp.dtype(jnp.bfloat16), "fp4": jnp.dtype(jnp.int4)}  # fp4: e2m1 codes held in int4
 EIGHT_BIT_KINDS = {CODE_DTYPES["int8"]: "int8", CODE_DTYPES["fp8"]: "fp8"}  # w8a16_kmajor's code dtypes
@@ -86,6 +94,7 @@ class Plan:
     block_k: int  # inputs per step
     num_stages: int
     num_splits: int
+    upcast_load: bool = False  # kind in UPCAST_KINDS when planned
 
     @property
     def operand_dtype(self):
@@ -139,7 +148,7 @@ def plan(kind: str, m: int, k: int, n: int, config: KMajorConfig | None = None) 
         block_k = config.block_k or 128
     if k % block_k:
         raise ValueError(f"K={k} must be a multiple of {block_k} for the {kind} kernel")
-    base = Plan(kind, k, n, -(-m // 8) * 8, block_n, block_k, 1, 1)
+    base = Plan(kind, k, n, -(-m // 8) * 8, block_n, block_k, 1, 1, kind in UPCAST_KINDS)
     stages = config.num_stages or max(2, min(8, (SMEM_BUDGET - base.fixed_bytes()) // base.stage_bytes()))
     smem = dataclasses.replace(base, num_stages=stages).smem_bytes()
     if smem > SMEM_PER_SM - 1024:
@@ -156,20 +165,45 @@ def plan(kind: str, m: int, k: int, n: int, config: KMajorConfig | None = None) 
 
 
 def int8_kmajor(q: Int8[Array, "K N"]) -> Int8[Array, "N K"]:
-    """An int8 [K, N] weight's codes in the kernel's layout."""
+    """An int8 [K, N] weight's codes in the kernel's layout: [N, K], inputs in `kernel_order`."""
     if q.ndim != 2 or q.dtype != jnp.int8:
         raise ValueError(f"q of shape {tuple(q.shape)} and dtype {q.dtype} must be a 2-D int8 [K, N] matrix")
-    return q.T
+    return kernel_order(q, 0, "int8").T
+
+
+def kernel_order(a: Array, axis: int, kind: str) -> Array:
+    """`a` with its inputs along `axis` in the order the `kind` kernel stores codes in, or back: the
+    order is its own inverse, and the identity for kinds not in UPCAST_KINDS.
+
+    Lane q of each four holds inputs 8p + 2q and 8p + 2q + 1 (p = 0, 1, ...) of wgmma's register
+    operand, while the upcast load gives it whole 32-bit words: 4-bit inputs 8q..8q+7 of every 32,
+    so the order swaps p and q (8q + 2p + e <-> 8p + 2q + e); 8-bit inputs 8b + 4a..8b + 4a + 3 of
+    every 16 (q = 2a + b), so it swaps b and p (8b + 4a + 2p + e <-> 8p + 4a + 2b + e). Lengths not
+    a multiple of those 32 or 16 (weights no kernel takes) stay as they are."""
+    if kind not in UPCAST_KINDS or a.shape[axis] % (32 if kind == "int4" else 16):
+        return a
+    a = jnp.moveaxis(a, axis, -1)
+    return jnp.moveaxis(_reordered_rows(a.reshape(-1, a.shape[-1]), kind).reshape(a.shape), -1, axis)
+
+
+def _reordered_rows(a, kind: str):
+    """`kernel_order` of a 2-D array's rows, by reshapes (a gather's constant indices cannot enter a
+    kernel, and XLA ran a gather slower: a 2048-token prefill 1.18x (int8) and 1.37x (int4) longer)."""
+    m, k = a.shape
+    if kind == "int4":
+        return a.reshape(m, k // 32, 4, 4, 2).swapaxes(2, 3).reshape(m, k)
+    return a.reshape(m, k // 16, 2, 2, 2, 2).swapaxes(2, 4).reshape(m, k)
 
 
 def int4_kmajor(packed: UInt8[Array, "K/2 N"]) -> Array:
-    """Int4Weight's packed unsigned codes (input 2i in the low nibble) as signed int4 [N, K]: code - 8."""
+    """Int4Weight's packed unsigned codes (input 2i in the low nibble) as signed int4 [N, K]: code - 8,
+    inputs in `kernel_order`."""
     if packed.ndim != 2 or packed.dtype != jnp.uint8:
         raise ValueError(f"packed of shape {tuple(packed.shape)} and dtype {packed.dtype} must be a 2-D uint8 "
                          f"[K/2, N] matrix (two codes a byte)")
     k2, n = packed.shape
     codes = jnp.stack([packed & 15, packed >> 4], axis=1).reshape(2 * k2, n).astype(jnp.int8)
-    return (codes - 8).astype(jnp.int4).T
+    return (kernel_order(codes, 0, "int4") - 8).astype(jnp.int4).T
 
 
 # -- references ------------------------------------------------------------------------------
@@ -189,12 +223,23 @@ def dequantize_int4(packed: UInt8[Array, "K/2 N"], scale: Float[Array, "G N"], z
 def dequantize_int4_kmajor(q_t: Array, scale: Float[Array, "G N"], zero: UInt8[Array, "G N"],
                            input_scale: Float[Array, "K"] | None = None) -> Float[Array, "K N"]:
     """The float32 [K, N] matrix K-major int4 codes stand for:
-    W[k, n] = (q_t[n, k] + 8 - zero[g, n]) * scale[g, n] / input_scale[k], g the group of k."""
+    W[k, n] = (c[n, k] + 8 - zero[g, n]) * scale[g, n] / input_scale[k], g the group of k, c the
+    codes q_t back in input order (`kernel_order`)."""
+    return kernel_order(dequantize_int4_stored(q_t, scale, zero, input_scale), 0, "int4")
+
+
+def dequantize_int4_stored(q_t: Array, scale: Float[Array, "G N"], zero: UInt8[Array, "G N"],
+                           input_scale: Float[Array, "K"] | None = None) -> Float[Array, "K N"]:
+    """`dequantize_int4_kmajor` with its rows left in `kernel_order`. XLA's product takes the
+    activations in that order instead (on the H200, reordering the weight's codes or rows made a
+    2048-token int4 prefill 2.6-2.9x slower; reordering the activations, 1.14x)."""
     n, k = q_t.shape
     group = k // scale.shape[0]
-    repeat = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)
+    repeat = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)  # groups span whole blocks of 32
     w = (q_t.astype(jnp.float32).T + 8.0 - repeat(zero)) * repeat(scale)
-    return w if input_scale is None else w / input_scale.astype(jnp.float32)[:, None]
+    if input_scale is None:
+        return w
+    return w / kernel_order(input_scale.astype(jnp.float32), 0, "int4")[:, None]
 
 
 def w8a16_kmajor_reference(
@@ -207,6 +252,7 @@ def w8a16_kmajor_reference(
 ) -> Float[Array, "M N"]:
     """x @ (w_t.T * scale) in float32, returned in x's dtype."""
     del config, interpret
+    w_t = kernel_order(w_t, 1, EIGHT_BIT_KINDS[jnp.dtype(w_t.dtype)])
     y = jnp.dot(x.astype(jnp.float32), w_t.astype(jnp.float32).T, precision=lax.Precision.HIGHEST)
     return (y * jnp.reshape(scale, (1, -1)).astype(jnp.float32)).astype(x.dtype)
 
@@ -327,6 +373,40 @@ def w4a16_kmajor(
     return jnp.sum(partial, axis=0).T[:m].astype(x.dtype)
 
 
+def _upcast_layout(kind: str):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu.Layout.WGMMA_UPCAST_4X if kind == "int4" else plgpu.Layout.WGMMA_UPCAST_2X
+
+
+def _as_wgmma_operand(w, layout):
+    """bf16 [64, K] held in an upcast layout, relabelled as the WGMMA layout with no data moved: a
+    thread's j-th pair of a column group becomes the operand's pair j of that group (see
+    `kernel_order`)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import numpy as np
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils
+
+    @plgpu.inline_mgpu(arg_types=(layout,),
+                       return_type=plgpu.ShapeDtypeStruct(w.shape, w.dtype, layout=plgpu.Layout.WGMMA))
+    def relabel(ctx, arr):
+        del ctx
+        shape = fa.WGMMA_LAYOUT.registers_shape(arr.shape)
+        regs = np.empty(shape, dtype=object)
+        pairs = arr.layout.vector_length // 2
+        for idx, reg in np.ndenumerate(arr.registers):  # idx[1]: the column group, idx[4]: the 8-row half
+            assert all(i == 0 for d, i in enumerate(idx) if d not in (1, 4)), idx
+            for j in range(pairs):
+                at = [0] * len(shape)
+                at[1], at[4] = pairs * idx[1] + j, idx[4]
+                regs[tuple(at)] = utils.vector_slice(reg, slice(2 * j, 2 * j + 2))
+        assert all(r is not None for r in regs.flat)
+        return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return relabel(w)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(p: Plan, interpret: bool):
     import jax.experimental.pallas as pl
@@ -345,13 +425,16 @@ def _build(p: Plan, interpret: bool):
         memory, which wgmma reads as it is."""
         if interpret:
             w = ref[...].astype(p.operand_dtype)
+            w = _reordered_rows(w, p.kind) if p.upcast_load else w
             return w if offset is None else w - offset[:, None]
         if p.kind == "bf16":
             return ref
         with jax.named_scope("load"):  # scopes name the events of a Mosaic GPU profile
-            raw = compat.mgpu_load(ref, layout=plgpu.Layout.WGMMA)
+            raw = compat.mgpu_load(ref, layout=_upcast_layout(p.kind) if p.upcast_load else plgpu.Layout.WGMMA)
         with jax.named_scope("convert"):
             w = raw.astype(p.operand_dtype)
+            if p.upcast_load:
+                w = _as_wgmma_operand(w, _upcast_layout(p.kind))
             if offset is None:
                 return w
             return w - lax.broadcast_in_dim(offset, (WG_ROWS, p.block_k), [0])

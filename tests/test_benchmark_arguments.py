@@ -4,7 +4,7 @@ trace summaries read synthetic traces right."""
 import pytest
 
 from benchmarks import (fp8_activation_quant, generate_timeline, kmajor_block_timeline, product_chain, profile_decode,
-                        quant_decode)
+                        quant_decode, upcast_ab)
 
 
 @pytest.mark.parametrize("main, argv, named", [
@@ -23,6 +23,8 @@ from benchmarks import (fp8_activation_quant, generate_timeline, kmajor_block_ti
     (kmajor_block_timeline.main, ["--skip-kernel-time", "--skip-profile"], "nothing to measure"),
     (kmajor_block_timeline.main, ["--shapes", "4096by4096"], "'4096by4096'"),
     (kmajor_block_timeline.main, ["--configs", "x:1:1"], "'x:1:1'"),
+    (upcast_ab.main, ["int4=1", "fp8=1"], "'fp8=1'"),
+    (upcast_ab.main, ["int8=yes"], "'int8=yes'"),
 ])
 def test_bad_argument_is_named(main, argv, named, capsys):
     with pytest.raises(SystemExit) as exit_info:

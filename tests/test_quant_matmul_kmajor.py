@@ -8,6 +8,8 @@ pipeline, barriers, K splits, signed int4 codes and the per-group scale and zero
 kernel's own. benchmarks/quant_matmul_kernels.py checks the wgmma path at full size on the GPU.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,7 @@ from pallas_kernels.quant_matmul_kmajor import (
     dequantize_int4,
     int4_kmajor,
     int8_kmajor,
+    kernel_order,
     plan,
     w4a16_kmajor,
     w4a16_kmajor_reference,
@@ -102,12 +105,16 @@ def test_bf16_kmajor_matches_reference(m, k, n, block_n, stages, splits):
     assert _not_close(bf16_kmajor_reference(x, w.at[:128].set(0).T), want)
 
 
-def test_bf16_kmajor_lowers_for_the_gpu():
-    """The wgmma path (the weight tile read from shared memory) compiles to Mosaic GPU at the 8B
-    layer shapes, without a GPU."""
+def test_kernels_lower_for_the_gpu():
+    """The wgmma paths (bf16: the weight tile read from shared memory; int8 and int4: upcast loads
+    relabelled as wgmma's register operand) lower to Mosaic GPU at the 8B layer shapes, without a GPU."""
     S = jax.ShapeDtypeStruct
+    lower = lambda f, *args: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
     for m, k, n in ((1, 4096, 6144), (16, 4096, 4096), (1, 14336, 4096)):
-        jax.jit(bf16_kmajor).trace(S((m, k), jnp.bfloat16), S((n, k), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
+        lower(bf16_kmajor, S((m, k), jnp.bfloat16), S((n, k), jnp.bfloat16))
+        lower(w8a16_kmajor, S((m, k), jnp.bfloat16), S((n, k), jnp.int8), S((n,), jnp.float32))
+        g = S((k // 128, n), jnp.float32)
+        lower(w4a16_kmajor, S((m, k), jnp.bfloat16), S((n, k), jnp.int4), g, S(g.shape, jnp.uint8))
 
 
 INT4_CASES = [  # m, k, n, awq, block_n, stages, splits
@@ -172,7 +179,9 @@ def test_twins_stand_for_the_same_weights():
     rng = np.random.default_rng(6)
     w = jnp.asarray(rng.standard_normal((4, 64, 128)) * 0.05, jnp.float32)  # [heads, head_dim, d]
     x = jnp.asarray(rng.standard_normal((2, 3, 4, 64)), jnp.bfloat16)
-    for qw, kind in ((quantize_int8(w, (0, 1)), KMajorInt8Weight), (quantize_int4(w, (0, 1), 128), KMajorInt4Weight)):
+    awq = jnp.asarray(rng.uniform(0.5, 2.0, (256,)), jnp.float32)  # input scales, in the inputs' order
+    for qw, kind in ((quantize_int8(w, (0, 1)), KMajorInt8Weight), (quantize_int4(w, (0, 1), 128), KMajorInt4Weight),
+                     (quantize_int4(w, (0, 1), 128, input_scale=awq), KMajorInt4Weight)):
         twin = kernel_layout(qw)
         assert isinstance(twin, kind) and twin.shape == (4, 64, 128) and twin.q_t.shape == (128, 256)
         np.testing.assert_array_equal(np.asarray(dequantize(twin)), np.asarray(dequantize(qw)))
@@ -187,6 +196,27 @@ def test_twins_stand_for_the_same_weights():
     params = {"embed": jnp.ones((8, 64)), "layers": [{"wo": quantize_int8(w, (0, 1))}]}
     converted = to_kernel_layout(params)
     assert isinstance(converted["layers"][0]["wo"], KMajorInt8Weight) and converted["embed"] is params["embed"]
+
+
+def test_kernel_order_puts_each_lanes_operand_inputs_in_its_words():
+    """Within 32 inputs (int4) or 16 (int8), stored position 8q + 2p + e (int4) or 8b + 4a + 2p + e
+    (int8) holds input 8p + 2q + e or 8p + 4a + 2b + e: the inputs wgmma's register operand takes from
+    lane q = 2a + b, in the words the upcast load gives that lane. Its own inverse; fp8 codes and
+    lengths no kernel takes keep their order."""
+    stored4 = np.asarray(kernel_order(jnp.arange(64), 0, "int4"))
+    stored8 = np.asarray(kernel_order(jnp.arange(32), 0, "int8"))
+    for block in range(2):
+        for p_, q_, e in itertools.product(range(4), range(4), range(2)):
+            assert stored4[32 * block + 8 * q_ + 2 * p_ + e] == 32 * block + 8 * p_ + 2 * q_ + e
+        for a, b, p_, e in itertools.product(range(2), repeat=4):
+            assert stored8[16 * block + 8 * b + 4 * a + 2 * p_ + e] == 16 * block + 8 * p_ + 4 * a + 2 * b + e
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((3, 256)), jnp.float32)
+    for kind in ("int4", "int8"):
+        assert not np.array_equal(kernel_order(x, 1, kind), x)
+        np.testing.assert_array_equal(kernel_order(kernel_order(x, 1, kind), 1, kind), x)
+        np.testing.assert_array_equal(kernel_order(x.T, 0, kind), kernel_order(x, 1, kind).T)
+    np.testing.assert_array_equal(kernel_order(x, 1, "fp8"), x)
+    np.testing.assert_array_equal(kernel_order(x[:, :24], 1, "int8"), x[:, :24])
 
 
 @pytest.mark.timeout(300)

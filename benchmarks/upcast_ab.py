@@ -1,0 +1,67 @@
+"""Batch-1 decode of the 8B shape with the K-major kernels' upcast loads against their byte-pair
+loads (`pallas_kernels.quant_matmul_kmajor.UPCAST_KINDS` without the kind), in one process, same
+random weights, JAX's caches cleared between variants (else a variant reuses the last one's compiled
+step: the kernel plan is fixed when the step is traced). Each variant is METHOD=0 (old load) or
+METHOD=1 (upcast load), METHOD int8 or int4; rows carry a digest of the greedy tokens, which the two
+loads of one method must share.
+
+    PYTHONPATH=. python -m benchmarks.upcast_ab int4=0 int4=1 int8=0 int8=1 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from unittest import mock
+
+import jax
+
+from benchmarks import decode
+from benchmarks.shapes import llama3_8b
+from jaxllm.checkpoint import random_params
+from jaxllm.sharding import ParallelConfig, make_mesh
+
+
+def parse_variant(text: str) -> tuple[str, bool]:
+    method, _, flag = text.partition("=")
+    if method not in ("int8", "int4") or flag not in ("0", "1"):
+        raise ValueError(f"{text!r} is not int8=0, int8=1, int4=0 or int4=1")
+    return method, flag == "1"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("variants", nargs="+", help="METHOD=0 or METHOD=1, METHOD int8 or int4")
+    parser.add_argument("--out", default="results_upcast_ab.json")
+    args = parser.parse_args(argv)
+    try:
+        variants = [parse_variant(v) for v in args.variants]
+    except ValueError as e:
+        parser.error(str(e))
+    import pallas_kernels.quant_matmul_kmajor as q
+
+    config = llama3_8b()
+    params = random_params(config, make_mesh(ParallelConfig(1)))
+    rows = []
+    for method, upcast in variants:
+        kinds = q.UPCAST_KINDS | {method} if upcast else q.UPCAST_KINDS - {method}
+        jax.clear_caches()
+        with mock.patch.object(q, "UPCAST_KINDS", frozenset(kinds)):
+            row = decode.run(batch=1, config=config, params=params, layers="unrolled", prefill_len=2048,
+                             repeats=1, quantization=method)
+        tokens = row.pop("greedy_tokens")
+        row.update(method=method, upcast_load=upcast,
+                   greedy_tokens_digest=hashlib.sha256(json.dumps(tokens, default=int).encode()).hexdigest()[:16])
+        rows.append(row)
+        print(f"{method} upcast={int(upcast)} decode {row['decode_tokens_per_s']:.1f} tok/s "
+              f"({row['ms_per_step']:.3f} ms/step) prefill {row['prefill_s'] * 1e3:.1f} ms "
+              f"compile {row['compile_and_first_run_s']:.0f} s tokens {row['greedy_tokens_digest']}", flush=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
