@@ -95,21 +95,29 @@ def _calibration_rows(tok, n: int = 16) -> list[list[int]]:
             if len(ids[i:i + 512]) > 64][:n]
 
 
-def test_bundled_model_perplexity_int8_int4_awq_gptq():
-    """Issue 6's accuracy targets on the bundled model: int8 within 1 %, int4 AWQ (and GPTQ) within
-    5 % and better than int4 round-to-nearest (calibrated on other files than those scored)."""
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled model in bf16, the scored texts (stdlib `json` files), calibration rows and the
+    bf16 perplexity: shared by the accuracy tests (each load and bf16 score takes ~10 s)."""
     texts = _stdlib("json", 4)
     llm = LLM(dtype="bfloat16", progress=False)
-    dense = llm.params
     rows = _calibration_rows(llm.get_tokenizer())
+    return llm, llm.params, texts, rows, perplexity(llm, texts, window=512).perplexity
+
+
+def test_bundled_model_perplexity_int8_int4_awq_gptq(bundled):
+    """Issue 6's accuracy targets on the bundled model: int8 within 1 %, int4 AWQ (and GPTQ) within
+    5 % and better than int4 round-to-nearest (calibrated on other files than those scored)."""
+    llm, dense, texts, rows, base = bundled
     scales, report = awq_scales(dense, llm.config, rows, INPUT_AXES)
     assert all(r["loss"] <= r["rtn_loss"] for r in report.values())
-    ppl = {"bf16": perplexity(llm, texts, window=512).perplexity}
+    ppl = {"bf16": base}
     for name, kw in (("int8", {}), ("int4", {}), ("awq", dict(input_scales=scales))):
         llm.params = quantize_params(dense, INPUT_AXES, name, **kw)
         ppl[name] = perplexity(llm, texts, window=512).perplexity
     llm.params = gptq_params(dense, llm.config, rows, INPUT_AXES)
     ppl["gptq"] = perplexity(llm, texts, window=512).perplexity
+    llm.params = dense
     rel = {k: ppl[k] / ppl["bf16"] - 1 for k in ("int8", "int4", "awq", "gptq")}
     assert ppl["bf16"] < 30  # the bundled model knows Python
     assert abs(rel["int8"]) < 0.01
@@ -335,20 +343,17 @@ def test_smoothquant_moves_activation_outliers_into_the_weights():
 
 
 @pytest.mark.isolated
-def test_bundled_model_perplexity_fp8_and_smoothquant():
+def test_bundled_model_perplexity_fp8_and_smoothquant(bundled):
     """Issue 6: fp8 W8A8 within 1 % of bf16, SmoothQuant W8A8 within 2 %."""
     from jaxllm.calibration import smoothquant_scales
 
-    texts = _stdlib("json", 4)
-    llm = LLM(dtype="bfloat16", progress=False)
-    dense = llm.params
-    rows = _calibration_rows(llm.get_tokenizer())
-    base = perplexity(llm, texts, window=512).perplexity
+    llm, dense, texts, rows, base = bundled
     llm.params = quantize_params(dense, INPUT_AXES, "fp8")
     fp8 = perplexity(llm, texts, window=512).perplexity
     scales, _ = smoothquant_scales(dense, llm.config, rows, INPUT_AXES)
     llm.params = quantize_params(dense, INPUT_AXES, "smoothquant", input_scales=scales)
     sq = perplexity(llm, texts, window=512).perplexity
+    llm.params = dense
     assert abs(fp8 / base - 1) < 0.01 and fp8 != base, (base, fp8)
     assert abs(sq / base - 1) < 0.02, (base, sq)
 
@@ -397,13 +402,14 @@ def test_fp4_blocks_round_trip_and_error():
 
 
 @pytest.mark.isolated
-def test_fp4_llm_perplexity_and_checkpoint(tmp_path):
+def test_fp4_llm_perplexity_and_checkpoint(tmp_path, bundled):
     from jaxllm import cli
     from jaxllm.quantization import FP4Weight
 
-    texts = _stdlib("json", 4)
+    _, _, texts, _, base = bundled
     ppl = {m: perplexity(LLM(dtype="bfloat16", quantization=m, progress=False), texts, window=512).perplexity
-           for m in (None, "mxfp4", "nvfp4")}
+           for m in ("mxfp4", "nvfp4")}
+    ppl[None] = base
     assert ppl[None] < ppl["nvfp4"] < ppl["mxfp4"] < 1.1 * ppl[None], ppl
     assert cli.main(["quantize", "--method", "nvfp4", "--out", str(tmp_path / "nv")]) == 0
     llm = LLM(str(tmp_path / "nv"), dtype="bfloat16", progress=False)
