@@ -121,7 +121,13 @@ def test_dispatch_routes_w8a8_twins(monkeypatch):
         with quantized_kernels("pallas"):
             got = ops.einsum("md,dn->mn", x, twin)
         _close(got, want(x), tol)
-    smooth = kernel_layout(quantize_w8a8(w, (0,), "int8"))
+    stored = quantize_w8a8(w, (0,), "int8", input_scale=rng.uniform(0.5, 2.0, 256))
+    smooth = kernel_layout(stored)
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.bfloat16)
+    with quantized_kernels("pallas"):  # SmoothQuant's codes, stored in the int8 kernel's input order
+        got = ops.einsum("md,dn->mn", x, smooth)
+    _close(got, jnp.dot(x.astype(jnp.float32), dequantize(stored), precision="highest"), 2e-2)
+    _close(got, w8a8_matmul(x, smooth), 5e-2)  # XLA's product of quantized tokens, in the same order
     assert "int8 W8A8" in kernel_limits("md,dn->mn", jnp.ones((80, 256), jnp.bfloat16), smooth)
     assert "block_n=256" in kernel_limits("md,dn->mn", jnp.ones((80, 256), jnp.bfloat16),
                                           kernel_layout(quantize_w8a8(jnp.ones((256, 128)), (0,), "fp8")))
