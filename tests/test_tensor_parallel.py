@@ -1,6 +1,8 @@
 """Tensor parallelism on 8 fake CPU devices gives the same greedy tokens as one device.
 
-Each test runs in its own process (`isolated`, see conftest.py: a jax 0.10.2 CPU compiler crash)."""
+The module runs in a process of its own (`isolated_module`, see conftest.py: a jax 0.10.2 CPU compiler
+crash, seen when these tests followed the kernel tests in one process). Until the eighteenth session
+each test had its own process; one for the three took 53 s against 68."""
 
 import jax
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from jaxllm import LLM, SamplingParams
 from jaxllm.tiny_checkpoint import write_tiny_checkpoint
 
-pytestmark = pytest.mark.isolated
+pytestmark = pytest.mark.isolated_module(seconds=60)
 
 ARCHS = {
     # vocab 384 splits evenly, so the embedding and lm_head are vocab-parallel too
