@@ -231,8 +231,8 @@ def dequantize_int4_kmajor(q_t: Array, scale: Float[Array, "G N"], zero: UInt8[A
 def dequantize_int4_stored(q_t: Array, scale: Float[Array, "G N"], zero: UInt8[Array, "G N"],
                            input_scale: Float[Array, "K"] | None = None) -> Float[Array, "K N"]:
     """`dequantize_int4_kmajor` with its rows left in `kernel_order`. XLA's product takes the
-    activations in that order instead (on the H200, reordering the weight's codes or rows made a
-    2048-token int4 prefill 2.6-2.9x slower; reordering the activations, 1.14x)."""
+    activations in that order instead (on the H200 a 2048-token int4 prefill took 58.3 ms before the
+    reordering, 66.7 ms with the activations reordered, 170-171 ms with the weight's codes or rows)."""
     n, k = q_t.shape
     group = k // scale.shape[0]
     repeat = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)  # groups span whole blocks of 32
