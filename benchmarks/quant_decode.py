@@ -47,20 +47,32 @@ def main(argv=None) -> int:
         name, _, layout = method.partition("/")
         q = None if name == "none" else name
         keep = mock.patch("jaxllm.llm._in_kernel_layout", lambda p: p) if layout == "nmajor" else contextlib.nullcontext()
-        jax.clear_caches()  # a variant patched in (a suffix) must not reuse the last method's compiled step
         with keep:
-            row = decode.run(batch=1, config=config, params=params, layers="unrolled", prefill_len=2048,
-                             repeats=1, quantization=q)
+            row = batch1_row(config, params, q)
         row["method"] = method
-        tokens = row.pop("greedy_tokens")  # kept as a digest: variants of one method must agree
-        row["greedy_tokens_digest"] = hashlib.sha256(json.dumps(tokens, default=int).encode()).hexdigest()[:16]
         rows.append(row)
         print(f"{method:6s} decode {row['decode_tokens_per_s']:7.1f} tok/s ({row['ms_per_step']:.2f} ms/step, "
               f"{row['weight_bytes'] / 1e9:.2f} GB) prefill 2048 {row['prefill_s'] * 1e3:.1f} ms "
               f"tokens {row['greedy_tokens_digest']}", flush=True)
-        with open(args.out, "w") as f:
-            json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, rows=rows), f, indent=1)
+        write_rows(args.out, rows)
     return 0
+
+
+def batch1_row(config, params, quantization: str | None) -> dict:
+    """One batch-1 decode after a 2048-token prefill, its greedy tokens kept as a digest (variants of
+    one method must agree). JAX's caches are cleared first: a variant patched in must not reuse the
+    last one's compiled step (the kernel plans are fixed when a step is traced)."""
+    jax.clear_caches()
+    row = decode.run(batch=1, config=config, params=params, layers="unrolled", prefill_len=2048, repeats=1,
+                     quantization=quantization)
+    tokens = row.pop("greedy_tokens")
+    row["greedy_tokens_digest"] = hashlib.sha256(json.dumps(tokens, default=int).encode()).hexdigest()[:16]
+    return row
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

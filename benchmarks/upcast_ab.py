@@ -11,14 +11,9 @@ loads of one method must share.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import time
 from unittest import mock
 
-import jax
-
-from benchmarks import decode
+from benchmarks.quant_decode import batch1_row, write_rows
 from benchmarks.shapes import llama3_8b
 from jaxllm.checkpoint import random_params
 from jaxllm.sharding import ParallelConfig, make_mesh
@@ -47,19 +42,14 @@ def main(argv=None) -> int:
     rows = []
     for method, upcast in variants:
         kinds = q.UPCAST_KINDS | {method} if upcast else q.UPCAST_KINDS - {method}
-        jax.clear_caches()
         with mock.patch.object(q, "UPCAST_KINDS", frozenset(kinds)):
-            row = decode.run(batch=1, config=config, params=params, layers="unrolled", prefill_len=2048,
-                             repeats=1, quantization=method)
-        tokens = row.pop("greedy_tokens")
-        row.update(method=method, upcast_load=upcast,
-                   greedy_tokens_digest=hashlib.sha256(json.dumps(tokens, default=int).encode()).hexdigest()[:16])
+            row = batch1_row(config, params, method)
+        row.update(method=method, upcast_load=upcast)
         rows.append(row)
         print(f"{method} upcast={int(upcast)} decode {row['decode_tokens_per_s']:.1f} tok/s "
               f"({row['ms_per_step']:.3f} ms/step) prefill {row['prefill_s'] * 1e3:.1f} ms "
               f"compile {row['compile_and_first_run_s']:.0f} s tokens {row['greedy_tokens_digest']}", flush=True)
-        with open(args.out, "w") as f:
-            json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, rows=rows), f, indent=1)
+        write_rows(args.out, rows)
     return 0
 
 
