@@ -180,6 +180,8 @@ def kernel_order(a: Array, axis: int, kind: str) -> Array:
     so the order swaps p and q (8q + 2p + e <-> 8p + 2q + e); 8-bit inputs 8b + 4a..8b + 4a + 3 of
     every 16 (q = 2a + b), so it swaps b and p (8b + 4a + 2p + e <-> 8p + 4a + 2b + e). Lengths not
     a multiple of those 32 or 16 (weights no kernel takes) stay as they are."""
+    if kind not in CODE_DTYPES:
+        raise ValueError(f"kind {kind!r}: choose one of {sorted(CODE_DTYPES)}")
     if kind not in UPCAST_KINDS or a.shape[axis] % (32 if kind == "int4" else 16):
         return a
     a = jnp.moveaxis(a, axis, -1)

@@ -217,6 +217,8 @@ def test_kernel_order_puts_each_lanes_operand_inputs_in_its_words():
         np.testing.assert_array_equal(kernel_order(x.T, 0, kind), kernel_order(x, 1, kind).T)
     np.testing.assert_array_equal(kernel_order(x, 1, "fp8"), x)
     np.testing.assert_array_equal(kernel_order(x[:, :24], 1, "int8"), x[:, :24])
+    with pytest.raises(ValueError, match="kind 'int9': choose one of"):
+        kernel_order(x, 1, "int9")
 
 
 @pytest.mark.timeout(300)
