@@ -45,14 +45,14 @@ def random_weights(kind: str, k: int, n: int, key) -> tuple:
 
 
 def parse_config(text: str) -> KMajorConfig | None:
-    """'default' or block_n:num_stages:num_splits (0: the default) as a KMajorConfig."""
+    """'default' or block_n:num_stages:num_splits[:block_k] (0: the default) as a KMajorConfig."""
     if text == "default":
         return None
     parts = text.split(":")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"{text!r} is not 'default' or block_n:num_stages:num_splits")
-    bn, st, sp = (int(p) or None for p in parts)
-    return KMajorConfig(block_n=bn, num_stages=st, num_splits=sp)
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
+        raise ValueError(f"{text!r} is not 'default' or block_n:num_stages:num_splits[:block_k]")
+    bn, st, sp, bk = (int(p) or None for p in parts + ["0"] * (4 - len(parts)))
+    return KMajorConfig(block_n=bn, block_k=bk, num_stages=st, num_splits=sp)
 
 
 def chain_fn(kind: str, config: KMajorConfig | None):

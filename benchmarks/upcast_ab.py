@@ -2,10 +2,11 @@
 loads (`pallas_kernels.quant_matmul_kmajor.UPCAST_KINDS` without the kind), in one process, same
 random weights, JAX's caches cleared between variants (else a variant reuses the last one's compiled
 step: the kernel plan is fixed when the step is traced). Each variant is METHOD=0 (old load) or
-METHOD=1 (upcast load), METHOD int8 or int4; rows carry a digest of the greedy tokens, which the two
-loads of one method must share.
+METHOD=1 (upcast load), METHOD int8 or int4, or int4=2 (upcast load and the folded conversion,
+`INT4_FOLDED`: the committed kernel; int4=0 and int4=1 run Mosaic GPU's conversion). Rows carry a
+digest of the greedy tokens, which the variants of one method must share.
 
-    PYTHONPATH=. python -m benchmarks.upcast_ab int4=0 int4=1 int8=0 int8=1 --out results.json
+    PYTHONPATH=. python -m benchmarks.upcast_ab int4=0 int4=1 int4=2 int8=0 int8=1 --out results.json
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ from jaxllm.checkpoint import random_params
 from jaxllm.sharding import ParallelConfig, make_mesh
 
 
-def parse_variant(text: str) -> tuple[str, bool]:
+def parse_variant(text: str) -> tuple[str, int]:
     method, _, flag = text.partition("=")
-    if method not in ("int8", "int4") or flag not in ("0", "1"):
-        raise ValueError(f"{text!r} is not int8=0, int8=1, int4=0 or int4=1")
-    return method, flag == "1"
+    if method not in ("int8", "int4") or flag not in (("0", "1", "2") if method == "int4" else ("0", "1")):
+        raise ValueError(f"{text!r} is not int8=0, int8=1, int4=0, int4=1 or int4=2")
+    return method, int(flag)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("variants", nargs="+", help="METHOD=0 or METHOD=1, METHOD int8 or int4")
+    parser.add_argument("variants", nargs="+", help="int8=0, int8=1, int4=0, int4=1 or int4=2")
     parser.add_argument("--out", default="results_upcast_ab.json")
     args = parser.parse_args(argv)
     try:
@@ -40,13 +41,13 @@ def main(argv=None) -> int:
     config = llama3_8b()
     params = random_params(config, make_mesh(ParallelConfig(1)))
     rows = []
-    for method, upcast in variants:
-        kinds = q.UPCAST_KINDS | {method} if upcast else q.UPCAST_KINDS - {method}
-        with mock.patch.object(q, "UPCAST_KINDS", frozenset(kinds)):
+    for method, flag in variants:
+        kinds = q.UPCAST_KINDS | {method} if flag else q.UPCAST_KINDS - {method}
+        with mock.patch.object(q, "UPCAST_KINDS", frozenset(kinds)), mock.patch.object(q, "INT4_FOLDED", flag == 2):
             row = batch1_row(config, params, method)
-        row.update(method=method, upcast_load=upcast)
+        row.update(method=method, upcast_load=bool(flag), int4_folded=flag == 2)
         rows.append(row)
-        print(f"{method} upcast={int(upcast)} decode {row['decode_tokens_per_s']:.1f} tok/s "
+        print(f"{method}={flag} decode {row['decode_tokens_per_s']:.1f} tok/s "
               f"({row['ms_per_step']:.3f} ms/step) prefill {row['prefill_s'] * 1e3:.1f} ms "
               f"compile {row['compile_and_first_run_s']:.0f} s tokens {row['greedy_tokens_digest']}", flush=True)
         write_rows(args.out, rows)

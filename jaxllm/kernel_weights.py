@@ -121,11 +121,12 @@ def _scaled_input(x2: Float[Array, "M K"], w: KMajorW8A8Weight) -> Float[Array, 
     return x if w.input_scale is None else x / w.input_scale[None, :]
 
 
-def kernel_order(a: Array, axis: int, kind: str) -> Array:
-    """The inputs of `a` along `axis` in (or back from) the order the kernels store `kind` codes in."""
+def kernel_order(a: Array, axis: int, kind: str, inverse: bool = False) -> Array:
+    """The inputs of `a` along `axis` in (or, with `inverse`, back from) the order the kernels store
+    `kind` codes in."""
     from pallas_kernels.quant_matmul_kmajor import kernel_order
 
-    return kernel_order(a, axis, kind)
+    return kernel_order(a, axis, kind, inverse)
 
 
 def kernel_layout(w):
@@ -167,10 +168,10 @@ def dequantize(w, dtype=jnp.float32) -> Array:
     if isinstance(w, KMajorFP4Weight):
         return dequantize_fp4_kmajor(w.q_t, w.block_scale, w.channel_scale).reshape(w.shape).astype(dtype)
     if isinstance(w, KMajorInt8Weight):
-        dense = kernel_order(w.q_t, 1, "int8").T.astype(jnp.float32) * w.scale[None, :]
+        dense = kernel_order(w.q_t, 1, "int8", inverse=True).T.astype(jnp.float32) * w.scale[None, :]
         return dense.reshape(w.shape).astype(dtype)
     if isinstance(w, KMajorW8A8Weight):
-        dense = kernel_order(w.q_t, 1, w.kind).T.astype(jnp.float32) * w.scale[None, :]
+        dense = kernel_order(w.q_t, 1, w.kind, inverse=True).T.astype(jnp.float32) * w.scale[None, :]
         if w.input_scale is not None:
             dense = dense / w.input_scale[:, None]
         return dense.reshape(w.shape).astype(dtype)

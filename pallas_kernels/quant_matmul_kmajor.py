@@ -23,9 +23,10 @@ own layout, 11-13 % less time a product for int4 and 2-8 % for int8 at batch 1; 
 codes into place after an upcast load instead (the eighth session) was as fast for int8 and 13-15 %
 slower for int4. fp8 codes keep the byte-pair load: their twins also feed the fp8 x fp8 kernel.
 
-int8's channel scale multiplies the output. int4's zero point comes off the codes in registers, after
-the conversion: the stored code is c - 8, so the kernel subtracts z - 8 from it, and c - z, an integer
-of at most 15 in size, is exact in bf16. The group scale multiplies each group's float32 partial
+int8's channel scale multiplies the output. int4's zero point comes off the codes in registers, within
+the conversion (`_int4_operand`, since the nineteenth session: 3.1 % more decode tokens/s): the
+magic-number conversion's subtraction takes 128 + z instead of a constant, and c - z, an integer of at
+most 15 in size, is exact in bf16. The group scale multiplies each group's float32 partial
 product: sum_k (c - z) s x = s * sum_k (c - z) x. (Until the sixteenth session the kernel multiplied
 c - 8 and added (8 - z) times each group's activation sum, which XLA computed before every product:
 three fusions, 0.3 ms of a batch-1 8B decode step.)
@@ -55,6 +56,10 @@ INT4_GROUP = 128  # the int4 kernel steps one group of inputs at a time
 # feeds to wgmma as they lie, which the codes' stored input order makes right (`kernel_order`). The
 # others load one or two codes at a time in the WGMMA layout (benchmarks patch this to compare).
 UPCAST_KINDS = frozenset({"int8", "int4"})
+# Whether upcast-loaded int4 codes are converted by our own three instructions a pair with the zero
+# point folded in (`_int4_operand`), which needs its own stored order, or by Mosaic GPU's conversion
+# followed by a subtraction (benchmarks patch this to compare).
+INT4_FOLDED = True
 CODE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4),
                "bf16": jnp.dtype(jnp.bfloat16), "fp4": jnp.dtype(jnp.int4)}  # fp4: e2m1 codes held in int4
 EIGHT_BIT_KINDS = {CODE_DTYPES["int8"]: "int8", CODE_DTYPES["fp8"]: "fp8"}  # w8a16_kmajor's code dtypes
@@ -95,6 +100,7 @@ class Plan:
     num_stages: int
     num_splits: int
     upcast_load: bool = False  # kind in UPCAST_KINDS when planned
+    int4_folded: bool = False  # int4 and INT4_FOLDED when planned
 
     @property
     def operand_dtype(self):
@@ -148,7 +154,8 @@ def plan(kind: str, m: int, k: int, n: int, config: KMajorConfig | None = None) 
         block_k = config.block_k or 128
     if k % block_k:
         raise ValueError(f"K={k} must be a multiple of {block_k} for the {kind} kernel")
-    base = Plan(kind, k, n, -(-m // 8) * 8, block_n, block_k, 1, 1, kind in UPCAST_KINDS)
+    base = Plan(kind, k, n, -(-m // 8) * 8, block_n, block_k, 1, 1, kind in UPCAST_KINDS,
+                kind == "int4" and kind in UPCAST_KINDS and INT4_FOLDED)
     stages = config.num_stages or max(2, min(8, (SMEM_BUDGET - base.fixed_bytes()) // base.stage_bytes()))
     smem = dataclasses.replace(base, num_stages=stages).smem_bytes()
     if smem > SMEM_PER_SM - 1024:
@@ -171,27 +178,35 @@ def int8_kmajor(q: Int8[Array, "K N"]) -> Int8[Array, "N K"]:
     return kernel_order(q, 0, "int8").T
 
 
-def kernel_order(a: Array, axis: int, kind: str) -> Array:
-    """`a` with its inputs along `axis` in the order the `kind` kernel stores codes in, or back: the
-    order is its own inverse, and the identity for kinds not in UPCAST_KINDS.
+def kernel_order(a: Array, axis: int, kind: str, inverse: bool = False) -> Array:
+    """`a` with its inputs along `axis` in the order the `kind` kernel stores codes in (or, with
+    `inverse`, back from it); the identity for kinds not in UPCAST_KINDS.
 
-    Lane q of each four holds inputs 8p + 2q and 8p + 2q + 1 (p = 0, 1, ...) of wgmma's register
-    operand, while the upcast load gives it whole 32-bit words: 4-bit inputs 8q..8q+7 of every 32,
-    so the order swaps p and q (8q + 2p + e <-> 8p + 2q + e); 8-bit inputs 8b + 4a..8b + 4a + 3 of
-    every 16 (q = 2a + b), so it swaps b and p (8b + 4a + 2p + e <-> 8p + 4a + 2b + e). Lengths not
-    a multiple of those 32 or 16 (weights no kernel takes) stay as they are."""
+    Lane q of each four holds inputs 8p + 2q + e (p = 0, 1, ..., e = 0, 1) of wgmma's register
+    operand, its pair p, while the upcast load gives it whole 32-bit words: 4-bit inputs 8q..8q+7 of
+    every 32, 8-bit inputs 8b + 4a..8b + 4a + 3 of every 16 (q = 2a + b). So int4 stores input
+    8p + 2q + e at 8q + 4e + p (`_int4_operand` takes pair p from nibbles p and p + 4; with
+    INT4_FOLDED off, Mosaic GPU's conversion takes it from nibbles 2p and 2p + 1: 8q + 2p + e), and
+    int8 swaps b and p (8b + 4a + 2p + e <-> 8p + 4a + 2b + e). Lengths not a multiple of those 32 or
+    16 (weights no kernel takes) stay as they are."""
     if kind not in CODE_DTYPES:
         raise ValueError(f"kind {kind!r}: choose one of {sorted(CODE_DTYPES)}")
     if kind not in UPCAST_KINDS or a.shape[axis] % (32 if kind == "int4" else 16):
         return a
     a = jnp.moveaxis(a, axis, -1)
-    return jnp.moveaxis(_reordered_rows(a.reshape(-1, a.shape[-1]), kind).reshape(a.shape), -1, axis)
+    rows = _reordered_rows(a.reshape(-1, a.shape[-1]), kind, inverse)
+    return jnp.moveaxis(rows.reshape(a.shape), -1, axis)
 
 
-def _reordered_rows(a, kind: str):
+def _reordered_rows(a, kind: str, inverse: bool = False, int4_folded: bool | None = None):
     """`kernel_order` of a 2-D array's rows, by reshapes (a gather's constant indices cannot enter a
-    kernel, and XLA ran a gather slower: a 2048-token prefill 1.18x (int8) and 1.37x (int4) longer)."""
+    kernel, and XLA ran a gather slower: a 2048-token prefill 1.18x (int8) and 1.37x (int4) longer);
+    `int4_folded` None reads INT4_FOLDED."""
     m, k = a.shape
+    if kind == "int4" and (INT4_FOLDED if int4_folded is None else int4_folded):  # [p, q, e] <-> [q, e, p]
+        if inverse:
+            return a.reshape(m, k // 32, 4, 2, 4).transpose(0, 1, 4, 2, 3).reshape(m, k)
+        return a.reshape(m, k // 32, 4, 4, 2).transpose(0, 1, 3, 4, 2).reshape(m, k)
     if kind == "int4":
         return a.reshape(m, k // 32, 4, 4, 2).swapaxes(2, 3).reshape(m, k)
     return a.reshape(m, k // 16, 2, 2, 2, 2).swapaxes(2, 4).reshape(m, k)
@@ -227,7 +242,7 @@ def dequantize_int4_kmajor(q_t: Array, scale: Float[Array, "G N"], zero: UInt8[A
     """The float32 [K, N] matrix K-major int4 codes stand for:
     W[k, n] = (c[n, k] + 8 - zero[g, n]) * scale[g, n] / input_scale[k], g the group of k, c the
     codes q_t back in input order (`kernel_order`)."""
-    return kernel_order(dequantize_int4_stored(q_t, scale, zero, input_scale), 0, "int4")
+    return kernel_order(dequantize_int4_stored(q_t, scale, zero, input_scale), 0, "int4", inverse=True)
 
 
 def dequantize_int4_stored(q_t: Array, scale: Float[Array, "G N"], zero: UInt8[Array, "G N"],
@@ -254,7 +269,7 @@ def w8a16_kmajor_reference(
 ) -> Float[Array, "M N"]:
     """x @ (w_t.T * scale) in float32, returned in x's dtype."""
     del config, interpret
-    w_t = kernel_order(w_t, 1, EIGHT_BIT_KINDS[jnp.dtype(w_t.dtype)])
+    w_t = kernel_order(w_t, 1, EIGHT_BIT_KINDS[jnp.dtype(w_t.dtype)], inverse=True)
     y = jnp.dot(x.astype(jnp.float32), w_t.astype(jnp.float32).T, precision=lax.Precision.HIGHEST)
     return (y * jnp.reshape(scale, (1, -1)).astype(jnp.float32)).astype(x.dtype)
 
@@ -409,6 +424,51 @@ def _as_wgmma_operand(w, layout):
     return relabel(w)
 
 
+def _int4_operand(codes, zero):
+    """Signed int4 codes [64, 128] (c - 8) in the UPCAST_4X layout, and their rows' zero points z
+    (uint8, one a row), as wgmma's bf16 register operand c - z. Per pair of values: a shift (the
+    pair lies in nibbles p and p + 4 of a word, see `kernel_order`), a lop3 that masks the two
+    nibbles, flips their sign bits and sets bf16's exponent of 128 (128 + c, exact), and one
+    subtraction of 128 + z, also exact: three instructions, where Mosaic GPU's conversion and a
+    separate zero-point subtraction take four and a quarter."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import numpy as np
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X, plgpu.Layout.WGMMA.reduce(1)),
+                       return_type=plgpu.ShapeDtypeStruct(codes.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA))
+    def convert(ctx, arr, zeros):
+        del ctx
+        i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
+        pair = ir.VectorType.get((2,), ir.BF16Type.get())
+        const = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))
+        offsets = {}  # per 8-row half: (128 + z) twice, as bf16x2 bits
+        for idx, reg in np.ndenumerate(zeros.registers):  # idx[2]: the 8-row half
+            z = arith.extui(i32, utils.bitcast(reg, i8))
+            offsets[idx[2]] = arith.addi(arith.muli(z, const(0x00010001)), const(0x43004300))
+        shape = fa.WGMMA_LAYOUT.registers_shape(arr.shape)
+        regs = np.empty(shape, dtype=object)
+        for idx, reg in np.ndenumerate(arr.registers):  # idx[1]: the column group, idx[4]: the 8-row half
+            assert all(i == 0 for d, i in enumerate(idx) if d not in (1, 4)), idx
+            word = utils.bitcast(reg, i32)
+            for p_ in range(4):
+                nibbles = word if p_ == 0 else arith.shrui(word, const(4 * p_))
+                value = llvm.inline_asm(
+                    i32, [nibbles, offsets[idx[4]]],
+                    "{ .reg .b32 s; lop3.b32 s, $1, 0x000F000F, 0x43084308, 0x6a; sub.bf16x2 $0, s, $2; }",
+                    "=r,r,r")
+                at = [0] * len(shape)
+                at[1], at[4] = 4 * idx[1] + p_, idx[4]
+                regs[tuple(at)] = utils.bitcast(value, pair)
+        assert all(r is not None for r in regs.flat)
+        return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return convert(codes, zero)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(p: Plan, interpret: bool):
     import jax.experimental.pallas as pl
@@ -421,25 +481,31 @@ def _build(p: Plan, interpret: bool):
     def layout(x, kind):
         return x if interpret else plgpu.layout_cast(x, kind)
 
-    def weight_operand(ref, offset=None):
-        """wgmma's weight operand: the [64, block_k] codes as bf16 in its register-operand layout
-        (minus `offset`, one value per row, where given), or a bf16 weight's tile left in shared
-        memory, which wgmma reads as it is."""
+    def weight_operand(ref):
+        """wgmma's weight operand: the [64, block_k] codes as bf16 in its register-operand layout,
+        or a bf16 weight's tile left in shared memory, which wgmma reads as it is."""
         if interpret:
             w = ref[...].astype(p.operand_dtype)
-            w = _reordered_rows(w, p.kind) if p.upcast_load else w
-            return w if offset is None else w - offset[:, None]
+            return _reordered_rows(w, p.kind, True, p.int4_folded) if p.upcast_load else w
         if p.kind == "bf16":
             return ref
         with jax.named_scope("load"):  # scopes name the events of a Mosaic GPU profile
             raw = compat.mgpu_load(ref, layout=_upcast_layout(p.kind) if p.upcast_load else plgpu.Layout.WGMMA)
         with jax.named_scope("convert"):
             w = raw.astype(p.operand_dtype)
-            if p.upcast_load:
-                w = _as_wgmma_operand(w, _upcast_layout(p.kind))
-            if offset is None:
-                return w
-            return w - lax.broadcast_in_dim(offset, (WG_ROWS, p.block_k), [0])
+            return _as_wgmma_operand(w, _upcast_layout(p.kind)) if p.upcast_load else w
+
+    def int4_operand(ref, zero):
+        """The int4 tile as wgmma's operand [64, 128]: c - z, z the rows' zero points."""
+        offset = (zero.astype(jnp.float32) - 8.0).astype(p.operand_dtype)  # stored: c - 8
+        if interpret:
+            return weight_operand(ref) - offset[:, None]
+        if p.int4_folded:
+            with jax.named_scope("load"):
+                raw = compat.mgpu_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_4X)
+            with jax.named_scope("convert"):
+                return _int4_operand(raw, zero)
+        return weight_operand(ref) - lax.broadcast_in_dim(offset, (WG_ROWS, p.block_k), [0])
 
     def product(a, x_ref):
         """a [64, block_k] @ x_ref[...]^T, in float32."""
@@ -471,11 +537,10 @@ def _build(p: Plan, interpret: bool):
                 slot = lax.rem(i, stages)
                 with jax.named_scope("wait_ready"):
                     plgpu.barrier_wait(ready.at[slot])
-                if int4:  # the stored codes are c - 8: c - z = stored - (z - 8)
+                if int4:  # the group's scale multiplies its partial product
                     rows = pl.ds(wg * WG_ROWS, WG_ROWS)
                     zero = layout(z_smem.at[slot, rows][...], plgpu.Layout.WGMMA.reduce(1))
-                    offset = (zero.astype(jnp.float32) - 8.0).astype(p.operand_dtype)
-                    prod = product(weight_operand(w_smem.at[slot, wg], offset), x_smem.at[slot])
+                    prod = product(int4_operand(w_smem.at[slot, wg], zero), x_smem.at[slot])
                     scale = layout(s_smem.at[slot, rows][...], plgpu.Layout.WGMMA.reduce(1))
                     prod = lax.broadcast_in_dim(scale, (WG_ROWS, tokens), [0]) * prod
                 else:

@@ -25,6 +25,8 @@ from benchmarks import (fp8_activation_quant, generate_timeline, kmajor_block_ti
     (kmajor_block_timeline.main, ["--configs", "x:1:1"], "'x:1:1'"),
     (upcast_ab.main, ["int4=1", "fp8=1"], "'fp8=1'"),
     (upcast_ab.main, ["int8=yes"], "'int8=yes'"),
+    (upcast_ab.main, ["int8=2"], "'int8=2'"),
+    (upcast_ab.main, ["int4=3"], "'int4=3'"),
 ])
 def test_bad_argument_is_named(main, argv, named, capsys):
     with pytest.raises(SystemExit) as exit_info:

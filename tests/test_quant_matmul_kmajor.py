@@ -199,22 +199,25 @@ def test_twins_stand_for_the_same_weights():
 
 
 def test_kernel_order_puts_each_lanes_operand_inputs_in_its_words():
-    """Within 32 inputs (int4) or 16 (int8), stored position 8q + 2p + e (int4) or 8b + 4a + 2p + e
+    """Within 32 inputs (int4) or 16 (int8), stored position 8q + 4e + p (int4) or 8b + 4a + 2p + e
     (int8) holds input 8p + 2q + e or 8p + 4a + 2b + e: the inputs wgmma's register operand takes from
-    lane q = 2a + b, in the words the upcast load gives that lane. Its own inverse; fp8 codes and
-    lengths no kernel takes keep their order."""
+    lane q = 2a + b, in the words the upcast load gives that lane (int4's pair p in nibbles p and
+    p + 4, where the folded conversion takes them). `inverse` undoes it; fp8 codes and lengths no
+    kernel takes keep their order."""
     stored4 = np.asarray(kernel_order(jnp.arange(64), 0, "int4"))
     stored8 = np.asarray(kernel_order(jnp.arange(32), 0, "int8"))
     for block in range(2):
         for p_, q_, e in itertools.product(range(4), range(4), range(2)):
-            assert stored4[32 * block + 8 * q_ + 2 * p_ + e] == 32 * block + 8 * p_ + 2 * q_ + e
+            assert stored4[32 * block + 8 * q_ + 4 * e + p_] == 32 * block + 8 * p_ + 2 * q_ + e
         for a, b, p_, e in itertools.product(range(2), repeat=4):
             assert stored8[16 * block + 8 * b + 4 * a + 2 * p_ + e] == 16 * block + 8 * p_ + 4 * a + 2 * b + e
     x = jnp.asarray(np.random.default_rng(8).standard_normal((3, 256)), jnp.float32)
     for kind in ("int4", "int8"):
         assert not np.array_equal(kernel_order(x, 1, kind), x)
-        np.testing.assert_array_equal(kernel_order(kernel_order(x, 1, kind), 1, kind), x)
+        np.testing.assert_array_equal(kernel_order(kernel_order(x, 1, kind), 1, kind, inverse=True), x)
+        np.testing.assert_array_equal(kernel_order(kernel_order(x, 1, kind, inverse=True), 1, kind), x)
         np.testing.assert_array_equal(kernel_order(x.T, 0, kind), kernel_order(x, 1, kind).T)
+    assert not np.array_equal(kernel_order(x, 1, "int4", inverse=True), kernel_order(x, 1, "int4"))
     np.testing.assert_array_equal(kernel_order(x, 1, "fp8"), x)
     np.testing.assert_array_equal(kernel_order(x[:, :24], 1, "int8"), x[:, :24])
     with pytest.raises(ValueError, match="kind 'int9': choose one of"):
@@ -285,8 +288,10 @@ def test_plan_defaults():
     (lambda: int4_kmajor(jnp.ones((64, 128), jnp.int8)), "2-D uint8"),
     (lambda: KMajorConfig(block_n=96), "block_n=96"),
     (lambda: KMajorConfig(block_k=64), "block_k=64"),
+    (lambda: plan("int4", 1, 4096, 4096, KMajorConfig(block_k=256)), "one group of 128 inputs, not block_k=256"),
     (lambda: plan("int8", 64, 4096, 4096, KMajorConfig(num_stages=8)), "num_stages=8"),
 ])
 def test_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
