@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--configs", nargs="+", default=["default"],
-                        help="kernel configs to run, each 'default' or block_n:num_stages:num_splits (0 = default)")
+                        help="kernel configs to run, each 'default' or block_n:num_stages:num_splits[:block_k] "
+                             "(0 = default)")
     parser.add_argument("--out", default="results_kmajor_block_timeline.json")
     args = parser.parse_args(argv)
     if args.skip_kernel_time and args.skip_profile:

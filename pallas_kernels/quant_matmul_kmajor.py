@@ -51,6 +51,10 @@ MAX_TOKENS = 64
 SMEM_PER_SM = 228 * 1024
 SMEM_BUDGET = 110 * 1024  # per block for the default stage count (two blocks an SM)
 MIN_STEPS_PER_SPLIT = 4
+# The most tiles in flight a block by default, per kind (else 8). int4's steps are short of bytes and
+# long in registers: fewer stages leave room for more blocks an SM, whose chains interleave
+# (benchmarks patch this to compare; BENCHMARKS.md, nineteenth session).
+MAX_STAGES = {"int4": 4}
 INT4_GROUP = 128  # the int4 kernel steps one group of inputs at a time
 # Kinds whose codes a thread loads a 32-bit word at a time (Mosaic GPU's WGMMA_UPCAST layouts) and
 # feeds to wgmma as they lie, which the codes' stored input order makes right (`kernel_order`). The
@@ -156,7 +160,8 @@ def plan(kind: str, m: int, k: int, n: int, config: KMajorConfig | None = None) 
         raise ValueError(f"K={k} must be a multiple of {block_k} for the {kind} kernel")
     base = Plan(kind, k, n, -(-m // 8) * 8, block_n, block_k, 1, 1, kind in UPCAST_KINDS,
                 kind == "int4" and kind in UPCAST_KINDS and INT4_FOLDED)
-    stages = config.num_stages or max(2, min(8, (SMEM_BUDGET - base.fixed_bytes()) // base.stage_bytes()))
+    most_stages = MAX_STAGES.get(kind, 8)
+    stages = config.num_stages or max(2, min(most_stages, (SMEM_BUDGET - base.fixed_bytes()) // base.stage_bytes()))
     smem = dataclasses.replace(base, num_stages=stages).smem_bytes()
     if smem > SMEM_PER_SM - 1024:
         raise ValueError(f"num_stages={stages} needs {smem} bytes of shared memory a block; at most "

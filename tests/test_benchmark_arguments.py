@@ -3,8 +3,8 @@ trace summaries read synthetic traces right."""
 
 import pytest
 
-from benchmarks import (fp8_activation_quant, generate_timeline, kmajor_block_timeline, product_chain, profile_decode,
-                        quant_decode, upcast_ab)
+from benchmarks import (fp8_activation_quant, generate_timeline, int4_determinism, kmajor_block_timeline, product_chain,
+                        profile_decode, quant_decode, stages_ab, upcast_ab)
 
 
 @pytest.mark.parametrize("main, argv, named", [
@@ -27,6 +27,9 @@ from benchmarks import (fp8_activation_quant, generate_timeline, kmajor_block_ti
     (upcast_ab.main, ["int8=yes"], "'int8=yes'"),
     (upcast_ab.main, ["int8=2"], "'int8=2'"),
     (upcast_ab.main, ["int4=3"], "'int4=3'"),
+    (stages_ab.main, ["int4:9"], "'int4:9'"),
+    (stages_ab.main, ["fp8:4"], "'fp8:4'"),
+    (int4_determinism.main, ["--stages", "8", "9"], "--stages"),
 ])
 def test_bad_argument_is_named(main, argv, named, capsys):
     with pytest.raises(SystemExit) as exit_info:

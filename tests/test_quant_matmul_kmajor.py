@@ -147,6 +147,25 @@ def test_w4a16_kmajor_matches_reference(m, k, n, awq, block_n, stages, splits):
     assert _not_close(w4a16_kmajor_reference(x, q_t, scale, (zero + 1) % 16, input_scale), want)
 
 
+@pytest.mark.timeout(300)
+def test_w4a16_kmajor_result_does_not_depend_on_the_pipeline_depth():
+    """One to four tiles in flight, slots reused or not: bitwise the same output (the kernel's
+    arithmetic is fixed by the steps and splits; only the overlap changes)."""
+    rng = np.random.default_rng(5)
+    k, n, m = 512, 128, 3
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    packed = jnp.asarray(rng.integers(0, 256, (k // 2, n)), jnp.uint8)
+    scale = jnp.asarray(rng.uniform(1e-2, 1e-1, (k // 128, n)), jnp.float32)
+    zero = jnp.asarray(rng.integers(0, 16, (k // 128, n)), jnp.uint8)
+    q_t = int4_kmajor(packed)
+    run = lambda stages: np.asarray(w4a16_kmajor(x, q_t, scale, zero, config=KMajorConfig(
+        num_stages=stages, num_splits=1), interpret=True).astype(jnp.float32))
+    first = run(4)  # four steps, no slot reused
+    _close(jnp.asarray(first), w4a16_stored_reference(x, packed, scale, zero, None))
+    for stages in (1, 3):
+        np.testing.assert_array_equal(run(stages), first)
+
+
 def test_int4_dequantization_recovers_the_weight_within_half_a_step():
     """The stored layout's dequantization (jaxllm.quantization's too) inverts quantize_int4: each entry
     within half a quantization step (scale / 2, divided by its input scale)."""
@@ -266,6 +285,8 @@ def test_plan_defaults():
     q = plan("int4", 64, 14336, 4096)
     assert (q.block_n, q.block_k, q.tokens, q.steps) == (128, 128, 64, 112)
     assert q.smem_bytes() <= 227 * 1024 and q.num_splits > 1
+    assert plan("int4", 1, 4096, 28672).num_stages == 4  # MAX_STAGES; int8 takes what its budget fits:
+    assert plan("int8", 1, 4096, 28672).num_stages == 5
 
 
 @pytest.mark.parametrize("call,match", [
