@@ -40,22 +40,34 @@ def main(argv=None) -> int:
             parser.error(f"--methods {method!r}: choose none or one of {sorted(METHODS)}")
         if layout not in ("", "nmajor"):
             parser.error(f"--methods {method!r}: the only suffix is /nmajor")
+    variants = []
+    for method in args.methods:
+        name, _, layout = method.partition("/")
+        keep = [mock.patch("jaxllm.llm._in_kernel_layout", lambda p: p)] if layout == "nmajor" else []
+        variants.append((f"{method:6s}", None if name == "none" else name, keep, dict(method=method)))
+    ab_rows(variants, args.out)
+    return 0
+
+
+def ab_rows(variants, out: str) -> list[dict]:
+    """`batch1_row`s of the 8B shape in one process, same random weights. Each variant is (label,
+    method, patches, fields): its row runs under the context managers `patches` and gets `fields`;
+    rows are printed, and the JSON rewritten, as they come."""
     config = llama3_8b()
     params = random_params(config, make_mesh(ParallelConfig(1)))
     rows = []
-    for method in args.methods:
-        name, _, layout = method.partition("/")
-        q = None if name == "none" else name
-        keep = mock.patch("jaxllm.llm._in_kernel_layout", lambda p: p) if layout == "nmajor" else contextlib.nullcontext()
-        with keep:
-            row = batch1_row(config, params, q)
-        row["method"] = method
+    for label, method, patches, fields in variants:
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            row = batch1_row(config, params, method)
+        row.update(fields)
         rows.append(row)
-        print(f"{method:6s} decode {row['decode_tokens_per_s']:7.1f} tok/s ({row['ms_per_step']:.2f} ms/step, "
+        print(f"{label} decode {row['decode_tokens_per_s']:7.1f} tok/s ({row['ms_per_step']:.3f} ms/step, "
               f"{row['weight_bytes'] / 1e9:.2f} GB) prefill 2048 {row['prefill_s'] * 1e3:.1f} ms "
-              f"tokens {row['greedy_tokens_digest']}", flush=True)
-        write_rows(args.out, rows)
-    return 0
+              f"compile {row['compile_and_first_run_s']:.0f} s tokens {row['greedy_tokens_digest']}", flush=True)
+        write_rows(out, rows)
+    return rows
 
 
 def batch1_row(config, params, quantization: str | None) -> dict:

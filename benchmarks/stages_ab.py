@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 from unittest import mock
 
-from benchmarks.quant_decode import batch1_row, write_rows
-from benchmarks.shapes import llama3_8b
-from jaxllm.checkpoint import random_params
-from jaxllm.sharding import ParallelConfig, make_mesh
+from benchmarks.quant_decode import ab_rows
 
 
 def parse_variant(text: str) -> tuple[str, int]:
@@ -36,18 +33,8 @@ def main(argv=None) -> int:
         parser.error(str(e))
     import pallas_kernels.quant_matmul_kmajor as q
 
-    config = llama3_8b()
-    params = random_params(config, make_mesh(ParallelConfig(1)))
-    rows = []
-    for method, stages in variants:
-        with mock.patch.object(q, "MAX_STAGES", {**q.MAX_STAGES, method: stages}):
-            row = batch1_row(config, params, method)
-        row.update(method=method, max_stages=stages)
-        rows.append(row)
-        print(f"{method}:{stages} decode {row['decode_tokens_per_s']:.1f} tok/s ({row['ms_per_step']:.3f} ms/step) "
-              f"prefill {row['prefill_s'] * 1e3:.1f} ms compile {row['compile_and_first_run_s']:.0f} s "
-              f"tokens {row['greedy_tokens_digest']}", flush=True)
-        write_rows(args.out, rows)
+    ab_rows([(f"{method}:{stages}", method, [mock.patch.object(q, "MAX_STAGES", {**q.MAX_STAGES, method: stages})],
+              dict(method=method, max_stages=stages)) for method, stages in variants], args.out)
     return 0
 
 

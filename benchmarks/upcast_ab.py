@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 from unittest import mock
 
-from benchmarks.quant_decode import batch1_row, write_rows
-from benchmarks.shapes import llama3_8b
-from jaxllm.checkpoint import random_params
-from jaxllm.sharding import ParallelConfig, make_mesh
+from benchmarks.quant_decode import ab_rows
 
 
 def parse_variant(text: str) -> tuple[str, int]:
@@ -38,19 +35,13 @@ def main(argv=None) -> int:
         parser.error(str(e))
     import pallas_kernels.quant_matmul_kmajor as q
 
-    config = llama3_8b()
-    params = random_params(config, make_mesh(ParallelConfig(1)))
-    rows = []
+    runs = []
     for method, flag in variants:
         kinds = q.UPCAST_KINDS | {method} if flag else q.UPCAST_KINDS - {method}
-        with mock.patch.object(q, "UPCAST_KINDS", frozenset(kinds)), mock.patch.object(q, "INT4_FOLDED", flag == 2):
-            row = batch1_row(config, params, method)
-        row.update(method=method, upcast_load=bool(flag), int4_folded=flag == 2)
-        rows.append(row)
-        print(f"{method}={flag} decode {row['decode_tokens_per_s']:.1f} tok/s "
-              f"({row['ms_per_step']:.3f} ms/step) prefill {row['prefill_s'] * 1e3:.1f} ms "
-              f"compile {row['compile_and_first_run_s']:.0f} s tokens {row['greedy_tokens_digest']}", flush=True)
-        write_rows(args.out, rows)
+        patches = [mock.patch.object(q, "UPCAST_KINDS", frozenset(kinds)), mock.patch.object(q, "INT4_FOLDED", flag == 2)]
+        runs.append((f"{method}={flag}", method, patches, dict(method=method, upcast_load=bool(flag),
+                                                                 int4_folded=flag == 2)))
+    ab_rows(runs, args.out)
     return 0
 
 
