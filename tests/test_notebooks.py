@@ -24,12 +24,13 @@ MAX_IMAGE_BYTES = 150_000  # base64 text of one PNG output
 
 def kernel_env() -> dict[str, str]:
     """This process's environment, with the checkout importable and without conftest's fake devices
-    or its unoptimised XLA: the notebook runs as a user runs it (and its perplexity arithmetic runs
-    faster optimised)."""
+    or its unoptimised, fast-compiling XLA: the notebook runs as a user runs it (and its perplexity
+    arithmetic runs faster optimised)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+|--xla_backend_optimization_level=0", "",
-                   env.get("XLA_FLAGS", "")).strip()
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+|--xla_backend_optimization_level=0|"
+                   r"--xla_cpu_use_fusion_emitters=false", "", env.get("XLA_FLAGS", ""))
+    flags = " ".join(flags.split())
     if flags:
         env["XLA_FLAGS"] = flags
     else:
