@@ -199,20 +199,20 @@ def kernel_order(a: Array, axis: int, kind: str, inverse: bool = False) -> Array
     if kind not in UPCAST_KINDS or a.shape[axis] % (32 if kind == "int4" else 16):
         return a
     a = jnp.moveaxis(a, axis, -1)
-    rows = _reordered_rows(a.reshape(-1, a.shape[-1]), kind, inverse)
+    rows = _reordered_rows(a.reshape(-1, a.shape[-1]), kind, inverse, INT4_FOLDED)
     return jnp.moveaxis(rows.reshape(a.shape), -1, axis)
 
 
-def _reordered_rows(a, kind: str, inverse: bool = False, int4_folded: bool | None = None):
+def _reordered_rows(a, kind: str, inverse: bool, int4_folded: bool):
     """`kernel_order` of a 2-D array's rows, by reshapes (a gather's constant indices cannot enter a
     kernel, and XLA ran a gather slower: a 2048-token prefill 1.18x (int8) and 1.37x (int4) longer);
-    `int4_folded` None reads INT4_FOLDED."""
+    `int4_folded`: the order of INT4_FOLDED's conversion."""
     m, k = a.shape
-    if kind == "int4" and (INT4_FOLDED if int4_folded is None else int4_folded):  # [p, q, e] <-> [q, e, p]
+    if kind == "int4" and int4_folded:  # [p, q, e] <-> [q, e, p]
         if inverse:
             return a.reshape(m, k // 32, 4, 2, 4).transpose(0, 1, 4, 2, 3).reshape(m, k)
         return a.reshape(m, k // 32, 4, 4, 2).transpose(0, 1, 3, 4, 2).reshape(m, k)
-    if kind == "int4":
+    if kind == "int4":  # the other orders are their own inverses
         return a.reshape(m, k // 32, 4, 4, 2).swapaxes(2, 3).reshape(m, k)
     return a.reshape(m, k // 16, 2, 2, 2, 2).swapaxes(2, 4).reshape(m, k)
 
@@ -502,14 +502,14 @@ def _build(p: Plan, interpret: bool):
 
     def int4_operand(ref, zero):
         """The int4 tile as wgmma's operand [64, 128]: c - z, z the rows' zero points."""
-        offset = (zero.astype(jnp.float32) - 8.0).astype(p.operand_dtype)  # stored: c - 8
-        if interpret:
-            return weight_operand(ref) - offset[:, None]
-        if p.int4_folded:
+        if p.int4_folded and not interpret:
             with jax.named_scope("load"):
                 raw = compat.mgpu_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_4X)
             with jax.named_scope("convert"):
                 return _int4_operand(raw, zero)
+        offset = (zero.astype(jnp.float32) - 8.0).astype(p.operand_dtype)  # stored: c - 8
+        if interpret:
+            return weight_operand(ref) - offset[:, None]
         return weight_operand(ref) - lax.broadcast_in_dim(offset, (WG_ROWS, p.block_k), [0])
 
     def product(a, x_ref):
