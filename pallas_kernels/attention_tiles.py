@@ -120,18 +120,39 @@ def online_softmax(acc, m_i, l_i, s, visible, masked: float):
     return acc, m_new, l_i * alpha + p.sum(axis=1), p
 
 
-def copy_kv_pages(src_ref, dst, barrier, *, layer, table_ref, b, h, token, page_size: int,
-                  block_kv: int, pmax: int):
-    """Starts the TMA copies of keys [token, token + block_kv) of sequence b, head h, into `dst`:
-    one copy per page (or one slice of a page larger than the tile), all on `barrier`."""
+def copy_tile(copies, *, layer, table_ref, b, h, token, page_size: int, block_kv: int, pmax: int):
+    """Starts the TMA copies of keys [token, token + block_kv) of sequence b: each page id is read
+    from the page table once, for every (src_ref, dst, barrier, is_scales) in `copies`. Values copy
+    head h of each page (or the tile's slice of a page larger than the tile); scales copy every
+    head's ([page_size * kv_heads] float32 a page in `src_ref`'s last axis, contiguous) as plain bulk
+    copies, of any length but with no bounds check: page ids must index the pool."""
     if page_size >= block_kv:
         page = table_ref[b, jnp.minimum(lax.div(token, page_size), pmax - 1)]
-        src = src_ref.at[layer, page, pl.ds(lax.rem(token, page_size), block_kv), h]
-        plgpu.copy_gmem_to_smem(src, dst, barrier)
+        first = lax.rem(token, page_size)
+        for src_ref, dst, barrier, is_scales in copies:
+            if is_scales:
+                kv_heads = src_ref.shape[-1] // page_size
+                src = src_ref.at[layer, page, pl.ds(first * kv_heads, block_kv * kv_heads)]
+                plgpu.copy_gmem_to_smem(src, dst, barrier, oob_mode=_CONTIGUOUS)
+            else:
+                plgpu.copy_gmem_to_smem(src_ref.at[layer, page, pl.ds(first, block_kv), h], dst, barrier)
         return
     for i in range(block_kv // page_size):
         page = table_ref[b, jnp.minimum(lax.div(token, page_size) + i, pmax - 1)]
-        plgpu.copy_gmem_to_smem(src_ref.at[layer, page, :, h], dst.at[pl.ds(i * page_size, page_size)], barrier)
+        for src_ref, dst, barrier, is_scales in copies:
+            if is_scales:
+                per_page = src_ref.shape[-1]
+                plgpu.copy_gmem_to_smem(src_ref.at[layer, page], dst.at[pl.ds(i * per_page, per_page)], barrier,
+                                        oob_mode=_CONTIGUOUS)
+            else:
+                plgpu.copy_gmem_to_smem(src_ref.at[layer, page, :, h], dst.at[pl.ds(i * page_size, page_size)],
+                                        barrier)
+
+
+def copy_kv_pages(src_ref, dst, barrier, **page_args):
+    """Starts the TMA copies of keys [token, token + block_kv) of sequence b, head h, into `dst`:
+    one copy per page (or one slice of a page larger than the tile), all on `barrier`."""
+    copy_tile([(src_ref, dst, barrier, False)], **page_args)
 
 
 def check_pages(kv_heads: int, head_dim: int, k_pages, v_pages, block_kv: int, k_scale=None,
@@ -171,25 +192,9 @@ def _check_scales(k_pages, v_pages, k_scale, v_scale, block_kv: int) -> None:
                          "tokens a copy) must be a multiple of 32 for quantized pages")
 
 
-def copy_quantized_pages(values_ref, scales_ref, dst, dst_scales, barrier, *, layer, table_ref, b, h,
-                         token, page_size: int, block_kv: int, pmax: int):
-    """`copy_kv_pages` for 8-bit pages, plus the scales of the same tokens for every head (a page's
-    scales, [page_size * kv_heads] float32 in `scales_ref`'s last axis, are contiguous). Those are
-    plain bulk copies, of any length but with no bounds check: page ids must index the pool."""
-    kv_heads = scales_ref.shape[-1] // page_size
-    if page_size >= block_kv:
-        page = table_ref[b, jnp.minimum(lax.div(token, page_size), pmax - 1)]
-        first = lax.rem(token, page_size)
-        plgpu.copy_gmem_to_smem(values_ref.at[layer, page, pl.ds(first, block_kv), h], dst, barrier)
-        plgpu.copy_gmem_to_smem(scales_ref.at[layer, page, pl.ds(first * kv_heads, block_kv * kv_heads)],
-                                dst_scales, barrier, oob_mode=_CONTIGUOUS)
-        return
-    for i in range(block_kv // page_size):
-        page = table_ref[b, jnp.minimum(lax.div(token, page_size) + i, pmax - 1)]
-        plgpu.copy_gmem_to_smem(values_ref.at[layer, page, :, h], dst.at[pl.ds(i * page_size, page_size)], barrier)
-        per_page = page_size * kv_heads
-        plgpu.copy_gmem_to_smem(scales_ref.at[layer, page], dst_scales.at[pl.ds(i * per_page, per_page)], barrier,
-                                oob_mode=_CONTIGUOUS)
+def copy_quantized_pages(values_ref, scales_ref, dst, dst_scales, barrier, **page_args):
+    """`copy_kv_pages` for 8-bit pages, plus the scales of the same tokens for every head."""
+    copy_tile([(values_ref, dst, barrier, False), (scales_ref, dst_scales, barrier, True)], **page_args)
 
 
 def copies_per_tile(page_size: int, block_kv: int) -> int:

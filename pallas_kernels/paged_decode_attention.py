@@ -38,6 +38,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import compat
+from pallas_kernels import paged_decode_attention_8bit as pda8
 from pallas_kernels.attention_tiles import (COMPUTE_DTYPES, DEQUANTIZED_SLOTS, ROWS, Tiles, check_pages,
                                             copies_per_tile, dequantize_loop, memory_loop, online_softmax,
                                             smem_tile)
@@ -216,6 +217,19 @@ def _attend(q, new, k_pages, v_pages, layer, page_table, kv_lens, window, scale,
                                       max(1, max_steps // MIN_STEPS_PER_SPLIT))
     splits = min(splits, max_steps)
 
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    lens = kv_lens.astype(jnp.int32)
+    starts = window_start(lens, window)
+    if quantized:  # query heads as wgmma's N side (paged_decode_attention_8bit)
+        kernel = pda8.build(batch, kv_heads, groups, head_dim, page_size, pmax, jnp.dtype(q.dtype), splits, block_kv,
+                            config.num_stages, float(scale), interpret, jnp.dtype(k_pages.dtype), pda8.DEFER_SUM,
+                            pda8.COPY_WARPGROUP, pda8.COMPILER_PARAMS, pda8.WARP_ISSUE)
+        scales = tuple(s.reshape(layers, num_pages, page_size * kv_heads) for s in (k_scale, v_scale))
+        out_t, lse = kernel(pda8.queries(q, k_pages.dtype), k_pages, v_pages, *scales, layer_arr, page_table.astype(jnp.int32),
+                            lens, starts)
+        out = jnp.swapaxes(out_t, -1, -2)[..., :groups, :]
+        return _merge_splits(out, lse[..., :groups]).astype(q.dtype), None
+
     rows = -(-groups // 8) * 8  # what TMA moves: whole 8-row tiles; the kernel zeroes the rest
     q_rows = q.astype(dtype)
     if rows != groups:
@@ -224,9 +238,6 @@ def _attend(q, new, k_pages, v_pages, layer, page_table, kv_lens, window, scale,
         new_rows = jnp.stack([x.astype(dtype) for x in new], axis=2)
         new_rows = jnp.pad(new_rows, ((0, 0), (0, 0), (0, 8 - len(new)), (0, 0)))
         q_rows = jnp.concatenate([q_rows, new_rows], axis=2)
-    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
-    lens = kv_lens.astype(jnp.int32)
-    starts = window_start(lens, window)
     kernel = _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, block_kv,
                     config.num_stages, float(scale), interpret, k_pages.dtype if quantized else None,
                     config.dequant_warpgroups if quantized else 1, new is not None)

@@ -151,6 +151,7 @@ QUANTIZED_CASES = [  # kind, kv_heads, groups, page_size, pmax, lens, window, st
     ("fp8_e4m3", 2, 4, 16, 8, [128, 70], 50, 3, 1, 1),  # sliding window
     ("fp8_e4m3", 2, 8, 128, 2, [200, 0], 0, 2, 1, 1),  # pages larger than a tile, 4 steps; an empty row
     ("int8", 1, 4, 32, 4, [128, 70], 0, 2, 2, 2),  # K and V dequantized by a warpgroup each
+    ("fp8_e4m3", 2, 4, 16, 16, [256, 130], 0, 2, 1, 2),  # pages of 16: four copies a tile, several refills
 ]
 
 
