@@ -51,8 +51,7 @@ CASES = [  # batch, context, page size
 CONFIGS = [DecodeConfig(64, 2), DecodeConfig(64, 3), DecodeConfig(64, 4), DecodeConfig(128, 2), DecodeConfig(128, 3)]
 HQ, HKV, D = 32, 8, 128
 KV_DTYPES = {"bf16": None, "fp8": "fp8_e4m3", "int8": "int8"}  # name -> kv_cache_dtype
-QUANTIZED_CONFIGS = [DecodeConfig(64, 4, dequant_warpgroups=1), DecodeConfig(64, 6, dequant_warpgroups=1),
-                     DecodeConfig(64, 4, dequant_warpgroups=2)]
+QUANTIZED_CONFIGS = [DecodeConfig(64, 2), DecodeConfig(64, 3), DecodeConfig(64, 4)]
 
 
 def time_ms(fn, *args, iters: int = 20) -> float:
@@ -104,7 +103,7 @@ def run_case(batch: int, context: int, page_size: int) -> dict:
     record("xla_gather", ref, q, k, v, table, lens)
     for cfg in CONFIGS:
         fn = jax.jit(lambda q, k, v, t, n, cfg=cfg: paged_decode_attention(q, k, v, 0, t, n, scale=scale, config=cfg))
-        record(f"ours_kv{cfg.block_kv}_st{cfg.num_stages}", fn, q, k, v, table, lens)
+        record(config_key(cfg, False), fn, q, k, v, table, lens)
 
     from jax.experimental.pallas.ops.gpu import paged_attention as triton_paged
     k_t = jnp.transpose(k[0], (2, 0, 1, 3))  # [Hkv, P, S, D], the bundled kernel's layout
@@ -188,7 +187,7 @@ def run_kv_dtype_case(batch: int, context: int, page_size: int, kv_dtypes, confi
         for cfg in cfgs:
             fn = jax.jit(lambda q, k, v, t, n, s, cfg=cfg: paged_decode_attention(
                 q, k, v, 0, t, n, scale=scale, config=cfg, **s))
-            key = f"ours_kv{cfg.block_kv}_st{cfg.num_stages}" + ("_wg2" if cfg.dequant_warpgroups == 2 else "")
+            key = config_key(cfg, kind is not None)
             try:
                 ms = time_ms(fn, q, *pages, table, lens, scales)
                 got = np.asarray(fn(q, *pages, table, lens, scales), np.float32)
@@ -199,7 +198,7 @@ def run_kv_dtype_case(batch: int, context: int, page_size: int, kv_dtypes, confi
                 entry[key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             print(batch, context, name, key, entry[key], flush=True)
         row[name] = entry
-    bf16 = row.get("bf16", {}).get(f"ours_kv{DecodeConfig().block_kv}_st{DecodeConfig().num_stages}", {})
+    bf16 = row.get("bf16", {}).get(config_key(DecodeConfig(), False), {})
     for name in kv_dtypes:  # speedup of each config over the bf16 kernel's default, same run
         for key, r in row[name].items():
             if isinstance(r, dict) and "ms" in r and "ms" in bf16:
@@ -259,13 +258,18 @@ def summary(rows) -> str:
     return "\n".join(lines)
 
 
+def config_key(cfg: DecodeConfig, quantized: bool) -> str:
+    """'ours_kv64_st3': a decode config's name in the JSON, with the stages it resolves to."""
+    return f"ours_kv{cfg.block_kv}_st{cfg.stages(quantized)}"
+
+
 def parse_config(text: str) -> DecodeConfig:
-    """'128x2x2' -> DecodeConfig(block_kv=128, num_stages=2, dequant_warpgroups=2)."""
+    """'128x2' -> DecodeConfig(block_kv=128, num_stages=2)."""
     parts = text.split("x")
-    if len(parts) != 3 or not all(x.isdigit() for x in parts):
-        raise ValueError(f"decode config {text!r}: expected BLOCKxSTAGESxWARPGROUPS, e.g. 128x2x2")
-    block, stages, groups = map(int, parts)
-    return DecodeConfig(block, stages, dequant_warpgroups=groups)
+    if len(parts) != 2 or not all(x.isdigit() for x in parts):
+        raise ValueError(f"decode config {text!r}: expected BLOCKxSTAGES, e.g. 128x2")
+    block, stages = map(int, parts)
+    return DecodeConfig(block, stages)
 
 
 def main(argv=None) -> int:
@@ -279,8 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--page-size", type=int, default=None,
                         help="with --kv-dtypes: tokens per page instead of each case's (a TMA copy moves one page)")
     parser.add_argument("--configs", default=None,
-                        help="with --kv-dtypes: comma-separated BLOCKxSTAGESxWARPGROUPS decode configs for the "
-                             "quantized pages (e.g. 64x4x2,128x2x2) instead of the default list")
+                        help="with --kv-dtypes: comma-separated BLOCKxSTAGES decode configs for the quantized "
+                             "pages (e.g. 64x3,128x2) instead of the default list")
     args = parser.parse_args(argv)
     result = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, device=str(jax.devices()[0]),
                   copy_bandwidth=COPY_BANDWIDTH, heads=(HQ, HKV, D))

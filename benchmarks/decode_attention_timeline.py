@@ -8,8 +8,9 @@ its largest error against the reference.
 Profiled times run in SM clocks / 1000 (1.98x real time on the H200 at 1.98 GHz) and the
 profiler's own work slows a launch, so read them for shares, not for time.
 
-`--variants` compares module settings in one process (caches cleared between them): each variant is
-comma-separated NAME=0|1 settings, e.g. `defer_sum=1,copy_warpgroup=1 defer_sum=0`.
+The twentieth session's A/B variants (a separate copying warpgroup, copies from one warp, Mosaic GPU
+compiler settings) ran through a `--variants` option of this script at commit 47da675; the variants
+lost and were removed with it (NOTES.md).
 
     PYTHONPATH=. python -m benchmarks.decode_attention_timeline --out results.json
 """
@@ -34,9 +35,6 @@ from jaxllm.ops.kv_quant import quantize
 from pallas_kernels import paged_decode_attention_8bit as pda8
 from pallas_kernels.paged_decode_attention import DecodeConfig, paged_decode_attention, paged_decode_attention_reference
 
-FLAGS = {"defer_sum": "DEFER_SUM", "copy_warpgroup": "COPY_WARPGROUP", "warp_issue": "WARP_ISSUE"}  # -> paged_decode_attention_8bit's
-PARAMS = {"no_auto_barriers": ("unsafe_no_auto_barriers", True),  # -> Mosaic GPU compiler parameters
-          "scratch": ("reduction_scratch_bytes", 6144)}
 PROFILE_SPACE = 1200  # scopes a warpgroup may record
 
 
@@ -105,40 +103,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kinds", nargs="+", default=["fp8"], choices=[k for k in KV_DTYPES if k != "bf16"])
     parser.add_argument("--case", default="64x4096x16", help="BATCHxCONTEXTxPAGE_SIZE")
-    parser.add_argument("--stages", type=int, nargs="+", default=[2])
-    parser.add_argument("--variants", nargs="+", default=["copy_warpgroup=1"],
-                        help=f"comma-separated NAME=0|1 settings of {', '.join([*FLAGS, *PARAMS])}, one run each")
+    parser.add_argument("--stages", type=int, nargs="+", default=[pda8.NUM_STAGES])
     parser.add_argument("--out", default="results_decode_attention_timeline.json")
     args = parser.parse_args(argv)
     try:
         batch, context, page_size = (int(x) for x in args.case.split("x"))
     except ValueError:
         parser.error(f"--case {args.case!r}: write BATCHxCONTEXTxPAGE_SIZE, e.g. 64x4096x16")
-    variants = []
-    for text in args.variants:
-        settings = {}
-        for item in text.split(","):
-            name, _, value = item.partition("=")
-            if name not in FLAGS and name not in PARAMS or value not in ("0", "1"):
-                parser.error(f"--variants {text!r}: write NAME=0 or NAME=1 with NAME one of "
-                             f"{', '.join([*FLAGS, *PARAMS])}")
-            settings[name] = value == "1"
-        variants.append((text, settings))
     rows = []
     for kind in args.kinds:
         for stages in args.stages:
-            for text, settings in variants:
-                jax.clear_caches()
-                pda8.build.cache_clear()
-                flags = {FLAGS[n]: v for n, v in settings.items() if n in FLAGS}
-                params = tuple(PARAMS[n] for n, v in settings.items() if n in PARAMS and v)
-                with mock.patch.multiple(pda8, COMPILER_PARAMS=params, **flags):
-                    row = dict(kind=kind, case=args.case, stages=stages, variant=text,
-                               **run(KV_DTYPES[kind], batch, context, page_size, DecodeConfig(64, stages)))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                with open(args.out, "w") as f:
-                    json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, rows=rows), f, indent=1)
+            jax.clear_caches()
+            row = dict(kind=kind, case=args.case, stages=stages,
+                       **run(KV_DTYPES[kind], batch, context, page_size, DecodeConfig(64, stages)))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(args.out, "w") as f:
+                json.dump(dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, rows=rows), f, indent=1)
     return 0
 
 

@@ -1,11 +1,10 @@
 """Building blocks shared by the paged attention kernels (Mosaic GPU, Lane semantics).
 
 A compute warpgroup owns a 64-row query tile (wgmma's M); K/V tiles of `block_kv` keys arrive in
-shared memory from a memory warpgroup that copies pages through the page table. With int8 or fp8
-pages the memory warpgroup also dequantizes: it copies 8-bit tiles and their per-token scales,
-then writes each tile, times its scales, as a bf16/fp16 tile for wgmma (`dequantize_loop`). Under
-Pallas' GPU interpreter (CPU tests) registers have no layouts and wgmma takes neither transposed
-nor register operands, so there the products are jnp dots on the tiles read from shared memory.
+shared memory from a memory warpgroup that copies pages through the page table (`copy_tile`, which
+also copies int8 / fp8 pages' per-token scales). Under Pallas' GPU interpreter (CPU tests) registers
+have no layouts and wgmma takes neither transposed nor register operands, so there the products are
+jnp dots on the tiles read from shared memory.
 """
 
 from __future__ import annotations
@@ -18,12 +17,10 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import compat
 
 ROWS = 64  # wgmma's M for one warpgroup
 COMPUTE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 QUANTIZED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
-DEQUANTIZED_SLOTS = 2  # bf16/fp16 tiles between the dequantizing and the compute warpgroup
 # Promising in-bounds copies of contiguous memory lets Mosaic use a plain bulk copy (no tensor map,
 # so no 256-element limit on a box side).
 _CONTIGUOUS = plgpu.OOBFillMode.PROMISE_IN_BOUNDS
@@ -82,22 +79,6 @@ class Tiles:
             return acc_ref[...]
 
         return pl.run_scoped(scope, plgpu.ACC((ROWS, self.block_kv), jnp.float32))
-
-    def dequantize(self, src_smem, scales_smem, head, dst_smem):
-        """dst = src * scale of each key (row), in the compute dtype: one 8-bit K/V tile made ready
-        for wgmma. `scales_smem` holds [block_kv * kv_heads] float32, token-major (a page's layout)."""
-        kv_heads = scales_smem.shape[-1] // self.block_kv
-        # The 8-bit layout moves 4 bytes a thread per load (WGMMA's would move 2); wgmma reads the
-        # result from shared memory, so the register layout is free.
-        layout = plgpu.Layout.WGMMA_8BIT
-        x = self._layout(src_smem[...], layout).astype(jnp.float32)  # fp8 via f16 on the GPU: exact
-        if self.interpret:
-            scale = scales_smem[...].reshape(self.block_kv, kv_heads)[:, head]
-        else:  # a strided column, which the optimized transfer planner cannot prove safe
-            scale = compat.mgpu_load(scales_smem.reshape(self.block_kv, kv_heads).at[:, head],
-                                     layout=layout.reduce(1), optimized=False)
-        scale = self._layout(lax.broadcast_in_dim(scale, x.shape, [0]), layout)
-        dst_smem[...] = (x * scale).astype(self.dtype)
 
     def accumulate_pv(self, acc, p, v_smem):
         """acc + P V, P in the input dtype."""
@@ -192,11 +173,6 @@ def _check_scales(k_pages, v_pages, k_scale, v_scale, block_kv: int) -> None:
                          "tokens a copy) must be a multiple of 32 for quantized pages")
 
 
-def copy_quantized_pages(values_ref, scales_ref, dst, dst_scales, barrier, **page_args):
-    """`copy_kv_pages` for 8-bit pages, plus the scales of the same tokens for every head."""
-    copy_tile([(values_ref, dst, barrier, False), (scales_ref, dst_scales, barrier, True)], **page_args)
-
-
 def copies_per_tile(page_size: int, block_kv: int) -> int:
     return max(block_kv // page_size, 1)
 
@@ -236,61 +212,3 @@ def memory_loop(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, 
             return carry
 
         lax.fori_loop(jnp.maximum(steps - num_stages, 0), steps, wait_free, None)
-
-
-def dequantize_loop(tiles: Tiles, src, staged, arrived, out, ready, free, *, begin, steps, num_stages: int,
-                    tensors: tuple[int, ...] = (0, 1), **page_args):
-    """A memory warpgroup over 8-bit pages: copies K/V tiles with their scales `num_stages` deep
-    (`src` = k, v, k_scale, v_scale refs into `staged` = k8, v8, k_scales, v_scales, on `arrived`),
-    and writes each, dequantized, into a free slot of `out` (DEQUANTIZED_SLOTS deep), marking it
-    `ready`; the compute warpgroup marks slots `free` as for `memory_loop`. `tensors` picks K (0)
-    and/or V (1): two warpgroups can take one each."""
-    k_ref, v_ref, ks_ref, vs_ref = src
-    k8, v8, k_scales, v_scales = staged
-    block_kv = page_args["block_kv"]
-    sources = ((k_ref, ks_ref, k8, k_scales), (v_ref, vs_ref, v8, v_scales))
-
-    def issue(step):
-        slot = lax.rem(step, num_stages)
-        token = begin + step * block_kv
-        for i in tensors:
-            ref, scale_ref, values, scales = sources[i]
-            copy_quantized_pages(ref, scale_ref, values.at[slot], scales.at[slot], arrived[i].at[slot], token=token,
-                                 **page_args)
-
-    def prologue(step, carry):
-        issue(step)
-        return carry
-
-    lax.fori_loop(0, jnp.minimum(steps, num_stages), prologue, None)
-
-    def convert(step, carry):
-        slot, out_slot = lax.rem(step, num_stages), lax.rem(step, DEQUANTIZED_SLOTS)
-        for i in tensors:
-            values, scales = sources[i][2:]
-            plgpu.barrier_wait(arrived[i].at[slot])
-
-            @pl.when(step >= DEQUANTIZED_SLOTS)
-            def _(i=i):
-                plgpu.barrier_wait(free[i].at[out_slot])
-
-            tiles.dequantize(values.at[slot], scales.at[slot], page_args["h"], out[i].at[out_slot])
-            plgpu.commit_smem()  # the generic-proxy stores, before wgmma reads them
-            plgpu.barrier_arrive(ready[i].at[out_slot])
-
-        @pl.when(step + num_stages < steps)
-        def _():  # the 8-bit slot is read: refill it (Pallas syncs the warpgroup before a copy)
-            issue(step + num_stages)
-
-        return carry
-
-    lax.fori_loop(0, steps, convert, None)
-    # Observe the last slots' releases too: the hardware does not care, the interpreter checks
-    # that a thread waiting on a barrier sees every phase of it.
-    for tail in range(DEQUANTIZED_SLOTS):
-        step = steps + tail
-
-        @pl.when(step >= DEQUANTIZED_SLOTS)
-        def _(step=step):
-            for i in tensors:
-                plgpu.barrier_wait(free[i].at[lax.rem(step, DEQUANTIZED_SLOTS)])

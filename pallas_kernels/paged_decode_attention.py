@@ -14,16 +14,9 @@ them into their page (the pages are aliased in and out), waits for those stores 
 only then copies the tile that holds them. At batch-1 decode this replaces the two cache-update
 kernels of every layer.
 
-int8 / fp8 (e4m3) pages come with a float32 scale per token and KV head. The memory warpgroup
-copies the 8-bit tiles and their pages' scales, and dequantizes each tile (value x scale, rounded
-to q's dtype, exactly as `jaxllm.ops.kv_quant.dequantize`) into a bf16/fp16 tile for the same
-wgmma path, overlapping the conversion with the compute warpgroup's work on the previous tile.
-Blocks then run heads-fastest, so the heads of a sequence, which share each page's scale rows, read
-them from L2 at about the same time. K and V each have their own dequantizing warpgroup
-(`DecodeConfig.dequant_warpgroups=2`, the default): on an H200 that took batch 64 x 4096 fp8 pages
-from 0.454 to 0.355 ms and int8 from 0.610 to 0.441 ms (one warpgroup for both was the bottleneck),
-still slower than bf16 pages (0.267 ms): the compute warpgroup itself needs about the bf16 time
-(benchmarks/results_attention_quantized_kv_wg2_h200.json, NOTES.md).
+int8 / fp8 (e4m3) pages come with a float32 scale per token and KV head and go to their own kernel
+(`paged_decode_attention_8bit`), which puts the query heads on wgmma's N side so that the tensor work
+shrinks with the bytes; same contract and split merge.
 """
 
 from __future__ import annotations
@@ -39,33 +32,33 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import compat
 from pallas_kernels import paged_decode_attention_8bit as pda8
-from pallas_kernels.attention_tiles import (COMPUTE_DTYPES, DEQUANTIZED_SLOTS, ROWS, Tiles, check_pages,
-                                            copies_per_tile, dequantize_loop, memory_loop, online_softmax,
+from pallas_kernels.attention_tiles import (COMPUTE_DTYPES, ROWS, Tiles, check_pages,
+                                            copies_per_tile, memory_loop, online_softmax,
                                             smem_tile)
 
 MIN_STEPS_PER_SPLIT = 4
+BF16_STAGES = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Tuning knobs. `num_splits=None` picks enough splits to fill the GPU's multiprocessors."""
+    """Tuning knobs. `num_stages=None` takes 4 for bf16/fp16 pages and `paged_decode_attention_8bit`'s
+    3 for 8-bit ones; `num_splits=None` picks enough splits to fill the GPU's multiprocessors."""
 
     block_kv: int = 64  # keys per pipeline step
-    num_stages: int = 4  # K/V tiles in flight per block (8-bit tiles, for quantized pages)
+    num_stages: int | None = None  # K/V tiles in flight per block
     num_splits: int | None = None
-    # Quantized pages: warpgroups that copy and dequantize tiles (2: one for K, one for V; 1 was
-    # 1.3x slower on an H200).
-    dequant_warpgroups: int = 2
 
     def __post_init__(self):
         if self.block_kv % 64:
             raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64")
-        if self.num_stages < 1:
+        if self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"num_stages={self.num_stages} must be at least 1")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"num_splits={self.num_splits} must be at least 1")
-        if self.dequant_warpgroups not in (1, 2):
-            raise ValueError(f"dequant_warpgroups={self.dequant_warpgroups} must be 1 or 2")
+
+    def stages(self, quantized: bool) -> int:
+        return self.num_stages or (pda8.NUM_STAGES if quantized else BF16_STAGES)
 
 
 def window_start(kv_lens: Int[Array, "B"], window) -> Int[Array, "B"]:
@@ -207,9 +200,8 @@ def _attend(q, new, k_pages, v_pages, layer, page_table, kv_lens, window, scale,
         raise ValueError(f"{groups} query heads per KV head: the kernel takes at most {ROWS}")
     quantized = k_scale is not None
     if quantized and q.dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"q of {q.dtype} over {k_pages.dtype} pages: the kernel dequantizes to q's dtype, "
-                         "which must be bfloat16 or float16")
-    dtype = q.dtype if quantized else k_pages.dtype  # what the products take
+        raise ValueError(f"q of {q.dtype} over {k_pages.dtype} pages: the kernel takes bfloat16 or float16 "
+                         "queries (and returns that dtype)")
     max_steps = pl_cdiv(pmax * page_size, block_kv)
     # Splits fill the GPU, but each keeps at least MIN_STEPS_PER_SPLIT steps: below that, the
     # merge's extra kernels cost more than the parallelism gains (short contexts at batch 1).
@@ -222,14 +214,15 @@ def _attend(q, new, k_pages, v_pages, layer, page_table, kv_lens, window, scale,
     starts = window_start(lens, window)
     if quantized:  # query heads as wgmma's N side (paged_decode_attention_8bit)
         kernel = pda8.build(batch, kv_heads, groups, head_dim, page_size, pmax, jnp.dtype(q.dtype), splits, block_kv,
-                            config.num_stages, float(scale), interpret, jnp.dtype(k_pages.dtype), pda8.DEFER_SUM,
-                            pda8.COPY_WARPGROUP, pda8.COMPILER_PARAMS, pda8.WARP_ISSUE)
+                            config.stages(True), float(scale), interpret, jnp.dtype(k_pages.dtype))
+        # A page's scales, every head's, as one contiguous row: one copy a page.
         scales = tuple(s.reshape(layers, num_pages, page_size * kv_heads) for s in (k_scale, v_scale))
-        out_t, lse = kernel(pda8.queries(q, k_pages.dtype), k_pages, v_pages, *scales, layer_arr, page_table.astype(jnp.int32),
-                            lens, starts)
+        out_t, lse = kernel(pda8.queries(q, k_pages.dtype), k_pages, v_pages, *scales, layer_arr,
+                            page_table.astype(jnp.int32), lens, starts)
         out = jnp.swapaxes(out_t, -1, -2)[..., :groups, :]
         return _merge_splits(out, lse[..., :groups]).astype(q.dtype), None
 
+    dtype = k_pages.dtype  # what the products take
     rows = -(-groups // 8) * 8  # what TMA moves: whole 8-row tiles; the kernel zeroes the rest
     q_rows = q.astype(dtype)
     if rows != groups:
@@ -239,13 +232,10 @@ def _attend(q, new, k_pages, v_pages, layer, page_table, kv_lens, window, scale,
         new_rows = jnp.pad(new_rows, ((0, 0), (0, 0), (0, 8 - len(new)), (0, 0)))
         q_rows = jnp.concatenate([q_rows, new_rows], axis=2)
     kernel = _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, block_kv,
-                    config.num_stages, float(scale), interpret, k_pages.dtype if quantized else None,
-                    config.dequant_warpgroups if quantized else 1, new is not None)
+                    config.stages(False), float(scale), interpret, new is not None)
     pages = (k_pages, v_pages)
     if new is not None:  # stored into in place: the kernel takes them as references
         pages = tuple(compat.gmem_ref(x) for x in pages)
-    if quantized:  # a page's scales, every head's, as one contiguous row: one copy a page
-        pages += tuple(s.reshape(layers, num_pages, page_size * kv_heads) for s in (k_scale, v_scale))
     out, lse = kernel(q_rows, *pages, layer_arr, page_table.astype(jnp.int32), lens, starts)
     out = _merge_splits(out, lse[:, :, :, :groups]).astype(q.dtype)
     return out, None if new is None else tuple(compat.freeze(x) for x in pages)
@@ -269,22 +259,18 @@ def _merge_splits(out, lse):
 
 @functools.lru_cache(maxsize=None)
 def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, block_kv, num_stages,
-           scale, interpret, page_dtype=None, dequant_wgs=1, append=False):
-    """`page_dtype`: the 8-bit type of quantized pages (then scales follow v), None for `dtype` pages;
-    `dequant_wgs` warpgroups copy and dequantize them. `append`: q's rows are followed by the new
-    token's K and V rows, and the (bf16/fp16) pages are references to store them into."""
+           scale, interpret, append=False):
+    """The kernel over `dtype` pages. `append`: q's rows are followed by the new token's K and V rows,
+    and the pages are references to store them into."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    quantized = page_dtype is not None
     rows = -(-groups // 8) * 8
-    ring = DEQUANTIZED_SLOTS if quantized else num_stages  # K/V tiles the compute warpgroup cycles through
     log2e_scale = scale * math.log2(math.e)
     tiles = Tiles(interpret, dtype, head_dim, block_kv)
 
     def body(q_ref, page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref, scoped):
-        (q_smem, out_smem, k_smem, v_smem, lse_smem, *staged), (q_bar, k_bar, v_bar, *arrived), \
-            (k_free, v_free) = scoped[:3]
+        (q_smem, out_smem, k_smem, v_smem, lse_smem), (q_bar, k_bar, v_bar), (k_free, v_free) = scoped[:3]
         row_smem, row_bar = scoped[3] if append else (None, None)
         b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
         wg = lax.axis_index("wg")
@@ -310,7 +296,7 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
 
             def step_fn(step, carry):
                 acc, m_i, l_i = carry
-                slot = lax.rem(step, ring)
+                slot = lax.rem(step, num_stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 qk = tiles.scores(q_smem, k_smem.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
@@ -339,42 +325,34 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
             return {"layer": layer_ref[0], "table_ref": table_ref, "b": b, "h": h,
                     "page_size": page_size, "block_kv": block_kv, "pmax": pmax}
 
-        if not quantized:
-            @pl.when(wg == 1)
-            def _memory():
-                k_ref, v_ref = page_refs
-                before_copy = None
-                if append:
-                    pos = length - 1
-                    page, slot = table_ref[b, lax.div(pos, page_size)], lax.rem(pos, page_size)
+        @pl.when(wg == 1)
+        def _memory():
+            k_ref, v_ref = page_refs
+            before_copy = None
+            if append:
+                pos = length - 1
+                page, slot = table_ref[b, lax.div(pos, page_size)], lax.rem(pos, page_size)
 
-                    @pl.when(stores_new)
-                    def _fetch_new_token():
-                        for i in range(2):
-                            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(rows + i, 1)], row_smem.at[i], row_bar)
+                @pl.when(stores_new)
+                def _fetch_new_token():
+                    for i in range(2):
+                        plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(rows + i, 1)], row_smem.at[i], row_bar)
 
-                    def before_copy(step):
-                        # Stored once the first tile is on its way, so that the stores overlap the
-                        # copies; complete before the last tile, which holds the token, is copied.
-                        @pl.when(stores_new & (step == jnp.minimum(steps - 1, 1)))
-                        def _store_new_token():
-                            plgpu.barrier_wait(row_bar)
-                            for i, ref in enumerate((k_ref, v_ref)):
-                                plgpu.copy_smem_to_gmem(row_smem.at[i], ref.at[layer_ref[0], page, pl.ds(slot, 1), h])
+                def before_copy(step):
+                    # Stored once the first tile is on its way, so that the stores overlap the
+                    # copies; complete before the last tile, which holds the token, is copied.
+                    @pl.when(stores_new & (step == jnp.minimum(steps - 1, 1)))
+                    def _store_new_token():
+                        plgpu.barrier_wait(row_bar)
+                        for i, ref in enumerate((k_ref, v_ref)):
+                            plgpu.copy_smem_to_gmem(row_smem.at[i], ref.at[layer_ref[0], page, pl.ds(slot, 1), h])
 
-                        @pl.when(stores_new & (step == steps - 1))
-                        def _stored():
-                            plgpu.wait_smem_to_gmem(0)
+                    @pl.when(stores_new & (step == steps - 1))
+                    def _stored():
+                        plgpu.wait_smem_to_gmem(0)
 
-                memory_loop(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, begin=begin,
-                            steps=steps, num_stages=num_stages, before_copy=before_copy, **page_args())
-        else:  # one warpgroup copies and dequantizes K and V, or two take one each
-            for w, tensors in enumerate(((0, 1),) if dequant_wgs == 1 else ((0,), (1,)), start=1):
-                @pl.when(wg == w)
-                def _dequantize(tensors=tensors):
-                    dequantize_loop(tiles, page_refs, staged, arrived, (k_smem, v_smem), (k_bar, v_bar),
-                                    (k_free, v_free), begin=begin, steps=steps, num_stages=num_stages,
-                                    tensors=tensors, **page_args())
+            memory_loop(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, begin=begin,
+                        steps=steps, num_stages=num_stages, before_copy=before_copy, **page_args())
 
     def entry(q_ref, *refs):
         *page_refs, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref = refs
@@ -382,20 +360,16 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
         smem = (
             smem_tile((ROWS, head_dim), dtype),
             plgpu.SMEM((ROWS, head_dim), dtype),  # the output, unswizzled: its G rows copy out alone
-            smem_tile((ring, block_kv, head_dim), dtype),
-            smem_tile((ring, block_kv, head_dim), dtype),
+            smem_tile((num_stages, block_kv, head_dim), dtype),
+            smem_tile((num_stages, block_kv, head_dim), dtype),
             plgpu.SMEM((ROWS,), jnp.float32),
         )
         ready = (
             plgpu.Barrier(),
-            plgpu.Barrier(num_arrivals=1 if quantized else copies, num_barriers=ring),
-            plgpu.Barrier(num_arrivals=1 if quantized else copies, num_barriers=ring),
+            plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
+            plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
         )
-        if quantized:  # 8-bit tiles and their scales, num_stages deep; a value and a scale copy a page
-            smem += (smem_tile((num_stages, block_kv, head_dim), page_dtype),) * 2
-            smem += (plgpu.SMEM((num_stages, block_kv * kv_heads), jnp.float32),) * 2
-            ready += (plgpu.Barrier(num_arrivals=2 * copies, num_barriers=num_stages),) * 2
-        free = (plgpu.Barrier(num_barriers=ring),) * 2
+        free = (plgpu.Barrier(num_barriers=num_stages),) * 2
         scoped = [smem, ready, free]
         if append:  # the new token's K and V rows, on their way to the page
             scoped.append((plgpu.SMEM((2, 1, head_dim), dtype), plgpu.Barrier(num_arrivals=2)))
@@ -408,11 +382,8 @@ def _build(batch, kv_heads, groups, head_dim, page_size, pmax, dtype, splits, bl
         jax.ShapeDtypeStruct((batch, kv_heads, splits, groups, head_dim), dtype),
         jax.ShapeDtypeStruct((batch, kv_heads, splits, ROWS), jnp.float32),
     )
-    # Quantized pages: heads fastest (grid axis 0 varies fastest), to share each page's scale rows in L2.
-    grid, names = ((kv_heads, batch, splits), ("h", "b", "s")) if quantized else \
-        ((batch, kv_heads, splits), ("b", "h", "s"))
-    params = compat.lane_compiler_params(approx_math=True) if quantized else plgpu.CompilerParams(approx_math=True)
-    mesh = dict(grid=grid, grid_names=names, num_threads=1 + dequant_wgs, thread_name="wg")
+    params = plgpu.CompilerParams(approx_math=True)
+    mesh = dict(grid=(batch, kv_heads, splits), grid_names=("b", "h", "s"), num_threads=2, thread_name="wg")
     interpret = compat.gpu_interpret_params() if interpret else False
     if append:  # pl.kernel takes the pages as references (plgpu.kernel's vmap rule cannot)
         return pl.kernel(entry, out_type=out_type, mesh=plgpu.Mesh(**mesh), compiler_params=params,

@@ -31,10 +31,9 @@ from pallas_kernels.attention_tiles import copies_per_tile, copy_tile, smem_tile
 
 CONVERTED_SLOTS = 2  # float16 V tiles between the memory and the compute warpgroup
 F16_MAX = float(jnp.finfo(jnp.float16).max)
-DEFER_SUM = True  # softmax sums kept per key until the end (see softmax_step)
-COPY_WARPGROUP = True  # a warpgroup of its own issues the copies (else the converting one does)
-WARP_ISSUE = False  # copies issued from one warp of the memory warpgroup
-COMPILER_PARAMS = ()  # extra (name, value) Mosaic GPU compiler parameters, for experiments
+# K/V tiles in flight a block: 3 keeps a block's shared memory near 100 KB, so two blocks share an
+# SM (4 fit one block and measured 1.5x slower on an H200; NOTES.md, twentieth session).
+NUM_STAGES = 3
 
 
 def product_dtype(page_dtype):
@@ -58,13 +57,12 @@ def _swizzled(shape, dtype, swizzle: int):
 
 @functools.lru_cache(maxsize=None)
 def build(batch, kv_heads, groups, head_dim, page_size, pmax, out_dtype, splits, block_kv, num_stages, scale,
-          interpret, page_dtype, defer_sum=True, copy_warpgroup=True, params=(), warp_issue=False):
+          interpret, page_dtype):
     """The kernel: (q [B, Hkv, N, D] float16, k8, v8, k_scale, v_scale (a page's scales as one row),
     layer [1], table, lens, starts) -> (O^T [B, Hkv, splits, D, N] out_dtype, lse [B, Hkv, splits, N])."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    params = dict(params)  # extra Mosaic GPU compiler parameters (tuples, to be hashable)
     cols = query_columns(groups)
     dtype = product_dtype(page_dtype)
     log2e_scale = scale * math.log2(math.e)
@@ -104,9 +102,9 @@ def build(batch, kv_heads, groups, head_dim, page_size, pmax, out_dtype, splits,
             plgpu.ACC.init(acc))
 
     def softmax_step(s_t, acc, m_i, l_i, k_scale, key_base, lo, length):
-        """One online-softmax step over S^T's keys (rows), per query head (column). With
-        `defer_sum`, l_i holds per-key partial sums (summed over keys once, at the end), which saves a
-        reduction across warps a step."""
+        """One online-softmax step over S^T's keys (rows), per query head (column). l_i holds per-key
+        partial sums, summed over keys once at the end: a reduction across warps fewer a step (the
+        maximum needs its own)."""
         s_t = s_t * lax.broadcast_in_dim(k_scale, s_t.shape, [0])
         key = key_base + (
             lax.broadcasted_iota(jnp.int32, s_t.shape, 0) if interpret else
@@ -117,17 +115,14 @@ def build(batch, kv_heads, groups, head_dim, page_size, pmax, out_dtype, splits,
         m_new = jnp.maximum(m_i, s_t.max(axis=0))
         alpha = jnp.exp2(m_i - m_new)
         p_t = jnp.exp2(s_t - lax.broadcast_in_dim(m_new, s_t.shape, [1]))
-        if defer_sum:
-            l_i = l_i * lax.broadcast_in_dim(alpha, s_t.shape, [1]) + p_t
-        else:
-            l_i = l_i * alpha + p_t.sum(axis=0)
+        l_i = l_i * lax.broadcast_in_dim(alpha, s_t.shape, [1]) + p_t
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
         return acc, m_new, l_i, p_t
 
     def body(q_ref, k_ref, v_ref, ks_ref, vs_ref, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref,
              scoped):
         (q_smem, k8, v8, k_scales, v_scales, v16, p_smem, out_smem, lse_smem), \
-            (q_bar, k_arrived, v_arrived, v_ready), (k_free, v_free, v8_free) = scoped
+            (q_bar, k_arrived, v_arrived, v_ready), (k_free, v_free) = scoped
         b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
         length, lo = lens_ref[b], starts_ref[b]
         # This split's keys: an equal share of the sequence's steps, from the window's start.
@@ -167,12 +162,10 @@ def build(batch, kv_heads, groups, head_dim, page_size, pmax, out_dtype, splits,
                 plgpu.barrier_arrive(v_free.at[vslot])
                 return acc, m_new, l_i
 
-            sums = layout(jnp.zeros((block_kv, cols), jnp.float32), plgpu.Layout.WGMMA) if defer_sum else \
-                column_stat(0.0)
-            init = (layout(jnp.zeros((head_dim, cols), jnp.float32), plgpu.Layout.WGMMA), column_stat(-jnp.inf), sums)
+            init = (layout(jnp.zeros((head_dim, cols), jnp.float32), plgpu.Layout.WGMMA), column_stat(-jnp.inf),
+                    layout(jnp.zeros((block_kv, cols), jnp.float32), plgpu.Layout.WGMMA))
             acc, m_i, l_i = lax.fori_loop(0, steps, step_fn, init)
-            if defer_sum:
-                l_i = l_i.sum(axis=0)
+            l_i = l_i.sum(axis=0)
             l_safe = jnp.maximum(l_i, 1e-30)  # an empty split leaves zeros and lse = -inf
             acc /= lax.broadcast_in_dim(l_safe, acc.shape, [1])
             out_smem[...] = acc.astype(out_dtype)
@@ -182,113 +175,66 @@ def build(batch, kv_heads, groups, head_dim, page_size, pmax, out_dtype, splits,
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, s])
             plgpu.wait_smem_to_gmem(0)
 
-        def issue(step):
-            slot = lax.rem(step, num_stages)
-
-            def copies():
+        @pl.when(lax.axis_index("wg") == 1)
+        def _memory():
+            def issue(step):
+                slot = lax.rem(step, num_stages)
                 copy_tile([(k_ref, k8.at[slot], k_arrived.at[slot], False),
                            (ks_ref, k_scales.at[slot], k_arrived.at[slot], True),
                            (vs_ref, v_scales.at[slot], k_arrived.at[slot], True),
                            (v_ref, v8.at[slot], v_arrived.at[slot], False)],
                           token=begin + step * block_kv, **page_args)
 
-            if interpret or not warp_issue:
-                copies()
-                return
-
-            # From one warp: a copy then costs that warp's 32 lanes two barrier arrivals each, instead
-            # of a warpgroup barrier and an arrival from each of the 128 threads.
-            @pl.core_map(plgpu.WarpMesh(axis_name="warp"))
-            def _():
-                pl.when(lax.axis_index("warp") == 0)(copies)
-
-        def prologue(step, carry):
-            issue(step)
-            return carry
-
-        def convert(step, refill):
-            """V's tile of `step` into float16 (or bfloat16) for wgmma; `refill(step)` runs after it."""
-            slot, vslot = lax.rem(step, num_stages), lax.rem(step, CONVERTED_SLOTS)
-            with jax.named_scope("wait_v8"):
-                plgpu.barrier_wait(v_arrived.at[slot])
-
-                @pl.when(step >= CONVERTED_SLOTS)
-                def _():
-                    plgpu.barrier_wait(v_free.at[vslot])
-
-            with jax.named_scope("convert_v"):
-                if interpret:
-                    v16.at[vslot][...] = v8.at[slot][...].astype(dtype)
-                else:  # 4 bytes a thread per load; wgmma reads the result, so the layout is free
-                    v16.at[vslot][...] = compat.mgpu_load(v8.at[slot], layout=plgpu.Layout.WGMMA_8BIT).astype(dtype)
-                plgpu.commit_smem()  # the generic-proxy stores, before wgmma reads them
-            plgpu.barrier_arrive(v_ready.at[vslot])
-            refill(step)
-
-        def drain(barriers):
-            """Observe the last releases too: the hardware does not care, Pallas' GPU interpreter checks
-            that a thread waiting on a barrier sees every phase of it."""
-            def wait(step, carry):
-                for barrier in barriers:
-                    plgpu.barrier_wait(barrier.at[lax.rem(step, num_stages)])
+            def prologue(step, carry):
+                issue(step)
                 return carry
 
-            lax.fori_loop(jnp.maximum(steps - num_stages, 0), steps, wait, None)
+            lax.fori_loop(0, jnp.minimum(steps, num_stages), prologue, None)
 
-        def drain_converted():
+            def convert(step, carry):
+                slot, vslot = lax.rem(step, num_stages), lax.rem(step, CONVERTED_SLOTS)
+                with jax.named_scope("wait_v8"):
+                    plgpu.barrier_wait(v_arrived.at[slot])
+
+                    @pl.when(step >= CONVERTED_SLOTS)
+                    def _():
+                        plgpu.barrier_wait(v_free.at[vslot])
+
+                with jax.named_scope("convert_v"):
+                    if interpret:
+                        v16.at[vslot][...] = v8.at[slot][...].astype(dtype)
+                    else:  # 4 bytes a thread per load; wgmma reads the result, so the layout is free
+                        v16.at[vslot][...] = compat.mgpu_load(
+                            v8.at[slot], layout=plgpu.Layout.WGMMA_8BIT).astype(dtype)
+                    plgpu.commit_smem()  # the generic-proxy stores, before wgmma reads them
+                plgpu.barrier_arrive(v_ready.at[vslot])
+
+                # Refill the previous step's slot (its V is converted, its K released a step ago, so
+                # this rarely waits); waiting for this step's K would tie the conversions to the
+                # compute warpgroup's progress.
+                @pl.when((step >= 1) & (step - 1 + num_stages < steps))
+                def _():
+                    with jax.named_scope("issue"):
+                        plgpu.barrier_wait(k_free.at[lax.rem(step - 1, num_stages)])
+                        issue(step - 1 + num_stages)
+
+                return carry
+
+            lax.fori_loop(0, steps, convert, None)
+
+            # Observe the last releases too: the hardware does not care, Pallas' GPU interpreter
+            # checks that a thread waiting on a barrier sees every phase of it.
+            def drain(step, carry):
+                plgpu.barrier_wait(k_free.at[lax.rem(step, num_stages)])
+                return carry
+
+            lax.fori_loop(jnp.maximum(steps - num_stages, 0), steps, drain, None)
             for tail in range(CONVERTED_SLOTS):
                 step = steps + tail
 
                 @pl.when(step >= CONVERTED_SLOTS)
                 def _(step=step):
                     plgpu.barrier_wait(v_free.at[lax.rem(step, CONVERTED_SLOTS)])
-
-        if copy_warpgroup:  # one warpgroup copies, another converts V
-            @pl.when(lax.axis_index("wg") == 1)
-            def _copy():
-                lax.fori_loop(0, jnp.minimum(steps, num_stages), prologue, None)
-
-                def refill(step, carry):
-                    slot = lax.rem(step, num_stages)
-                    with jax.named_scope("wait_free"):
-                        plgpu.barrier_wait(k_free.at[slot])
-                        plgpu.barrier_wait(v8_free.at[slot])
-                    with jax.named_scope("issue"):
-                        issue(step)
-                    return carry
-
-                lax.fori_loop(num_stages, steps, refill, None)
-                drain((k_free, v8_free))
-
-            @pl.when(lax.axis_index("wg") == 2)
-            def _convert():
-                def step_fn(step, carry):
-                    convert(step, lambda step: plgpu.barrier_arrive(v8_free.at[lax.rem(step, num_stages)]))
-                    return carry
-
-                lax.fori_loop(0, steps, step_fn, None)
-                drain_converted()
-        else:  # one warpgroup copies and converts
-            @pl.when(lax.axis_index("wg") == 1)
-            def _memory():
-                lax.fori_loop(0, jnp.minimum(steps, num_stages), prologue, None)
-
-                def refill(step):
-                    # The previous step's slot: its K was released a step ago, so this rarely waits
-                    # (waiting for this step's K would tie the conversions to the compute warpgroup).
-                    @pl.when((step >= 1) & (step - 1 + num_stages < steps))
-                    def _():
-                        with jax.named_scope("issue"):
-                            plgpu.barrier_wait(k_free.at[lax.rem(step - 1, num_stages)])
-                            issue(step - 1 + num_stages)
-
-                def step_fn(step, carry):
-                    convert(step, refill)
-                    return carry
-
-                lax.fori_loop(0, steps, step_fn, None)
-                drain((k_free,))
-                drain_converted()
 
     def entry(q_ref, k_ref, v_ref, ks_ref, vs_ref, layer_ref, table_ref, lens_ref, starts_ref, o_ref, lse_ref):
         copies = copies_per_tile(page_size, block_kv)
@@ -309,8 +255,7 @@ def build(batch, kv_heads, groups, head_dim, page_size, pmax, out_dtype, splits,
             plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
             plgpu.Barrier(num_barriers=CONVERTED_SLOTS),
         )
-        free = (plgpu.Barrier(num_barriers=num_stages), plgpu.Barrier(num_barriers=CONVERTED_SLOTS),
-                plgpu.Barrier(num_barriers=num_stages))  # the last: 8-bit V slots, converted
+        free = (plgpu.Barrier(num_barriers=num_stages), plgpu.Barrier(num_barriers=CONVERTED_SLOTS))
         pl.run_scoped(
             lambda *scoped: body(q_ref, k_ref, v_ref, ks_ref, vs_ref, layer_ref, table_ref, lens_ref, starts_ref,
                                  o_ref, lse_ref, scoped),
@@ -322,8 +267,8 @@ def build(batch, kv_heads, groups, head_dim, page_size, pmax, out_dtype, splits,
     )
     # Heads fastest (grid axis 0 varies fastest): the heads of a sequence share each page's scale rows in L2.
     return plgpu.kernel(entry, out_type=out_type, grid=(kv_heads, batch, splits), grid_names=("h", "b", "s"),
-                        num_threads=3 if copy_warpgroup else 2, thread_name="wg",
-                        compiler_params=compat.lane_compiler_params(approx_math=True, **params),
+                        num_threads=2, thread_name="wg",
+                        compiler_params=compat.lane_compiler_params(approx_math=True),
                         interpret=compat.gpu_interpret_params() if interpret else False)
 
 

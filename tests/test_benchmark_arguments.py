@@ -3,8 +3,8 @@ trace summaries read synthetic traces right."""
 
 import pytest
 
-from benchmarks import (fp8_activation_quant, generate_timeline, int4_determinism, kmajor_block_timeline, product_chain,
-                        profile_decode, quant_decode, stages_ab, upcast_ab)
+from benchmarks import (attention, decode_attention_timeline, fp8_activation_quant, generate_timeline, int4_determinism,
+                        kmajor_block_timeline, product_chain, profile_decode, quant_decode, stages_ab, upcast_ab)
 
 
 @pytest.mark.parametrize("main, argv, named", [
@@ -30,6 +30,8 @@ from benchmarks import (fp8_activation_quant, generate_timeline, int4_determinis
     (stages_ab.main, ["int4:9"], "'int4:9'"),
     (stages_ab.main, ["fp8:4"], "'fp8:4'"),
     (int4_determinism.main, ["--stages", "8", "9"], "--stages"),
+    (decode_attention_timeline.main, ["--case", "64x4096"], "'64x4096'"),
+    (decode_attention_timeline.main, ["--kinds", "bf16"], "'bf16'"),
 ])
 def test_bad_argument_is_named(main, argv, named, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -89,3 +91,12 @@ def test_decode_timeline_orders_kernels_and_measures_gaps():
     assert out[0]["gap"] is None and out[1]["gap"] == pytest.approx(6.0)
     assert out[2]["gap"] == pytest.approx(-1.0)  # started before b ended: overlapping kernels
     assert out[0]["args"] == {"grid": "1,1,1"}
+
+
+def test_attention_decode_configs_read_block_and_stages():
+    config = attention.parse_config("128x2")
+    assert (config.block_kv, config.num_stages) == (128, 2)
+    assert attention.config_key(attention.DecodeConfig(), quantized=True) == "ours_kv64_st3"
+    assert attention.config_key(attention.DecodeConfig(), quantized=False) == "ours_kv64_st4"
+    with pytest.raises(ValueError, match="'64x4x2'"):  # the old BLOCKxSTAGESxWARPGROUPS form
+        attention.parse_config("64x4x2")

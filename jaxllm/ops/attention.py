@@ -227,7 +227,7 @@ def store_and_attend(
 def kernel_limits(q_shape, cache: KVCache, q_dtype=None) -> str | None:
     """Why no Pallas attention kernel can take this call, or None when one can (the decode kernel
     for one query token per sequence, on bf16/fp16 or int8/fp8 pages; the prefill kernel for more,
-    on bf16/fp16 pages). `q_dtype`, when given, is checked too (quantized pages dequantize to it)."""
+    on bf16/fp16 pages). `q_dtype`, when given, is checked too (bfloat16 or float16 over quantized pages)."""
     from pallas_kernels.attention_tiles import COMPUTE_DTYPES, ROWS, check_pages
 
     _, tokens, kv_heads, groups, head_dim = q_shape
@@ -235,7 +235,7 @@ def kernel_limits(q_shape, cache: KVCache, q_dtype=None) -> str | None:
         if tokens > 1:
             return f"quantized pages ({cache.k.dtype}): the prefill kernel takes bfloat16 or float16 pages"
         if q_dtype is not None and jnp.dtype(q_dtype) not in COMPUTE_DTYPES:
-            return f"q of {jnp.dtype(q_dtype)} over quantized pages (the decode kernel dequantizes to bfloat16 or float16)"
+            return f"q of {jnp.dtype(q_dtype)} over quantized pages (the decode kernel takes bfloat16 or float16 queries)"
     try:  # the kernels' own checks, with their default 64-key tiles
         check_pages(kv_heads, head_dim, cache.k, cache.v, 64, cache.k_scale, cache.v_scale)
     except ValueError as err:
