@@ -9,10 +9,14 @@ against a float32 reference, with a negative control; last a prediction of batch
 for Llama-3-8B. `--kinds` picks the quantized kinds (e.g. `--kinds fp4` alone); `--sections lower`
 only compiles the fp4 kernel for the GPU at every shape (no GPU needed).
 
-Times: the median of `--repeats` runs of `--iters` back-to-back calls of one jitted function that
-multiplies by several weight copies in turn (so no call finds its weight in the 50 MB L2), divided
-by the calls and copies; a kernel's time includes its small XLA prologue and epilogue. TB/s counts
-the weight bytes (codes, scales, zero points) once. Results go to --out after every section.
+Times (`--timing device`, the default since the twentieth session): one jitted function multiplies
+by several weight copies in turn (so no call finds its weight in the 50 MB L2); each of `--repeats`
+calls runs under jax.profiler, and a product's time is the GPU kernels' summed durations divided by
+the copies (its small XLA prologue and epilogue included, launch gaps not; `span_us` is the first
+kernel's start to the last one's end, gaps included), median over the repeats. `--timing wall` is
+the older method, the median of `--repeats` runs of `--iters` back-to-back calls timed on the host,
+which the nineteenth session found up to 1.9x apart between repeats of one row. TB/s counts the
+weight bytes (codes, scales, zero points) once. Results go to --out after every section.
 
     PYTHONPATH=. python -m benchmarks.quant_matmul_kernels --out results.json
 """
@@ -98,10 +102,26 @@ def kmajor_weights(int8, int4, fp4=()):
             [kmajor_arrays("fp4", w) for w in fp4])
 
 
+def device_times(events: list[dict], products: int) -> tuple[float, float]:
+    """(busy, span) microseconds per product of one traced call: the GPU kernels' summed durations,
+    and first start to last end, each divided by the products."""
+    if not events:
+        raise ValueError("no GPU kernels in the trace: --timing device needs a GPU (use --timing wall)")
+    busy = sum(e["dur"] for e in events)
+    span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+    return busy / products, span / products
+
+
 def timed(fn, x, ws, iters: int, repeats: int) -> dict:
-    """Median microseconds per product, with the spread of the repeats."""
+    """Median microseconds per product, with the spread of the repeats (see the module docstring)."""
     f = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
     jax.block_until_ready(f(x, ws))
+    if TIMING == "device":
+        from benchmarks.profile_decode import gpu_events, traced
+
+        busy, span = zip(*(device_times(gpu_events(traced(lambda: jax.block_until_ready(f(x, ws)))[0]), len(ws))
+                           for _ in range(repeats)))
+        return dict(us=statistics.median(busy), us_min=min(busy), us_max=max(busy), span_us=statistics.median(span))
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -118,6 +138,7 @@ def rate(entry: dict, nbytes: int) -> dict:
 
 
 INTERPRET = False  # --interpret: Pallas' interpret mode, to smoke-test this script on a CPU
+TIMING = "device"  # --timing
 
 
 def int8_reference(x, w):
@@ -423,13 +444,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="results_quant_matmul_kernels.json")
     parser.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny --shapes)")
+    parser.add_argument("--timing", default="device", choices=["device", "wall"],
+                        help="device: GPU kernel time under jax.profiler; wall: host-timed back-to-back calls")
     args = parser.parse_args(argv)
-    global INTERPRET
-    INTERPRET = args.interpret
+    global INTERPRET, TIMING
+    INTERPRET, TIMING = args.interpret, args.timing
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     kinds = tuple(kd for kd in KINDS if kd in args.kinds)
     result = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, device=jax.devices()[0].device_kind,
-                  copy_bandwidth=COPY_BANDWIDTH, method=__doc__.split("\n\n")[1], kinds=kinds)
+                  copy_bandwidth=COPY_BANDWIDTH, method=__doc__.split("\n\n")[1], kinds=kinds, timing=args.timing)
 
     def save():
         with open(args.out, "w") as f:

@@ -4,7 +4,8 @@ trace summaries read synthetic traces right."""
 import pytest
 
 from benchmarks import (attention, decode_attention_timeline, fp8_activation_quant, generate_timeline, int4_determinism,
-                        kmajor_block_timeline, product_chain, profile_decode, quant_decode, stages_ab, upcast_ab)
+                        kmajor_block_timeline, product_chain, profile_decode, quant_decode, quant_matmul_kernels,
+                        stages_ab, upcast_ab)
 
 
 @pytest.mark.parametrize("main, argv, named", [
@@ -32,6 +33,7 @@ from benchmarks import (attention, decode_attention_timeline, fp8_activation_qua
     (int4_determinism.main, ["--stages", "8", "9"], "--stages"),
     (decode_attention_timeline.main, ["--case", "64x4096"], "'64x4096'"),
     (decode_attention_timeline.main, ["--kinds", "bf16"], "'bf16'"),
+    (quant_matmul_kernels.main, ["--timing", "cupti"], "'cupti'"),
 ])
 def test_bad_argument_is_named(main, argv, named, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -100,3 +102,12 @@ def test_attention_decode_configs_read_block_and_stages():
     assert attention.config_key(attention.DecodeConfig(), quantized=False) == "ours_kv64_st4"
     with pytest.raises(ValueError, match="'64x4x2'"):  # the old BLOCKxSTAGESxWARPGROUPS form
         attention.parse_config("64x4x2")
+
+
+def test_quant_matmul_device_times_read_a_trace():
+    """Kernel time per product: summed durations (gaps left out) and the span (gaps in)."""
+    events = [dict(ts=100.0, dur=10.0), dict(ts=112.0, dur=4.0), dict(ts=120.0, dur=6.0)]
+    busy, span = quant_matmul_kernels.device_times(events, products=2)
+    assert (busy, span) == (10.0, 13.0)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        quant_matmul_kernels.device_times([], products=2)
