@@ -32,7 +32,7 @@ from jax import lax
 from pallas_kernels import compat
 from pallas_kernels.attention_tiles import copies_per_tile, copy_tile, smem_tile
 
-CONVERTED_SLOTS = 2  # float16 V tiles between the memory and the compute warpgroup
+CONVERTED_SLOTS = 2  # converted V tiles between the memory and the compute warpgroup
 F16_MAX = float(jnp.finfo(jnp.float16).max)
 # K/V tiles in flight a block: 3 keeps a block's shared memory near 100 KB, so two blocks share an
 # SM (4 fit one block and measured 1.5x slower on an H200; NOTES.md, twentieth session).
@@ -61,7 +61,7 @@ def _swizzled(shape, dtype, swizzle: int):
 @functools.lru_cache(maxsize=None)
 def build(batch, kv_heads, groups, head_dim, page_size, pmax, out_dtype, splits, block_kv, num_stages, scale,
           interpret, page_dtype):
-    """The kernel: (q [B, Hkv, N, D] float16, k8, v8, k_scale, v_scale (a page's scales as one row),
+    """The kernel: (q [B, Hkv, N, D] in `product_dtype`, k8, v8, k_scale, v_scale (a page's scales as one row),
     layer [1], table, lens, starts) -> (O^T [B, Hkv, splits, D, N] out_dtype, lse [B, Hkv, splits, N])."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -69,7 +69,7 @@ def build(batch, kv_heads, groups, head_dim, page_size, pmax, out_dtype, splits,
     cols = query_columns(groups)
     dtype = product_dtype(page_dtype)
     log2e_scale = scale * math.log2(math.e)
-    p_swizzle = cols * 2  # bytes in a row of P^T; V's float16 tile must use the same swizzle
+    p_swizzle = cols * 2  # bytes in a row of P^T; V's converted tile must use the same swizzle
 
     def layout(x, lay):
         return x if interpret else plgpu.layout_cast(x, lay)
