@@ -2,8 +2,8 @@
 
 Runs `pallas_kernels.paged_decode_attention_8bit` over random fp8 / int8 pages with the profiler on
 (CompilerParams `profile_space` / `profile_dir`: each warpgroup records its scopes with the SM's
-clock) and reports, per warpgroup role (compute, memory) and scope, the median over warpgroups of
-its mean time a step, with the launch's span. Beside it, the kernel's time without the profiler and
+clock) and reports, per warpgroup role (compute; convert+copy, the memory warpgroup) and scope, the
+median over warpgroups of its mean time a step, with the launch's span. Beside it, the kernel's time without the profiler and
 its largest error against the reference.
 Profiled times run in SM clocks / 1000 (1.98x real time on the H200 at 1.98 GHz) and the
 profiler's own work slows a launch, so read them for shares, not for time.

@@ -58,6 +58,7 @@ class DecodeConfig:
             raise ValueError(f"num_splits={self.num_splits} must be at least 1")
 
     def stages(self, quantized: bool) -> int:
+        """The stage count a launch uses, over 8-bit pages or not."""
         return self.num_stages or (pda8.NUM_STAGES if quantized else BF16_STAGES)
 
 

@@ -31,6 +31,7 @@ from jax import lax
 
 from pallas_kernels import compat
 from pallas_kernels.attention_tiles import copies_per_tile, copy_tile, smem_tile
+from pallas_kernels.smem import swizzled
 
 CONVERTED_SLOTS = 2  # converted V tiles between the memory and the compute warpgroup
 F16_MAX = float(jnp.finfo(jnp.float16).max)
@@ -48,14 +49,6 @@ def product_dtype(page_dtype):
 def query_columns(groups: int) -> int:
     """wgmma's N for G query heads: 16, 32 or 64 (P^T's shared-memory rows must be whole swizzles)."""
     return next(n for n in (16, 32, 64) if groups <= n)
-
-
-def _swizzled(shape, dtype, swizzle: int):
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    itemsize = jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // itemsize)),
-                                                plgpu.SwizzleTransform(swizzle)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -247,8 +240,8 @@ def build(batch, kv_heads, groups, head_dim, page_size, pmax, out_dtype, splits,
             smem_tile((num_stages, block_kv, head_dim), page_dtype),
             plgpu.SMEM((num_stages, block_kv * kv_heads), jnp.float32),
             plgpu.SMEM((num_stages, block_kv * kv_heads), jnp.float32),
-            _swizzled((CONVERTED_SLOTS, block_kv, head_dim), dtype, p_swizzle),
-            _swizzled((block_kv, cols), dtype, p_swizzle),
+            swizzled((CONVERTED_SLOTS, block_kv, head_dim), dtype, p_swizzle),
+            swizzled((block_kv, cols), dtype, p_swizzle),
             plgpu.SMEM((head_dim, cols), out_dtype),
             plgpu.SMEM((cols,), jnp.float32),
         )
